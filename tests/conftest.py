@@ -1,0 +1,70 @@
+"""Shared fixtures: real slices of ../shared/datasets, written as small dataset folders."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "datasets"
+RSICD = SHARED / "rsicd"
+KAGGLE_MINI = SHARED / "cs5785-mini"
+
+# Features computed by tests are cached inside the repo (ignored by git): reruns are fast.
+os.environ.setdefault("CBIR_CACHE_DIR", str(REPO / ".cache" / "test-features"))
+os.environ["CBIR_NO_PROGRESS"] = "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    if not RSICD.is_dir() or not KAGGLE_MINI.is_dir():
+        raise pytest.UsageError(f"the tests read real data from {SHARED}; it is missing")
+
+
+@pytest.fixture(scope="session")
+def rsicd():
+    from cbir.datasets import load_dataset
+
+    return load_dataset(RSICD)
+
+
+def write_karpathy_slice(rsicd, out: Path, per_split: int) -> Path:
+    """A Karpathy JSON over a real, evenly spread slice of RSICD, pointing at the shared images."""
+    part = rsicd.sample(per_split)
+    out.mkdir(parents=True, exist_ok=True)
+    images = []
+    for i, path in enumerate(part.images):
+        images.append(
+            {
+                "filename": path.name,
+                "filepath": str(path.parent),
+                "split": part.splits[i],
+                "imgid": i,
+                "sentences": [{"raw": c} for c in part.captions_of(i)],
+                "tags": part.tags[i] if part.tags else [],
+            }
+        )
+    (out / "dataset_rsicd_slice.json").write_text(json.dumps({"dataset": "rsicd-slice", "images": images}))
+    return out
+
+
+@pytest.fixture(scope="session")
+def rsicd_slice_dir(rsicd, tmp_path_factory) -> Path:
+    """120 RSICD images (40 per split) with their captions."""
+    return write_karpathy_slice(rsicd, tmp_path_factory.mktemp("rsicd-slice"), 40)
+
+
+@pytest.fixture(scope="session")
+def rsicd_slice(rsicd_slice_dir):
+    from cbir.datasets import load_dataset
+
+    return load_dataset(rsicd_slice_dir)
+
+
+@pytest.fixture(scope="session")
+def kaggle_mini():
+    from cbir.datasets import load_dataset
+
+    return load_dataset(KAGGLE_MINI)

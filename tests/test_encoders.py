@@ -1,0 +1,81 @@
+"""Encoders on real images and captions: reference agreement, cache, views, broken files."""
+
+import shutil
+import time
+
+import numpy as np
+import pytest
+from tests.conftest import KAGGLE_MINI
+
+from cbir.encoders import ImageEncoder, TextEncoder, image_features
+from cbir.encoders.image import LOGITS_DIM, POOLED_DIM, preprocess
+
+
+def test_text_encoder_matches_sentence_transformers(rsicd_slice):
+    st = pytest.importorskip("sentence_transformers")
+    from cbir.encoders.text import model_dir
+
+    texts = rsicd_slice.captions[:20] + ["", "a black cat standing on a couch in a cluttered room"]
+    ours = TextEncoder(cache=False).encode(texts, progress=False)
+    ref = st.SentenceTransformer(str(model_dir()), device="cpu").encode(texts, normalize_embeddings=True)
+    assert ours.shape == (22, 384)
+    np.testing.assert_allclose(ours, ref, atol=1e-4)
+
+
+def test_text_encoder_cache_roundtrip(tmp_path, rsicd_slice):
+    texts = rsicd_slice.captions[:100]
+    enc = TextEncoder(cache_dir=tmp_path)
+    first = enc.encode(texts, progress=False)
+    again = TextEncoder(cache_dir=tmp_path)
+    again._load = lambda: (_ for _ in ()).throw(AssertionError("cache miss: model was loaded"))
+    np.testing.assert_array_equal(again.encode(texts, progress=False), first)
+
+
+def test_image_encoder_features_cache_and_classes(tmp_path):
+    paths = sorted((KAGGLE_MINI / "images_train").glob("*.jpg"), key=lambda p: int(p.stem))[:12]
+    enc = ImageEncoder(cache_dir=tmp_path)
+    feats = enc.encode(paths, progress=False)
+    assert feats.pooled.shape == (12, POOLED_DIM) and feats.logits.shape == (12, LOGITS_DIM)
+    assert not feats.failed and np.isfinite(feats.pooled).all()
+    # images_train/1.jpg is a man cross-country skiing: ImageNet class 795 is "ski"
+    assert 795 in np.argsort(feats.logits[1])[-3:]
+    start = time.perf_counter()
+    cached = ImageEncoder(cache_dir=tmp_path).encode(paths, progress=False)
+    assert time.perf_counter() - start < 1.0  # no network is loaded for cached images
+    np.testing.assert_array_equal(cached.pooled, feats.pooled)
+
+
+def test_views_are_deterministic_and_distinct():
+    data = (KAGGLE_MINI / "images_train" / "0.jpg").read_bytes()
+    center = preprocess(data)
+    assert center.shape == (224, 224, 3)
+    np.testing.assert_array_equal(preprocess(data, "hflip"), center[:, ::-1])
+    assert not np.array_equal(preprocess(data, "crop-tl"), center)
+    np.testing.assert_array_equal(preprocess(data, "crop-tl"), preprocess(data, "crop-tl"))
+    with pytest.raises(ValueError, match="unknown view"):
+        preprocess(data, "sideways")
+
+
+def test_broken_images_are_reported_and_skipped(tmp_path):
+    good = KAGGLE_MINI / "images_train" / "0.jpg"
+    shutil.copy(good, tmp_path / "good.jpg")
+    (tmp_path / "truncated.jpg").write_bytes(good.read_bytes()[:2000])
+    (tmp_path / "garbage.png").write_bytes(b"this is not a png")
+    paths = [
+        tmp_path / "good.jpg",
+        tmp_path / "truncated.jpg",
+        tmp_path / "garbage.png",
+        tmp_path / "gone.jpg",
+    ]
+    feats = ImageEncoder(cache_dir=tmp_path / "cache").encode(paths, progress=False)
+    assert sorted(feats.failed) == [1, 2, 3]
+    assert "truncated.jpg" in feats.failed[1] and "gone.jpg" in feats.failed[3]
+    assert feats.ok.tolist() == [True, False, False, False]
+    assert np.abs(feats.pooled[0]).sum() > 0 and not feats.pooled[1:].any()
+
+
+def test_image_features_prefers_precomputed_only_when_asked(kaggle_mini):
+    with pytest.raises(ValueError, match="does not have"):
+        image_features(kaggle_mini, "resnet2048")
+    with pytest.raises(ValueError, match="unknown image representation"):
+        image_features(kaggle_mini, "vgg")

@@ -1,0 +1,131 @@
+"""The first method end to end through the CLI on real slices: train, save, load, evaluate."""
+
+import json
+
+import numpy as np
+import pytest
+from tests.conftest import KAGGLE_MINI
+from typer.testing import CliRunner
+
+from cbir.cli import app
+from cbir.evaluation import evaluate
+from cbir.models import ModelError, create_model, load_model
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def ridge_dir(rsicd_slice_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("models") / "ridge"
+    result = runner.invoke(
+        app, ["train", "--dataset", str(rsicd_slice_dir), "--method", "ridge", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_train_writes_a_model_directory(ridge_dir):
+    config = json.loads((ridge_dir / "config.json").read_text())
+    assert config["method"] == "ridge" and config["state"]["representation"] == "effnet-pool"
+    assert (ridge_dir / "weights.safetensors").is_file()
+
+
+def test_evaluate_json_beats_chance(ridge_dir, rsicd_slice_dir):
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--model",
+            str(ridge_dir),
+            "--dataset",
+            str(rsicd_slice_dir),
+            "--split",
+            "test",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.output)
+    for key in (
+        "t2i_r1",
+        "t2i_r5",
+        "t2i_r10",
+        "i2t_r1",
+        "i2t_r5",
+        "i2t_r10",
+        "mR",
+        "map20",
+        "r20",
+        "medr",
+        "n_images",
+        "n_queries",
+    ):
+        assert key in m
+    assert m["n_images"] == 40
+    # chance R@10 over 40 images is 25%; the slice model must be clearly better
+    assert m["t2i_r10"] > 40
+
+
+def test_evaluate_table(ridge_dir, rsicd_slice_dir):
+    result = runner.invoke(app, ["evaluate", "-m", str(ridge_dir), "-d", str(rsicd_slice_dir)])
+    assert result.exit_code == 0 and "text → image" in result.output and "mR" in result.output
+
+
+def test_saved_model_ranks_identically(ridge_dir, rsicd_slice):
+    model = load_model(ridge_dir)
+    again = load_model(ridge_dir)
+    test = rsicd_slice.split("test")
+    np.testing.assert_array_equal(
+        model.embed_texts(test.captions[:10]), again.embed_texts(test.captions[:10])
+    )
+    assert evaluate(model, rsicd_slice)["mR"] == evaluate(again, rsicd_slice)["mR"]
+
+
+def test_kaggle_layout_train_and_evaluate(tmp_path):
+    out = tmp_path / "m"
+    assert (
+        runner.invoke(app, ["train", "-d", str(KAGGLE_MINI), "--method", "ridge", "-o", str(out)]).exit_code
+        == 0
+    )
+    result = runner.invoke(app, ["evaluate", "-m", str(out), "-d", str(KAGGLE_MINI), "--json"])
+    m = json.loads(result.output)
+    assert m["n_images"] == 79 and m["n_queries"] == 79
+    assert m["map20"] > 0.1  # chance MAP@20 over 79 images is about 0.045
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, ridge_dir):
+    r = runner.invoke(
+        app, ["train", "-d", str(tmp_path / "nope"), "--method", "ridge", "-o", str(tmp_path / "m")]
+    )
+    assert r.exit_code == 2 and "no such folder" in r.output and "Traceback" not in r.output
+    r = runner.invoke(
+        app, ["train", "-d", str(KAGGLE_MINI), "--method", "nonesuch", "-o", str(tmp_path / "m")]
+    )
+    assert r.exit_code == 2 and "unknown method" in r.output
+    r = runner.invoke(app, ["evaluate", "-m", str(tmp_path), "-d", str(KAGGLE_MINI)])
+    assert r.exit_code == 2 and "not a model directory" in r.output
+    r = runner.invoke(app, ["evaluate", "-m", str(ridge_dir), "-d", str(KAGGLE_MINI), "--split", "val"])
+    assert r.exit_code == 2 and "no 'val' split" in r.output
+    with pytest.raises(ModelError, match="no parameter"):
+        create_model("ridge", bogus=1)
+
+
+def test_cli_help_is_fast_and_lists_commands():
+    import subprocess
+    import sys
+    import time
+
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "cbir.cli", "--help"], capture_output=True, text=True, check=True
+    )
+    assert time.perf_counter() - start < 3.0
+    for command in ("train", "evaluate", "demo"):
+        assert command in proc.stdout
+    imported = subprocess.run(
+        [sys.executable, "-c", "import cbir.cli, sys; print('torch' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert imported.stdout.strip() == "False"
