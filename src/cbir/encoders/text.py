@@ -19,6 +19,7 @@ from cbir.progress import progress_bar
 MODEL_ID = "all-MiniLM-L6-v2"
 DIM = 384
 MAX_TOKENS = 256
+CACHE_EVERY = 4096  # sentences between cache writes
 
 
 def model_dir() -> Path:
@@ -133,21 +134,28 @@ class TextEncoder:
             self._load()
             encodings = self._tokenizer.encode_batch([texts[i] for i in todo])
             order = np.argsort([len(e.ids) for e in encodings], kind="stable")  # batch similar lengths
+            done: list[int] = []
             with progress_bar("text embeddings", len(todo), enabled=progress and len(todo) > 256) as advance:
                 for start in range(0, len(order), self.batch_size):
                     chunk = order[start : start + self.batch_size]
-                    n = max(len(encodings[j].ids) for j in chunk)
-                    ids = np.zeros((len(chunk), n), dtype=np.int64)
-                    mask = np.zeros((len(chunk), n), dtype=np.int64)
-                    for r, j in enumerate(chunk):
-                        e = encodings[j].ids
-                        ids[r, : len(e)] = e
-                        mask[r, : len(e)] = 1
-                    vec = self._model(ids, mask)
-                    out[[todo[j] for j in chunk]] = vec / np.maximum(
-                        np.linalg.norm(vec, axis=1, keepdims=True), 1e-12
-                    )
+                    rows = [todo[j] for j in chunk]
+                    out[rows] = self._embed([encodings[j].ids for j in chunk])
+                    done.extend(rows)
+                    if cache is not None and len(done) >= CACHE_EVERY:  # long runs keep what they finished
+                        cache.put_many([keys[i] for i in done], out[done])
+                        done.clear()
                     advance(len(chunk))
             if cache is not None:
-                cache.put_many([keys[i] for i in todo], out[todo])
+                cache.put_many([keys[i] for i in done], out[done])
         return out
+
+    def _embed(self, token_ids: list[list[int]]) -> np.ndarray:
+        """Unit-length embeddings of one batch of tokenised sentences (padded to the longest)."""
+        n = max(len(t) for t in token_ids)
+        ids = np.zeros((len(token_ids), n), dtype=np.int64)
+        mask = np.zeros((len(token_ids), n), dtype=np.int64)
+        for r, t in enumerate(token_ids):
+            ids[r, : len(t)] = t
+            mask[r, : len(t)] = 1
+        vec = self._model(ids, mask)
+        return vec / np.maximum(np.linalg.norm(vec, axis=1, keepdims=True), 1e-12)
