@@ -242,6 +242,7 @@ def index(
         f"(added {len(report.added)}, changed {len(report.changed)}, removed {len(report.removed)}, "
         f"unchanged {report.unchanged}; model: {ix.model_source or 'zero-shot'})",
         highlight=False,
+        soft_wrap=True,
     )
     if report.failed:
         err.print(
@@ -306,7 +307,11 @@ def show(
     except search_errors() as e:
         fail(str(e))
     note = f" (ground truth: {truth})" if truth else ""
-    out.print(f"wrote {out_file}{note}" + (f" and {embedding_map}" if embedding_map else ""), highlight=False)
+    out.print(
+        f"wrote {out_file}{note}" + (f" and {embedding_map}" if embedding_map else ""),
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def main() -> None:
