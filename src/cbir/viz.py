@@ -160,6 +160,7 @@ def embedding_map_figure(
         edgecolors=QUERY_COLOR,
         linewidths=2,
         label="top results",
+        zorder=6,
     )
     ax.scatter([q[0]], [q[1]], marker="*", s=500, c=QUERY_COLOR, edgecolors="black", label="query", zorder=5)
     ax.annotate(f"“{query}”", q, xytext=(8, 8), textcoords="offset points", fontsize=11, color=QUERY_COLOR)
