@@ -222,6 +222,7 @@ def serve(
     out.print(
         f"serving {len(web.state.index)} images from {index} at http://{host}:{port}/ (API docs: /docs)",
         highlight=False,
+        soft_wrap=True,
     )
     uvicorn.run(web, host=host, port=port, log_level="warning")
 
