@@ -40,7 +40,7 @@ ImageId = Annotated[str, PathParam(description="Image id: its path relative to t
 
 
 class Hit(BaseModel):
-    rank: int
+    rank: int  # 1 = best
     score: float
     id: str
     image: str
@@ -121,6 +121,16 @@ def read_upload(upload: UploadFile, max_bytes: int) -> bytes:
     return data
 
 
+def warm_up(index: SearchIndex) -> None:
+    """Load both query encoders now, so no request pays for it: one sentence, one small plain image."""
+    from PIL import Image
+
+    index.search_text("warm up", k=1)
+    blank = io.BytesIO()
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(blank, "PNG")
+    index.search_image(blank.getvalue(), k=1)
+
+
 def create_app(
     index: SearchIndex | Path | str,
     max_upload_bytes: int = MAX_UPLOAD_BYTES,
@@ -129,7 +139,7 @@ def create_app(
     """A FastAPI app over one index. A path is opened (and its encoders warmed up) here, once."""
     if not isinstance(index, SearchIndex):
         index = SearchIndex.open(index)
-    index.search_text("warm up the text encoder", k=1)
+    warm_up(index)
     # The index and its encoders keep lazily filled state; one search at a time keeps them consistent.
     search_lock = threading.Lock()
     thumbs = Thumbnails(thumb_size)
@@ -152,8 +162,8 @@ def create_app(
         with search_lock:
             found: list[SearchResult] = run(min(offset + k + 1, len(index)))
         hits = [
-            Hit(rank=r.rank, score=r.score, id=r.id, image=image_url(r.id), thumb=image_url(r.id, "thumbs"))
-            for r in found[offset : offset + k]
+            Hit(rank=rank, score=r.score, id=r.id, image=image_url(r.id), thumb=image_url(r.id, "thumbs"))
+            for rank, r in enumerate(found[offset : offset + k], start=offset + 1)
         ]
         return Page(query=query, offset=offset, k=k, more=len(found) > offset + k, results=hits)
 
