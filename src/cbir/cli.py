@@ -198,9 +198,126 @@ def demo(
     out.print(metrics_table(metrics, f"{method} on {data.name} (test)"))
 
 
+# ---- Search your own photos (issue 5): index, search, show -------------------------------------------
+IndexOpt = Annotated[Path, typer.Option("--index", "-i", help="Index directory written by `cbir index`.")]
+
+
+def search_errors():
+    from cbir.index import IndexFormatError
+
+    return (*user_errors(), IndexFormatError, KeyError)
+
+
+def print_results(results, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+        return
+    if not results:
+        err.print("no results", highlight=False)
+    for r in results:
+        out.print(f"{r.rank + 1:>3}  {r.score:7.4f}  {r.path}", highlight=False, markup=False)
+
+
+@app.command()
+def index(
+    folder: Annotated[Path, typer.Argument(help="Folder of photos (searched recursively).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Index directory to create or update.")],
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model", "-m", help="Model directory from `cbir train` (default: zero-shot, no training)."
+        ),
+    ] = None,
+) -> None:
+    """Embed every photo below FOLDER into an index; reruns embed only new or changed files."""
+    from cbir.index import update_index
+
+    start = time.perf_counter()
+    try:
+        ix, report = update_index(folder, out_dir, model)
+    except search_errors() as e:
+        fail(str(e))
+    out.print(
+        f"indexed {len(ix)} images of {ix.root} in {time.perf_counter() - start:.1f}s → {ix.path} "
+        f"(added {len(report.added)}, changed {len(report.changed)}, removed {len(report.removed)}, "
+        f"unchanged {report.unchanged}; model: {ix.model_source or 'zero-shot'})",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if report.failed:
+        err.print(
+            f"[yellow]note:[/] {len(report.failed)} file(s) skipped (not readable images):", highlight=False
+        )
+        for image_id, reason in sorted(report.failed.items())[:REPORT_LINES]:
+            err.print(f"  {ix.root / image_id}: {reason}", highlight=False, markup=False)
+        if len(report.failed) > REPORT_LINES:
+            err.print(f"  … and {len(report.failed) - REPORT_LINES} more", highlight=False)
+
+
+@app.command()
+def search(
+    index_dir: IndexOpt,
+    text: Annotated[str | None, typer.Argument(help="What to look for, in words.")] = None,
+    image: Annotated[Path | None, typer.Option("--image", help="Query by example: an image file.")] = None,
+    k: Annotated[int, typer.Option("-k", help="How many results.")] = 20,
+    min_score: Annotated[
+        float | None, typer.Option("--min-score", help="Drop results scoring below.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
+) -> None:
+    """Search an index by sentence, by example image (--image), or both: rank, score, path."""
+    from cbir.index import SearchIndex
+
+    if text is None and image is None:
+        fail('give a text query, --image FILE, or both (e.g. cbir search "a dog on a couch" --index IX)')
+    try:
+        results = SearchIndex.open(index_dir).search(text, image, k=k, min_score=min_score)
+    except search_errors() as e:
+        fail(str(e))
+    print_results(results, as_json)
+
+
+@app.command()
+def show(
+    text: Annotated[str, typer.Argument(help="What to look for, in words.")],
+    index_dir: IndexOpt,
+    out_file: Annotated[
+        Path, typer.Option("--out", "-o", help="PNG to write: the query and its top images.")
+    ],
+    k: Annotated[int, typer.Option("-k", help="How many images in the grid.")] = 10,
+    truth: Annotated[
+        str | None,
+        typer.Option(
+            help="Id of the image the query describes (default: looked up in the dataset's captions)."
+        ),
+    ] = None,
+    embedding_map: Annotated[
+        Path | None, typer.Option("--map", help="Also write a 2-D map of the indexed images and the query.")
+    ] = None,
+) -> None:
+    """Picture of a text query's top-k images with their scores (ground truth marked when known)."""
+    from cbir.index import SearchIndex
+    from cbir.viz import embedding_map_figure, query_figure
+
+    try:
+        ix = SearchIndex.open(index_dir)
+        _, results, truth = query_figure(ix, text, out_file, k=k, truth=truth)
+        if embedding_map is not None:
+            embedding_map_figure(ix, text, embedding_map, highlight=[r.id for r in results])
+    except search_errors() as e:
+        fail(str(e))
+    note = f" (ground truth: {truth})" if truth else ""
+    out.print(
+        f"wrote {out_file}{note}" + (f" and {embedding_map}" if embedding_map else ""),
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+# ---- Web page and HTTP API (issue 6): serve ---------------------------------------------------------
 @app.command()
 def serve(
-    index: Annotated[Path, typer.Option("--index", "-i", help="Index directory written by `cbir index`.")],
+    index_dir: IndexOpt,
     host: Annotated[str, typer.Option(help="Address to listen on; the default is this machine only.")] = (
         "127.0.0.1"
     ),
@@ -212,15 +329,15 @@ def serve(
     from cbir.server import create_app
 
     try:
-        web = create_app(index)
-    except user_errors() as e:
+        web = create_app(index_dir)
+    except search_errors() as e:
         fail(str(e))
     if host not in ("127.0.0.1", "localhost", "::1"):
         err.print(
             f"[yellow]note:[/] listening on {host}: anyone who can reach it can search and view the images"
         )
     out.print(
-        f"serving {len(web.state.index)} images from {index} at http://{host}:{port}/ (API docs: /docs)",
+        f"serving {len(web.state.index)} images from {index_dir} at http://{host}:{port}/ (API docs: /docs)",
         highlight=False,
         soft_wrap=True,
     )

@@ -14,6 +14,7 @@ from cbir.models.base import ModelError, RetrievalModel, read_model_dir
 
 METHODS: dict[str, str] = {
     "ridge": "cbir.models.ridge:RidgeModel",
+    "zero-shot": "cbir.models.zeroshot:ZeroShotModel",
 }
 
 

@@ -1,0 +1,187 @@
+"""Search speed and ANN recall (issue 5).
+
+    PYTHONPATH=src python -m benchmarks.search throughput   # indexing images/s, empty feature cache
+    PYTHONPATH=src python -m benchmarks.search latency      # warm text->top-20 over RSICD (10,921 images)
+    PYTHONPATH=src python -m benchmarks.search cold         # wall time of `cbir search` in a new process
+    PYTHONPATH=src python -m benchmarks.search ann --sizes 100000 1000000   # HNSW recall@20 vs exact
+
+Indexes are written under runs/bench-search/ (git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "datasets"
+RUNS = REPO / "runs" / "bench-search"
+
+
+def rsicd_index():
+    """The zero-shot index of all RSICD images (built once; later runs only check the files)."""
+    from cbir.index import build_index
+
+    return build_index(SHARED / "rsicd" / "images", RUNS / "rsicd-index", progress=True)
+
+
+def throughput(n: int) -> None:
+    from cbir.datasets import list_images
+    from cbir.models import create_model
+
+    model_dir = create_model("zero-shot").fit().save(RUNS / "zero-shot")
+    files = list_images(SHARED / "rsicd" / "images")[::50][:n]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "photos"
+        folder.mkdir()
+        for f in files:
+            (folder / f.name).symlink_to(f)
+        env = {**os.environ, "CBIR_CACHE_DIR": str(Path(tmp) / "empty-cache"), "CBIR_NO_PROGRESS": "1"}
+        code = (
+            "import sys, time; t = time.perf_counter(); from cbir.index import build_index; "
+            "build_index(sys.argv[1], sys.argv[2], sys.argv[3], progress=False); "
+            "print(time.perf_counter() - t)"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(folder), str(Path(tmp) / "ix"), str(model_dir)],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        seconds = float(out.stdout.strip().splitlines()[-1])
+    print(
+        f"indexing {len(files)} RSICD images (empty cache, zero-shot): {seconds:.1f}s = "
+        f"{len(files) / seconds:.1f} img/s"
+    )
+
+
+def latency(queries: int) -> None:
+    from cbir.datasets import load_dataset
+
+    ix = rsicd_index()
+    captions = load_dataset(SHARED / "rsicd").split("test").captions[: queries + 10]
+    for q in captions[:10]:  # warm-up
+        ix.search_text(q, k=20)
+    times, encode = [], []
+    for q in captions[10:]:
+        t0 = time.perf_counter()
+        v = ix.embed_text(q)
+        t1 = time.perf_counter()
+        ix.search_vector(v, k=20)
+        t2 = time.perf_counter()
+        times.append((t2 - t0) * 1000)
+        encode.append((t1 - t0) * 1000)
+    p = np.percentile(times, [50, 99])
+    print(
+        f"warm text->top-20 over {len(ix)} images ({ix.vectors.shape[1]}-d, exact FAISS), "
+        f"{len(times)} queries: "
+        f"p50 {p[0]:.1f} ms, p99 {p[1]:.1f} ms (text encoding p50 {np.percentile(encode, 50):.1f} ms)"
+    )
+
+
+def cold(runs: int) -> None:
+    ix = rsicd_index()
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "CBIR_NO_PROGRESS": "1"}
+    walls = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "cbir.cli",
+                "search",
+                "many planes parked at an airport",
+                "--index",
+                str(ix.path),
+            ],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+        walls.append(time.perf_counter() - t)
+    print(
+        f"cold `cbir search` over {len(ix)} images, {runs} runs: median {statistics.median(walls):.2f}s "
+        f"(min {min(walls):.2f}s, max {max(walls):.2f}s)"
+    )
+
+
+def clustered_vectors(n: int, dim: int, rng: np.random.Generator, centres: np.ndarray) -> np.ndarray:
+    """Unit vectors around random centres: a stand-in for real embeddings, which cluster by topic."""
+    out = np.empty((n, dim), dtype=np.float32)
+    for start in range(0, n, 100_000):
+        m = min(100_000, n - start)
+        x = centres[rng.integers(0, len(centres), m)] + 0.6 * rng.standard_normal((m, dim), dtype=np.float32)
+        out[start : start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def ann(sizes: list[int], dim: int, queries: int) -> None:
+    import faiss
+
+    from cbir.index import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((1000, dim), dtype=np.float32) / np.sqrt(dim) * 2
+    print(
+        f"HNSW M={HNSW_M} efConstruction={HNSW_EF_CONSTRUCTION}, {dim}-d, "
+        f"{faiss.omp_get_max_threads()} threads"
+    )
+    print(f"{'n':>9} {'build s':>8} {'efSearch':>8} {'recall@20':>9} {'ms/query':>8} {'exact ms/q':>10}")
+    for n in sizes:
+        base = clustered_vectors(n, dim, rng, centres)
+        q = clustered_vectors(queries, dim, rng, centres)
+        exact = faiss.IndexFlatIP(dim)
+        exact.add(base)
+        t = time.perf_counter()
+        _, truth = exact.search(q, 20)
+        exact_ms = (time.perf_counter() - t) * 1000 / queries
+        graph = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        graph.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        t = time.perf_counter()
+        graph.add(base)
+        build = time.perf_counter() - t
+        for ef in sorted({64, HNSW_EF_SEARCH, 256}):
+            graph.hnsw.efSearch = ef
+            t = time.perf_counter()
+            _, found = graph.search(q, 20)
+            ms = (time.perf_counter() - t) * 1000 / queries
+            recall = np.mean([len(set(a) & set(b)) / 20 for a, b in zip(found, truth, strict=True)])
+            print(f"{n:>9} {build:>8.1f} {ef:>8} {recall:>9.4f} {ms:>8.3f} {exact_ms:>10.3f}", flush=True)
+        del graph, exact, base
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("what", choices=["throughput", "latency", "cold", "ann"])
+    parser.add_argument(
+        "--n", type=int, default=200, help="images (throughput), queries (latency), runs (cold)"
+    )
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument("--queries", type=int, default=1000)
+    args = parser.parse_args()
+    RUNS.mkdir(parents=True, exist_ok=True)
+    if args.what == "throughput":
+        throughput(args.n)
+    elif args.what == "latency":
+        latency(args.n)
+    elif args.what == "cold":
+        cold(min(args.n, 10))
+    else:
+        ann(args.sizes, args.dim, args.queries)
+
+
+if __name__ == "__main__":
+    main()

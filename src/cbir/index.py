@@ -1,0 +1,500 @@
+"""A searchable index of a photo folder: build it incrementally, open it, query it by text or image.
+
+On disk an index is a directory:
+  `index.json`   manifest: the indexed folder, the model, and one entry per image (id, size, mtime,
+                 content hash, and where its vector lives: shard file + row); unreadable files too.
+  `shards/*.npy` float32 vectors, one shard per committed chunk (compacted into one at the end).
+  `model/`       the model that embedded the images (the zero-shot model when none was given), so an
+                 index is self-contained and queries are embedded by the same model.
+  `ann.faiss`    an approximate (HNSW) FAISS index, only above `ANN_THRESHOLD` images.
+
+Every change is written to new files first and published by `os.replace` of the manifest, so the
+index on disk is always consistent: a killed run loses at most the chunk it was embedding, and a
+rerun finds what is done, embeds only new or changed files, and drops deleted ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MANIFEST = "index.json"
+SHARDS = "shards"
+MODEL_DIR = "model"
+ANN_FILE = "ann.faiss"
+FORMAT = "cbir-index"
+VERSION = 1
+# Above this many images, search goes through an HNSW graph instead of exact inner products.
+ANN_THRESHOLD = 50_000
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 64
+HNSW_EF_SEARCH = 128
+CHUNK_SIZE = 256
+
+
+class IndexFormatError(ValueError):
+    """A path that is not a usable index directory; the message says which file and why."""
+
+
+@dataclass
+class SearchResult:
+    rank: int  # 0-based
+    score: float
+    id: str  # image path relative to the indexed folder, posix
+    path: Path  # absolute path of the image file
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "path": str(self.path)}
+
+
+@dataclass
+class IndexReport:
+    """What one `build_index` run did, for the CLI to print."""
+
+    added: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    unchanged: int = 0
+    failed: dict[str, str] = field(default_factory=dict)  # id -> reason (corrupt, unreadable)
+
+
+def file_hash(path: Path) -> str:
+    h = hashlib.sha1()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _write_npy_atomic(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp.npy")
+    np.save(tmp, np.ascontiguousarray(array, dtype=np.float32))
+    os.replace(tmp, path)
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """Content hash of a model directory: an index re-embeds everything when its model changes."""
+    h = hashlib.sha1()
+    for f in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+        h.update(f.relative_to(model_dir).as_posix().encode())
+        h.update(file_hash(f).encode())
+    return h.hexdigest()
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    file = path / MANIFEST
+    if not path.is_dir():
+        raise IndexFormatError(
+            f"{path}: no such index directory; build one with `cbir index FOLDER --out {path}`"
+        )
+    if not file.is_file():
+        raise IndexFormatError(f"{path}: not an index directory (no {MANIFEST}); build one with `cbir index`")
+    try:
+        manifest = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise IndexFormatError(f"{file}:{e.lineno}: malformed JSON: {e.msg}") from e
+    if manifest.get("format") != FORMAT:
+        raise IndexFormatError(f"{file}: not a cbir index manifest (format={manifest.get('format')!r})")
+    return manifest
+
+
+def _install_model(index_dir: Path, model: Path | str | None) -> tuple[str | None, str]:
+    """Put the model into `index_dir/model` (a copy, or the zero-shot model); (source, fingerprint)."""
+    target = index_dir / MODEL_DIR
+    staging = index_dir / f".{MODEL_DIR}.{uuid.uuid4().hex}.tmp"
+    if model is None:
+        from cbir.models import create_model
+
+        create_model("zero-shot").fit().save(staging)
+        source = None
+    else:
+        from cbir.models.base import read_model_dir
+
+        read_model_dir(model)  # a clear error before anything is copied
+        shutil.copytree(model, staging)
+        source = str(Path(model).resolve())
+    fingerprint = model_fingerprint(staging)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
+    return source, fingerprint
+
+
+def _vectors_of(index_dir: Path, entries: Sequence[dict[str, Any]], mmap: bool = True) -> np.ndarray:
+    """Vectors in entry order; one compacted shard is memory-mapped, several are gathered."""
+    shards = {e["shard"] for e in entries}
+    if len(shards) == 1:
+        (name,) = shards
+        arr = np.load(index_dir / SHARDS / name, mmap_mode="r" if mmap else None)
+        rows = np.fromiter((e["row"] for e in entries), dtype=np.int64, count=len(entries))
+        if len(arr) == len(rows) and np.array_equal(rows, np.arange(len(rows))):
+            return arr
+        return np.asarray(arr[rows])
+    loaded = {s: np.load(index_dir / SHARDS / s, mmap_mode="r") for s in shards}
+    if not entries:
+        return np.zeros((0, 0), dtype=np.float32)
+    return np.stack([loaded[e["shard"]][e["row"]] for e in entries]).astype(np.float32)
+
+
+def build_index(
+    folder: Path | str,
+    out: Path | str,
+    model: Path | str | None = None,
+    progress: bool = True,
+    chunk_size: int = CHUNK_SIZE,
+    on_chunk: Callable[[int, int], None] | None = None,
+) -> SearchIndex:
+    """Index every image below `folder` into `out` (created or updated), then open it.
+
+    `model` is a model directory from `cbir train`; None means the zero-shot model (no training).
+    """
+    return update_index(folder, out, model, progress=progress, chunk_size=chunk_size, on_chunk=on_chunk)[0]
+
+
+def update_index(
+    folder: Path | str,
+    out: Path | str,
+    model: Path | str | None = None,
+    progress: bool = True,
+    chunk_size: int = CHUNK_SIZE,
+    on_chunk: Callable[[int, int], None] | None = None,
+) -> tuple[SearchIndex, IndexReport]:
+    """`build_index` that also says what changed: added, changed, removed, failed files."""
+    from cbir.datasets import Dataset, DatasetError, list_images
+    from cbir.encoders import shared_image_encoder
+    from cbir.models import load_model
+    from cbir.progress import progress_bar
+
+    root = Path(folder).expanduser().resolve()
+    if not root.is_dir():
+        raise DatasetError("no such folder to index", root)
+    index_dir = Path(out).expanduser().resolve()
+    index_dir.mkdir(parents=True, exist_ok=True)
+    (index_dir / SHARDS).mkdir(exist_ok=True)
+    report = IndexReport()
+
+    manifest: dict[str, Any] | None = None
+    if (index_dir / MANIFEST).exists():
+        manifest = read_manifest(index_dir)
+    elif any(p.name not in (SHARDS,) and not p.name.startswith(".") for p in index_dir.iterdir()):
+        raise IndexFormatError(
+            f"{index_dir}: exists and is not an index; choose an empty or new --out folder"
+        )
+
+    wanted_source = None if model is None else str(Path(model).resolve())
+    if (
+        manifest is None
+        or manifest.get("model_source") != wanted_source
+        or not (index_dir / MODEL_DIR).is_dir()
+    ):
+        source, fingerprint = _install_model(index_dir, model)
+        keep_vectors = manifest is not None and manifest.get("model_fingerprint") == fingerprint
+    else:
+        source, fingerprint = manifest["model_source"], manifest["model_fingerprint"]
+        if model is not None and model_fingerprint(Path(model)) != fingerprint:  # retrained in place
+            source, fingerprint = _install_model(index_dir, model)
+        keep_vectors = manifest.get("model_fingerprint") == fingerprint
+    old_entries = {e["id"]: e for e in manifest["entries"]} if manifest and keep_vectors else {}
+    old_failed = {f["id"]: f for f in manifest.get("failed", [])} if manifest and keep_vectors else {}
+    if manifest is not None and manifest.get("root") != str(root):
+        old_entries, old_failed = {}, {}  # another folder: nothing carries over
+
+    # What is on disk now, against what the index holds.
+    entries: dict[str, dict[str, Any]] = {}
+    failed: dict[str, dict[str, Any]] = {}
+    todo: list[tuple[str, Path, os.stat_result, str]] = []
+    for path in list_images(root):
+        image_id = path.relative_to(root).as_posix()
+        try:
+            st = path.stat()
+        except OSError as e:
+            report.failed[image_id] = f"cannot read: {e.strerror or e}"
+            continue
+        old = old_entries.get(image_id) or old_failed.get(image_id)
+        if old and old["size"] == st.st_size and old["mtime_ns"] == st.st_mtime_ns:
+            if image_id in old_entries:
+                entries[image_id] = old
+                report.unchanged += 1
+            else:
+                failed[image_id] = old
+                report.failed[image_id] = old["reason"]
+            continue
+        try:
+            digest = file_hash(path)
+        except OSError as e:
+            report.failed[image_id] = f"cannot read: {e.strerror or e}"
+            continue
+        if old and old["sha1"] == digest and image_id in old_entries:  # touched, not changed
+            entries[image_id] = {**old, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+            report.unchanged += 1
+            continue
+        (report.changed if old else report.added).append(image_id)
+        todo.append((image_id, path, st, digest))
+    report.removed = sorted(set(old_entries) - set(entries) - {t[0] for t in todo})
+
+    def commit(compact: bool = False) -> dict[str, Any]:
+        ordered = [entries[k] for k in sorted(entries)]
+        data = {
+            "format": FORMAT,
+            "version": VERSION,
+            "root": str(root),
+            "model_source": source,
+            "model_fingerprint": fingerprint,
+            "dim": manifest_dim,
+            "entries": ordered,
+            "failed": [failed[k] for k in sorted(failed)],
+        }
+        if compact and ordered and not _is_compact(index_dir, ordered):
+            name = f"{uuid.uuid4().hex}.npy"
+            _write_npy_atomic(index_dir / SHARDS / name, _vectors_of(index_dir, ordered, mmap=False))
+            data["entries"] = ordered = [{**e, "shard": name, "row": i} for i, e in enumerate(ordered)]
+        _write_json_atomic(index_dir / MANIFEST, data)
+        return data
+
+    manifest_dim = manifest.get("dim") if manifest and keep_vectors else None
+    commit()  # publish removals (and a fresh manifest) before the long part
+
+    if todo:
+        loaded = load_model(index_dir / MODEL_DIR)
+        encoder = shared_image_encoder()
+        with progress_bar("indexing images", len(todo), enabled=progress) as advance:
+            for start in range(0, len(todo), chunk_size):
+                chunk = todo[start : start + chunk_size]
+                feats = encoder.encode([p for _, p, _, _ in chunk], progress=False)
+                ok = [c for i, c in enumerate(chunk) if i not in feats.failed]
+                for i, reason in feats.failed.items():
+                    image_id, _, st, digest = chunk[i]
+                    reason = reason.split(": ", 1)[-1]
+                    failed[image_id] = {
+                        "id": image_id,
+                        "size": st.st_size,
+                        "mtime_ns": st.st_mtime_ns,
+                        "sha1": digest,
+                        "reason": reason,
+                    }
+                    entries.pop(image_id, None)
+                    report.failed[image_id] = reason
+                if ok:
+                    vectors = loaded.embed_images(Dataset.from_paths([p for _, p, _, _ in ok], root))
+                    manifest_dim = int(vectors.shape[1])
+                    name = f"{uuid.uuid4().hex}.npy"
+                    _write_npy_atomic(index_dir / SHARDS / name, vectors)
+                    for row, (image_id, _, st, digest) in enumerate(ok):
+                        failed.pop(image_id, None)
+                        entries[image_id] = {
+                            "id": image_id,
+                            "size": st.st_size,
+                            "mtime_ns": st.st_mtime_ns,
+                            "sha1": digest,
+                            "shard": name,
+                            "row": row,
+                        }
+                commit()
+                advance(len(chunk))
+                if on_chunk is not None:
+                    on_chunk(start + len(chunk), len(todo))
+
+    final = commit(compact=True)
+    _remove_orphans(index_dir, {e["shard"] for e in final["entries"]})
+    _write_ann(index_dir, final)
+    return SearchIndex.open(index_dir), report
+
+
+def _is_compact(index_dir: Path, entries: Sequence[dict[str, Any]]) -> bool:
+    """One shard holding exactly the entries, in order: what `SearchIndex` can memory-map as is."""
+    shard = entries[0]["shard"]
+    if any(e["shard"] != shard or e["row"] != i for i, e in enumerate(entries)):
+        return False
+    return len(np.load(index_dir / SHARDS / shard, mmap_mode="r")) == len(entries)
+
+
+def _remove_orphans(index_dir: Path, live: set[str]) -> None:
+    """Shards no entry points to any more (replaced, compacted, or left by a killed run)."""
+    for f in (index_dir / SHARDS).iterdir():
+        if f.name not in live:
+            f.unlink(missing_ok=True)
+    for f in index_dir.glob(".*.tmp*"):
+        if f.is_dir():
+            shutil.rmtree(f, ignore_errors=True)
+        else:
+            f.unlink(missing_ok=True)
+
+
+def _write_ann(index_dir: Path, manifest: dict[str, Any]) -> None:
+    """The HNSW graph for large collections, tagged with the shard it was built from."""
+    ann = index_dir / ANN_FILE
+    entries = manifest["entries"]
+    if len(entries) < ANN_THRESHOLD:
+        ann.unlink(missing_ok=True)
+        return
+    tag = index_dir / f"{ANN_FILE}.source"
+    shard = entries[0]["shard"]
+    if ann.exists() and tag.exists() and tag.read_text() == shard:
+        return
+    import faiss
+
+    vectors = np.ascontiguousarray(_vectors_of(index_dir, entries), dtype=np.float32)
+    graph = faiss.IndexHNSWFlat(vectors.shape[1], HNSW_M, faiss.METRIC_INNER_PRODUCT)
+    graph.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    graph.add(vectors)
+    tmp = index_dir / f".{ANN_FILE}.tmp"
+    faiss.write_index(graph, str(tmp))
+    os.replace(tmp, ann)
+    tag.write_text(shard)
+
+
+def vector_search(vectors: np.ndarray, exact: bool = True):
+    """A FAISS index over unit-scale vectors: exact inner product (`IndexFlatIP`) or HNSW."""
+    import faiss
+
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if exact:
+        index = faiss.IndexFlatIP(vectors.shape[1])
+    else:
+        index = faiss.IndexHNSWFlat(vectors.shape[1], HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    index.add(vectors)
+    return index
+
+
+class SearchIndex:
+    """An opened index: the model loads once here, then each query is one embedding + one FAISS search."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]):
+        from cbir.models import load_model
+
+        self.path = path
+        self.root = Path(manifest["root"])
+        self.model_source: str | None = manifest.get("model_source")
+        self.ids: list[str] = [e["id"] for e in manifest["entries"]]
+        self.failed: dict[str, str] = {f["id"]: f["reason"] for f in manifest.get("failed", [])}
+        self._row = {image_id: i for i, image_id in enumerate(self.ids)}
+        self.vectors = _vectors_of(path, manifest["entries"]) if self.ids else np.zeros((0, 1), np.float32)
+        self.model = load_model(path / MODEL_DIR)
+        self._faiss = None
+
+    @classmethod
+    def open(cls, path: Path | str) -> SearchIndex:
+        index_dir = Path(path).expanduser().resolve()
+        return cls(index_dir, read_manifest(index_dir))
+
+    @property
+    def approximate(self) -> bool:
+        return (self.path / ANN_FILE).exists() and len(self) >= ANN_THRESHOLD
+
+    def _index(self):
+        if self._faiss is None:
+            if self.approximate:
+                import faiss
+
+                self._faiss = faiss.read_index(str(self.path / ANN_FILE))
+                self._faiss.hnsw.efSearch = HNSW_EF_SEARCH
+            else:
+                self._faiss = vector_search(self.vectors, exact=True)
+        return self._faiss
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, image_id: object) -> bool:
+        return image_id in self._row
+
+    def __repr__(self) -> str:
+        model = self.model_source or "zero-shot"
+        return f"SearchIndex({self.path}: {len(self)} images of {self.root}, model {model})"
+
+    def image_path(self, image_id: str) -> Path:
+        if image_id not in self._row:
+            raise KeyError(image_id)
+        return self.root / image_id
+
+    def vector(self, image_id: str) -> np.ndarray:
+        return np.asarray(self.vectors[self._row[image_id]], dtype=np.float32)
+
+    # Query embeddings -----------------------------------------------------------------------
+    def embed_text(self, text: str) -> np.ndarray:
+        if not text.strip():
+            raise ValueError("empty text query")
+        return self.model.embed_texts([text])[0]
+
+    def embed_image(self, image: Path | str | bytes) -> np.ndarray:
+        """A query image's vector: a file path, or raw bytes of an uploaded file."""
+        from cbir.datasets import Dataset
+
+        with tempfile.TemporaryDirectory() as tmp:
+            if isinstance(image, bytes | bytearray):
+                path = Path(tmp) / "query"
+                path.write_bytes(image)
+            else:
+                path = Path(image).expanduser()
+                if not path.is_file():
+                    raise FileNotFoundError(f"{path}: no such image file")
+            data = Dataset.from_paths([path])
+            vector = self.model.embed_images(data)[0]
+            if len(data.report):
+                raise ValueError(data.report.skipped[0].replace(str(path), str(image)[:200]))
+        return vector
+
+    # Searches ---------------------------------------------------------------------------------
+    def search_vector(
+        self, query: np.ndarray, k: int = 20, min_score: float | None = None
+    ) -> list[SearchResult]:
+        if not len(self) or k <= 0:
+            return []
+        scores, rows = self._index().search(np.asarray(query, dtype=np.float32)[None], min(k, len(self)))
+        results = []
+        for score, row in zip(scores[0], rows[0], strict=True):
+            if row < 0 or (min_score is not None and score < min_score):
+                continue
+            image_id = self.ids[row]
+            results.append(SearchResult(len(results), float(score), image_id, self.root / image_id))
+        return results
+
+    def search_text(self, query: str, k: int = 20, min_score: float | None = None) -> list[SearchResult]:
+        return self.search_vector(self.embed_text(query), k, min_score)
+
+    def search_image(
+        self, image: Path | str | bytes, k: int = 20, min_score: float | None = None
+    ) -> list[SearchResult]:
+        return self.search_vector(self.embed_image(image), k, min_score)
+
+    def search_similar(
+        self, image_id: str, k: int = 20, min_score: float | None = None
+    ) -> list[SearchResult]:
+        if image_id not in self._row:
+            raise KeyError(image_id)
+        return self.search_vector(self.vector(image_id), k, min_score)
+
+    def search(
+        self,
+        text: str | None = None,
+        image: Path | str | bytes | None = None,
+        k: int = 20,
+        min_score: float | None = None,
+    ) -> list[SearchResult]:
+        """Text, image, or both: the query is the sum of the unit text and unit image vectors."""
+        parts = []
+        if text is not None and text.strip():
+            parts.append(self.embed_text(text))
+        if image is not None:
+            parts.append(self.embed_image(image))
+        if not parts:
+            raise ValueError("give a text query, an image, or both")
+        query = sum(p / max(float(np.linalg.norm(p)), 1e-12) for p in parts)
+        return self.search_vector(query, k, min_score)

@@ -1,0 +1,170 @@
+"""Indexing a folder and searching it (issue 5), on real photos of cs5785-mini (COCO)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cbir.cli import app
+from cbir.index import MANIFEST, IndexFormatError, SearchIndex, build_index, update_index
+from tests.conftest import KAGGLE_MINI, REPO
+
+runner = CliRunner()
+TRAIN_IMAGES = KAGGLE_MINI / "images_train"
+
+
+def photos(n: int, start: int = 0) -> list[Path]:
+    return sorted(TRAIN_IMAGES.glob("*.jpg"), key=lambda p: int(p.stem))[start : start + n]
+
+
+@pytest.fixture(scope="session")
+def zero_shot_dir(tmp_path_factory) -> Path:
+    """The zero-shot model saved once per session (its class texts are cached for later runs)."""
+    from cbir.models import create_model
+
+    return create_model("zero-shot").fit().save(tmp_path_factory.mktemp("zero-shot") / "model")
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    """Ten real photos in a folder with a subfolder, as a user's collection would be."""
+    root = tmp_path / "photos"
+    (root / "trip").mkdir(parents=True)
+    for i, p in enumerate(photos(10)):
+        shutil.copy(p, (root / "trip" if i % 3 == 0 else root) / p.name)
+    return root
+
+
+def manifest_ids(index_dir: Path) -> list[str]:
+    return [e["id"] for e in json.loads((index_dir / MANIFEST).read_text())["entries"]]
+
+
+def test_incremental_add_change_delete(folder, tmp_path, zero_shot_dir):
+    ix, report = update_index(folder, tmp_path / "ix", zero_shot_dir, progress=False)
+    assert len(ix) == 10 and len(report.added) == 10
+    assert "trip/0.jpg" in ix and ix.image_path("trip/0.jpg") == folder / "trip" / "0.jpg"
+    before = {i: ix.vector(i) for i in ix.ids}
+
+    new, changed, deleted = photos(3, start=20)
+    shutil.copy(new, folder / "new.jpg")
+    shutil.copy(changed, folder / "1.jpg")  # same name, other photo
+    (folder / "2.jpg").unlink()
+    ix, report = update_index(folder, tmp_path / "ix", zero_shot_dir, progress=False)
+    assert report.added == ["new.jpg"] and report.changed == ["1.jpg"] and report.removed == ["2.jpg"]
+    assert report.unchanged == 8 and len(ix) == 10 and "2.jpg" not in ix
+    assert not np.allclose(ix.vector("1.jpg"), before["1.jpg"])
+    for i in set(before) - {"1.jpg", "2.jpg"}:
+        np.testing.assert_array_equal(ix.vector(i), before[i])
+    # the changed file now finds itself; a rerun with nothing new embeds nothing
+    assert ix.search_image(folder / "1.jpg", k=1)[0].id == "1.jpg"
+    os.utime(folder / "new.jpg")  # touched, same content
+    _, report = update_index(folder, tmp_path / "ix", zero_shot_dir, progress=False)
+    assert report.added == report.changed == report.removed == [] and report.unchanged == 10
+    assert len(list((tmp_path / "ix" / "shards").iterdir())) == 1  # compacted, no orphans
+
+
+def test_corrupt_images_are_listed_and_skipped(folder, tmp_path, zero_shot_dir):
+    (folder / "broken.jpg").write_bytes(b"not a jpeg at all")
+    (folder / "truncated.png").write_bytes((TRAIN_IMAGES / "5.jpg").read_bytes()[:300])
+    ix, report = update_index(folder, tmp_path / "ix", zero_shot_dir, progress=False)
+    assert sorted(report.failed) == ["broken.jpg", "truncated.png"]
+    assert "not a readable image" in report.failed["broken.jpg"]
+    assert len(ix) == 10 and "broken.jpg" not in ix and set(ix.failed) == {"broken.jpg", "truncated.png"}
+    _, report = update_index(folder, tmp_path / "ix", zero_shot_dir, progress=False)
+    assert sorted(report.failed) == ["broken.jpg", "truncated.png"] and report.unchanged == 10
+    with pytest.raises(ValueError, match="not a readable image"):
+        ix.search_image(folder / "broken.jpg")
+
+
+def test_image_search_finds_the_query_image_first(folder, tmp_path, zero_shot_dir):
+    ix = build_index(folder, tmp_path / "ix", zero_shot_dir, progress=False)
+    for image_id in ("trip/0.jpg", "4.jpg", "8.jpg"):
+        assert ix.search_image(ix.image_path(image_id), k=3)[0].id == image_id
+        assert ix.search_similar(image_id, k=3)[0].id == image_id
+        upload = ix.search_image(ix.image_path(image_id).read_bytes(), k=3)
+        assert upload[0].id == image_id and upload[0].rank == 0
+        assert upload[0].score > upload[1].score
+    combined = ix.search(text="a photo", image=ix.image_path("4.jpg"), k=10)
+    assert combined[0].id == "4.jpg" and len(combined) == 10
+    assert all(r.score >= 0.2 for r in ix.search_text("people", k=10, min_score=0.2))
+    with pytest.raises(KeyError):
+        ix.image_path("nope.jpg")
+
+
+def test_kill_during_indexing_then_rerun_loses_nothing(folder, tmp_path, zero_shot_dir):
+    """SIGKILL once the first chunk is committed, with an empty feature cache so the run is slow
+    enough to be caught midway; the rerun completes with each image exactly once."""
+    for p in photos(30, start=10):
+        shutil.copy(p, folder / p.name)
+    n = len(list(folder.rglob("*.jpg")))
+    index_dir = tmp_path / "ix"
+    env = {**os.environ, "CBIR_CACHE_DIR": str(tmp_path / "fresh-cache"), "PYTHONPATH": str(REPO / "src")}
+    script = (
+        "from cbir.index import build_index; import sys; "
+        "build_index(sys.argv[1], sys.argv[2], sys.argv[3], progress=False, chunk_size=4)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(folder), str(index_dir), str(zero_shot_dir)], env=env
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (index_dir / MANIFEST).exists() and len(manifest_ids(index_dir)) >= 4:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    assert proc.wait(30) == -signal.SIGKILL, "the indexer finished before it could be killed"
+    done = manifest_ids(index_dir)
+    assert 4 <= len(done) < n
+    SearchIndex.open(index_dir)  # the interrupted index is consistent and usable
+    ix, report = update_index(folder, index_dir, zero_shot_dir, progress=False)
+    assert sorted(ix.ids) == ix.ids and len(set(ix.ids)) == len(ix.ids) == n
+    assert report.unchanged == len(done) and len(report.added) == n - len(done)
+    reference = build_index(folder, tmp_path / "clean", zero_shot_dir, progress=False)
+    np.testing.assert_allclose(np.asarray(ix.vectors), np.asarray(reference.vectors), atol=1e-5)
+
+
+def test_cli_index_search_show(tmp_path, zero_shot_dir):
+    index_dir = tmp_path / "ix"
+    result = runner.invoke(
+        app, ["index", str(TRAIN_IMAGES), "--out", str(index_dir), "-m", str(zero_shot_dir)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "indexed 80 images" in result.output
+    caption = (KAGGLE_MINI / "descriptions_train" / "3.txt").read_text().splitlines()[0]
+    result = runner.invoke(app, ["search", caption, "--index", str(index_dir), "-k", "5", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [r["rank"] for r in rows] == [0, 1, 2, 3, 4] and rows[0]["score"] >= rows[-1]["score"]
+    assert Path(rows[0]["path"]).is_file()
+    result = runner.invoke(app, ["search", "--image", str(TRAIN_IMAGES / "7.jpg"), "--index", str(index_dir)])
+    assert result.exit_code == 0 and result.stdout.splitlines()[0].split()[-1] == str(TRAIN_IMAGES / "7.jpg")
+    grid, emap = tmp_path / "grid.png", tmp_path / "map.png"
+    result = runner.invoke(
+        app, ["show", caption, "--index", str(index_dir), "--out", str(grid), "--map", str(emap)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "ground truth: 3.jpg" in result.stdout
+    from PIL import Image
+
+    for png in (grid, emap):
+        with Image.open(png) as im:
+            assert im.format == "PNG" and im.width > 400 and im.height > 300
+
+
+def test_bad_index_paths_are_one_line_errors(tmp_path):
+    with pytest.raises(IndexFormatError, match="not an index directory"):
+        SearchIndex.open(tmp_path)
+    result = runner.invoke(app, ["search", "dog", "--index", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "no such index directory" in result.output
+    result = runner.invoke(app, ["index", str(tmp_path / "nofolder"), "--out", str(tmp_path / "ix")])
+    assert result.exit_code == 2 and "no such folder" in result.output
