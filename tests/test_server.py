@@ -155,7 +155,7 @@ def test_unknown_image_ids_are_404(client):
 def test_paths_outside_the_index_are_404(client, kind, attempt):
     response = client.get(f"/{kind}/{attempt}")
     assert response.status_code == 404
-    assert b"cbir" not in response.content and b"root:" not in response.content
+    assert b"[build-system]" not in response.content and b"root:" not in response.content
 
 
 def test_static_files_do_not_leak_the_source(client):
@@ -170,12 +170,16 @@ def test_bad_uploads_are_refused_with_a_reason(client):
 
     tiff = io.BytesIO()
     Image.new("RGB", (32, 32)).save(tiff, "TIFF")
+    vast = io.BytesIO()
+    Image.new("1", (8000, 6000)).save(vast, "PNG")  # 48 megapixels in a few KB
     cases = [
         (upload("notes.txt", b"hello", "text/plain"), 415, "unsupported upload type 'text/plain'"),
         (upload("fake.jpg", b"hello, not a photo", "image/jpeg"), 415, "not an image that can be read"),
         (upload("photo.jpg", tiff.getvalue(), "image/jpeg"), 415, "is TIFF"),
         (upload("empty.jpg", b"", "image/jpeg"), 422, "empty"),
+        (upload("vast.png", vast.getvalue(), "image/png"), 413, "too many pixels (8000x6000)"),
         (upload("cut.jpg", jpeg_bytes("5.jpg")[:200], "image/jpeg"), 415, "not an image that can be read"),
+        (upload("half.jpg", jpeg_bytes("5.jpg")[:5000], "image/jpeg"), 415, "not an image that can be read"),
         (client.post("/api/search/image"), 422, "file: Field required"),
     ]
     for response, status, message in cases:

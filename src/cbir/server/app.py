@@ -29,6 +29,7 @@ MAX_QUERY_CHARS = 300
 MAX_K = 100
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 MULTIPART_OVERHEAD = 64 * 1024
+MAX_UPLOAD_PIXELS = 40_000_000
 UPLOAD_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP", "image/gif": "GIF"}
 THUMB_SIZE = 320
 THUMB_CACHE = 4096  # thumbnails kept in memory (~10 KB each)
@@ -112,12 +113,15 @@ def read_upload(upload: UploadFile, max_bytes: int) -> bytes:
         raise HTTPException(415, f"unsupported upload type '{upload.content_type}' (accepted: {accepted})")
     try:
         with Image.open(io.BytesIO(data)) as im:
-            actual = im.format
-            im.verify()
+            if im.format not in UPLOAD_TYPES.values():
+                raise HTTPException(415, f"'{upload.filename}' is {im.format}, not one of: {accepted}")
+            if im.width * im.height > MAX_UPLOAD_PIXELS:
+                raise HTTPException(413, f"'{upload.filename}' has too many pixels ({im.width}x{im.height})")
+            im.load()  # decodes it all: a truncated file fails here, not in the encoder
+    except HTTPException:
+        raise
     except Exception as e:  # Pillow raises many types for non-images and truncated files
         raise HTTPException(415, f"'{upload.filename}' is not an image that can be read") from e
-    if actual not in UPLOAD_TYPES.values():
-        raise HTTPException(415, f"'{upload.filename}' is {actual}, not one of: {accepted}")
     return data
 
 
@@ -201,7 +205,12 @@ def create_app(
     ) -> Page:
         """Images ranked by similarity to an uploaded photo."""
         data = read_upload(file, max_upload_bytes)
-        return page({"upload": file.filename or "upload"}, offset, k, lambda n: index.search_image(data, k=n))
+        try:
+            return page(
+                {"upload": file.filename or "upload"}, offset, k, lambda n: index.search_image(data, k=n)
+            )
+        except ValueError as e:  # the encoder could not use it after all
+            raise HTTPException(422, f"'{file.filename}' could not be embedded") from e
 
     @app.get("/images/{image_id:path}", response_class=FileResponse)
     def full_image(image_id: ImageId) -> FileResponse:
