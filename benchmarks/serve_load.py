@@ -1,13 +1,12 @@
 """Load test of `cbir serve`: concurrent clients against a real index, on loopback, for a bounded time.
 
-    python benchmarks/serve_load.py [--index runs/rsicd-index] [--clients 50] [--seconds 30] [--threads 1 2]
+    python benchmarks/serve_load.py [--index runs/rsicd-index] [--clients 50] [--seconds 30]
 
 Builds the index when it is missing (every RSICD image, 10,921 aerial photos, zero-shot model; image
 features come from the cache), starts `cbir serve` in a subprocess on 127.0.0.1 and a free port, then
 runs the clients: each sends one request after another, cycling through a text search (an RSICD test
 caption, each client its own), a search by an indexed image and a thumbnail. Prints throughput and
-latency per kind of request and in all; exits 1 when any request failed. With several `--threads`
-values, one fresh server per value (`cbir serve --threads N`) runs the same load, one after another.
+latency per kind of request and in all; exits 1 when any request failed.
 """
 
 from __future__ import annotations
@@ -47,9 +46,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(index_dir: Path, port: int, threads: int) -> subprocess.Popen:
+def start_server(index_dir: Path, port: int) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    command = ["serve", "--index", str(index_dir), "--port", str(port), "--threads", str(threads)]
+    command = ["serve", "--index", str(index_dir), "--port", str(port)]
     return subprocess.Popen([sys.executable, "-m", "cbir.cli", *command], env=env)
 
 
@@ -113,15 +112,15 @@ def report(log: list, seconds: float) -> list[dict]:
     return rows
 
 
-async def load_test(index_dir: Path, threads: int, clients: int, seconds: float, plans: list) -> dict:
+async def load_test(index_dir: Path, clients: int, seconds: float, plans: list) -> dict:
     """One server, `clients` clients for `seconds`: the report rows."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    server = start_server(index_dir, port, threads)
+    server = start_server(index_dir, port)
     try:
         n_images = await wait_until_up(base, server)
         print(
-            f"{n_images} images; {clients} clients for {seconds:g}s on {base}, --threads {threads}",
+            f"{n_images} images; {clients} clients for {seconds:g}s on {base}",
             flush=True,
         )
         log: list = []
@@ -140,7 +139,7 @@ async def load_test(index_dir: Path, threads: int, clients: int, seconds: float,
             f"{r['p99 ms']:8.1f} {r['errors']:7d}"
         )
     print(f"{elapsed:.1f}s; load average after: {os.getloadavg()[0]:.1f}\n", flush=True)
-    return {"images": n_images, "threads": threads, "clients": clients, "seconds": elapsed, "rows": rows}
+    return {"images": n_images, "clients": clients, "seconds": elapsed, "rows": rows}
 
 
 async def main() -> int:
@@ -148,7 +147,6 @@ async def main() -> int:
     parser.add_argument("--index", type=Path, default=REPO / "runs" / "rsicd-index")
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=30)
-    parser.add_argument("--threads", type=int, nargs="+", default=[1], help="`cbir serve --threads` values.")
     parser.add_argument("--json", type=Path, help="Also write the results here.")
     args = parser.parse_args()
     if not (1 <= args.clients <= MAX_CLIENTS and 0 < args.seconds <= MAX_SECONDS):
@@ -162,10 +160,10 @@ async def main() -> int:
     captions = sorted(set(load_dataset(RSICD).split("test").captions))
     plans = [request_plan(ids, captions, c) for c in range(args.clients)]
     print(f"{platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
-    runs = [await load_test(args.index, t, args.clients, args.seconds, plans) for t in args.threads]
+    result = await load_test(args.index, args.clients, args.seconds, plans)
     if args.json:
-        args.json.write_text(json.dumps(runs, indent=2))
-    return 1 if any(run["rows"][-1]["errors"] for run in runs) else 0
+        args.json.write_text(json.dumps(result, indent=2))
+    return 1 if result["rows"][-1]["errors"] else 0
 
 
 if __name__ == "__main__":

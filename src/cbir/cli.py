@@ -322,13 +322,9 @@ def serve(
         "127.0.0.1"
     ),
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    threads: Annotated[
-        int, typer.Option(min=1, help="CPU threads one query may use (BLAS/OpenMP); 1 suits many clients.")
-    ] = 1,
 ) -> None:
     """Serve the search page and its HTTP API (OpenAPI docs at /docs) until Ctrl-C."""
     import uvicorn
-    from threadpoolctl import threadpool_limits
 
     from cbir.server import create_app
 
@@ -336,9 +332,6 @@ def serve(
         web = create_app(index_dir)
     except search_errors() as e:
         fail(str(e))
-    # Queries are small matrix products, many at once: more threads per product mostly contend for the
-    # cores (BENCHMARKS.md, "Web server"). Set once `create_app` has loaded the libraries.
-    threadpool_limits(threads)
     if host not in ("127.0.0.1", "localhost", "::1"):
         err.print(
             f"[yellow]note:[/] listening on {host}: anyone who can reach it can search and view the images"
