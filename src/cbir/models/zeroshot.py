@@ -85,7 +85,8 @@ class ZeroShotModel(RetrievalModel):
         centre: bool = True,
         visual_weight: float = 1.0,
     ):
-        # Defaults chosen on cs5785-mini TRAIN captions (benchmarks/zeroshot.py).
+        # Defaults: T, top-k and centring from an exploration on cs5785-mini TRAIN captions; see
+        # BENCHMARKS.md (Search) for how they compare with the sweep of benchmarks/zeroshot.py.
         super().__init__(
             class_texts=class_texts,
             temperature=temperature,
