@@ -314,6 +314,36 @@ def show(
     )
 
 
+# ---- Web page and HTTP API (issue 6): serve ---------------------------------------------------------
+@app.command()
+def serve(
+    index_dir: IndexOpt,
+    host: Annotated[str, typer.Option(help="Address to listen on; the default is this machine only.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+) -> None:
+    """Serve the search page and its HTTP API (OpenAPI docs at /docs) until Ctrl-C."""
+    import uvicorn
+
+    from cbir.server import create_app
+
+    try:
+        web = create_app(index_dir)
+    except search_errors() as e:
+        fail(str(e))
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        err.print(
+            f"[yellow]note:[/] listening on {host}: anyone who can reach it can search and view the images"
+        )
+    out.print(
+        f"serving {len(web.state.index)} images from {index_dir} at http://{host}:{port}/ (API docs: /docs)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    uvicorn.run(web, host=host, port=port, log_level="warning")
+
+
 def main() -> None:
     app()
 

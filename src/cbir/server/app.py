@@ -1,0 +1,234 @@
+"""The HTTP face of a `SearchIndex`: a JSON API, thumbnails and full images of indexed files, and the page.
+
+The index (and with it the encoders) is opened once, in `create_app`; requests only search. Every
+image the server sends is looked up by id in the index, never by a path from the request, so nothing
+outside the index can be reached.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import quote
+
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
+
+from cbir import __version__
+from cbir.index import SearchIndex, SearchResult
+
+STATIC = Path(__file__).parent / "static"
+MAX_QUERY_CHARS = 300
+MAX_K = 100
+MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+MULTIPART_OVERHEAD = 64 * 1024
+MAX_UPLOAD_PIXELS = 40_000_000
+UPLOAD_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP", "image/gif": "GIF"}
+THUMB_SIZE = 320
+THUMB_CACHE = 4096  # thumbnails kept in memory (~10 KB each)
+
+
+PageSize = Annotated[int, Query(ge=1, le=MAX_K, description="Results per page.")]
+Offset = Annotated[int, Query(ge=0, description="Results to skip (pagination).")]
+ImageId = Annotated[str, PathParam(description="Image id: its path relative to the indexed folder.")]
+
+
+class Hit(BaseModel):
+    rank: int  # 1 = best
+    score: float
+    id: str
+    image: str
+    thumb: str
+
+
+class Page(BaseModel):
+    """One page of results; `more` says whether asking again with `offset + k` would return any."""
+
+    query: dict[str, str]
+    offset: int
+    k: int
+    more: bool
+    results: list[Hit]
+
+
+class Health(BaseModel):
+    status: str
+    images: int
+
+
+def image_url(image_id: str, kind: str = "images") -> str:
+    return f"/{kind}/{quote(image_id)}"
+
+
+class Thumbnails:
+    """JPEG thumbnails of indexed images, made with Pillow on first request and kept (LRU) in memory."""
+
+    def __init__(self, size: int = THUMB_SIZE, capacity: int = THUMB_CACHE):
+        self.size, self.capacity = size, capacity
+        self._cache: OrderedDict[str, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, image_id: str, path: Path) -> bytes:
+        with self._lock:
+            if image_id in self._cache:
+                self._cache.move_to_end(image_id)
+                return self._cache[image_id]
+        data = self._render(path)
+        with self._lock:
+            self._cache[image_id] = data
+            if len(self._cache) > self.capacity:
+                self._cache.popitem(last=False)
+        return data
+
+    def _render(self, path: Path) -> bytes:
+        from PIL import Image, ImageOps
+
+        with Image.open(path) as im:
+            im.draft("RGB", (self.size, self.size))
+            im = ImageOps.exif_transpose(im).convert("RGB")
+            im.thumbnail((self.size, self.size))
+            buf = io.BytesIO()
+            im.save(buf, "JPEG", quality=82)
+        return buf.getvalue()
+
+
+def read_upload(upload: UploadFile, max_bytes: int) -> bytes:
+    """The upload's bytes, refused with a 4xx unless it is an image of an accepted type and size."""
+    from PIL import Image
+
+    data = upload.file.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise HTTPException(413, f"image too large (limit {max_bytes / 2**20:.0f} MiB)")
+    if not data:
+        raise HTTPException(422, "the uploaded file is empty")
+    accepted = ", ".join(UPLOAD_TYPES)
+    if upload.content_type not in UPLOAD_TYPES:
+        raise HTTPException(415, f"unsupported upload type '{upload.content_type}' (accepted: {accepted})")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format not in UPLOAD_TYPES.values():
+                raise HTTPException(415, f"'{upload.filename}' is {im.format}, not one of: {accepted}")
+            if im.width * im.height > MAX_UPLOAD_PIXELS:
+                raise HTTPException(413, f"'{upload.filename}' has too many pixels ({im.width}x{im.height})")
+            im.load()  # decodes it all: a truncated file fails here, not in the encoder
+    except HTTPException:
+        raise
+    except Exception as e:  # Pillow raises many types for non-images and truncated files
+        raise HTTPException(415, f"'{upload.filename}' is not an image that can be read") from e
+    return data
+
+
+def warm_up(index: SearchIndex) -> None:
+    """Load both query encoders now, so no request pays for it: one sentence, one small plain image."""
+    from PIL import Image
+
+    index.search_text("warm up", k=1)
+    blank = io.BytesIO()
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(blank, "PNG")
+    index.search_image(blank.getvalue(), k=1)
+
+
+def create_app(
+    index: SearchIndex | Path | str,
+    max_upload_bytes: int = MAX_UPLOAD_BYTES,
+    thumb_size: int = THUMB_SIZE,
+) -> FastAPI:
+    """A FastAPI app over one index. A path is opened (and its encoders warmed up) here, once."""
+    if not isinstance(index, SearchIndex):
+        index = SearchIndex.open(index)
+    warm_up(index)
+    # The index and its encoders keep lazily filled state; one search at a time keeps them consistent.
+    search_lock = threading.Lock()
+    thumbs = Thumbnails(thumb_size)
+
+    app = FastAPI(
+        title="cbir",
+        summary="Search indexed photos by sentence or by example.",
+        version=__version__,
+        max_body_size=max_upload_bytes + MULTIPART_OVERHEAD,  # refused (413) before it is parsed
+    )
+    app.state.index = index
+
+    @app.exception_handler(RequestValidationError)
+    async def readable_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """One sentence per bad parameter, so the page can show it as is."""
+        parts = [f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in exc.errors()]
+        return JSONResponse({"detail": "; ".join(parts)}, status_code=422)
+
+    def page(query: dict[str, str], offset: int, k: int, run) -> Page:
+        with search_lock:
+            found: list[SearchResult] = run(min(offset + k + 1, len(index)))
+        hits = [
+            Hit(rank=rank, score=r.score, id=r.id, image=image_url(r.id), thumb=image_url(r.id, "thumbs"))
+            for rank, r in enumerate(found[offset : offset + k], start=offset + 1)
+        ]
+        return Page(query=query, offset=offset, k=k, more=len(found) > offset + k, results=hits)
+
+    def known(image_id: str) -> str:
+        if image_id not in index:
+            raise HTTPException(404, f"no image '{image_id}' in this index")
+        return image_id
+
+    @app.get("/api/health", response_model=Health)
+    def health() -> Health:
+        return Health(status="ok", images=len(index))
+
+    @app.get("/api/search", response_model=Page)
+    def search_text(
+        q: Annotated[str, Query(min_length=1, max_length=MAX_QUERY_CHARS, description="What to look for.")],
+        k: PageSize = 20,
+        offset: Offset = 0,
+    ) -> Page:
+        """Images ranked by how well they match the sentence `q`."""
+        if not q.strip():
+            raise HTTPException(422, "q: the query is blank")
+        return page({"text": q}, offset, k, lambda n: index.search_text(q, k=n))
+
+    @app.get("/api/similar/{image_id:path}", response_model=Page)
+    def search_similar(image_id: ImageId, k: PageSize = 20, offset: Offset = 0) -> Page:
+        """Images ranked by similarity to an indexed image."""
+        known(image_id)
+        return page({"similar": image_id}, offset, k, lambda n: index.search_similar(image_id, k=n))
+
+    @app.post("/api/search/image", response_model=Page)
+    def search_upload(
+        file: Annotated[UploadFile, File(description="JPEG, PNG, WebP or GIF image.")],
+        k: PageSize = 20,
+        offset: Offset = 0,
+    ) -> Page:
+        """Images ranked by similarity to an uploaded photo."""
+        data = read_upload(file, max_upload_bytes)
+        try:
+            return page(
+                {"upload": file.filename or "upload"}, offset, k, lambda n: index.search_image(data, k=n)
+            )
+        except ValueError as e:  # the encoder could not use it after all
+            raise HTTPException(422, f"'{file.filename}' could not be embedded") from e
+
+    @app.get("/images/{image_id:path}", response_class=FileResponse)
+    def full_image(image_id: ImageId) -> FileResponse:
+        """The indexed image file itself."""
+        return FileResponse(index.image_path(known(image_id)))
+
+    @app.get("/thumbs/{image_id:path}", response_class=Response)
+    def thumbnail(image_id: ImageId) -> Response:
+        """A JPEG thumbnail of an indexed image (longer side `thumb_size` pixels)."""
+        try:
+            data = thumbs.get(image_id, index.image_path(known(image_id)))
+        except OSError as e:
+            raise HTTPException(404, f"cannot read image '{image_id}': {e}") from e
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    @app.get("/", include_in_schema=False)
+    def home() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
