@@ -5,10 +5,10 @@ import shutil
 
 import numpy as np
 import pytest
-from tests.conftest import KAGGLE_MINI, RSICD
 
 from cbir.datasets import DatasetError, detect_format, load_dataset
 from cbir.datasets.kaggle import FEATURE_FILES
+from tests.conftest import KAGGLE_MINI, RSICD
 
 
 def test_rsicd_official_split(rsicd):

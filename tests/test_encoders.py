@@ -5,10 +5,10 @@ import time
 
 import numpy as np
 import pytest
-from tests.conftest import KAGGLE_MINI
 
 from cbir.encoders import ImageEncoder, TextEncoder, image_features
 from cbir.encoders.image import LOGITS_DIM, POOLED_DIM, preprocess
+from tests.conftest import KAGGLE_MINI
 
 
 def test_text_encoder_matches_sentence_transformers(rsicd_slice):

@@ -4,12 +4,12 @@ import json
 
 import numpy as np
 import pytest
-from tests.conftest import KAGGLE_MINI
 from typer.testing import CliRunner
 
 from cbir.cli import app
 from cbir.evaluation import evaluate
 from cbir.models import ModelError, create_model, load_model
+from tests.conftest import KAGGLE_MINI
 
 runner = CliRunner()
 
