@@ -18,7 +18,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
+out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 DatasetOpt = Annotated[Path, typer.Option("--dataset", "-d", help="Dataset folder (any supported format).")]
@@ -73,17 +73,20 @@ METRIC_ROWS = [
 ]
 
 
-def metrics_table(metrics: dict[str, float], title: str) -> Table:
-    table = Table(title=title, title_justify="left")
+def print_metrics(metrics: dict[str, float], title: str) -> None:
+    """A title line, the recall table (both directions), then the summary numbers."""
+    table = Table()
     for col in ("direction", "R@1", "R@5", "R@10", "R@20"):
         table.add_column(col, justify="right" if col != "direction" else "left")
     for label, key in METRIC_ROWS:
         table.add_row(label, *(f"{metrics[f'{key}_r{k}']:.2f}" for k in (1, 5, 10, 20)))
-    table.caption = (
+    out.print(title, highlight=False)
+    out.print(table)
+    out.print(
         f"mR {metrics['mR']:.2f} · MAP@20 {metrics['map20']:.4f} · median rank {metrics['medr']:g} · "
-        f"{metrics['n_queries']} queries, {metrics['n_images']} images"
+        f"{metrics['n_queries']} queries, {metrics['n_images']} images",
+        highlight=False,
     )
-    return table
 
 
 @app.command()
@@ -137,7 +140,7 @@ def evaluate(
     if as_json:
         print(json.dumps(metrics, indent=2))
     else:
-        out.print(metrics_table(metrics, f"{loaded.method} on {dataset} ({split})"))
+        print_metrics(metrics, f"{loaded.method} on {dataset} ({split})")
 
 
 @app.command()
@@ -195,7 +198,7 @@ def demo(
         metrics = run_evaluation(model, data, "test")
     except user_errors() as e:
         fail(str(e))
-    out.print(metrics_table(metrics, f"{method} on {data.name} (test)"))
+    print_metrics(metrics, f"{method} on {data.name} (test)")
 
 
 # ---- Search your own photos (issue 5): index, search, show -------------------------------------------
