@@ -14,6 +14,9 @@ from cbir.models.base import ModelError, RetrievalModel, read_model_dir
 
 METHODS: dict[str, str] = {
     "ridge": "cbir.models.ridge:RidgeModel",
+    # deep methods (issue 4)
+    "autoencoder": "cbir.models.autoencoder:AutoencoderModel",
+    "contrastive": "cbir.models.contrastive:ContrastiveModel",
 }
 
 
