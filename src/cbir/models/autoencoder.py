@@ -21,7 +21,7 @@ from cbir.encoders import image_features
 from cbir.metrics import retrieval_metrics
 from cbir.models.base import ModelError, RetrievalModel
 from cbir.models.heads import bag_of_words, head_forward, words
-from cbir.models.ridge import resolve_image_representation
+from cbir.models.ridge import resolve_image_representation, unit_rows
 
 LOSSES = ("mse", "triplet")
 NEGATIVES = ("hard", "semi-hard")
@@ -53,14 +53,14 @@ class AutoencoderModel(RetrievalModel):
         text_hidden: int = 512,
         min_count: int = 2,
         loss: str = "mse",
-        margin: float = 0.5,
+        margin: float = 0.2,
         negatives: str = "semi-hard",
         use_augmented: bool = True,
         dropout: float = 0.2,
-        batch_size: int = 128,
+        batch_size: int = 256,
         lr: float = 1e-3,
-        epochs: int = 40,
-        patience: int = 6,
+        epochs: int = 25,
+        patience: int = 4,
         seed: int = 0,
     ):
         if loss not in LOSSES:
@@ -192,7 +192,8 @@ class AutoencoderModel(RetrievalModel):
             out = model(tok)
             if p["loss"] == "mse":
                 return ((out - target) ** 2).sum(1).mean()
-            return triplet_loss(torch.cdist(out, target), p["margin"], p["negatives"])
+            unit = torch.nn.functional.normalize
+            return triplet_loss(torch.cdist(unit(out), unit(target)), p["margin"], p["negatives"])
 
         validate = None
         if val is not None:
@@ -200,7 +201,9 @@ class AutoencoderModel(RetrievalModel):
             val_tokens = torch.from_numpy(token_ids(val_captions, vocab))
 
             def validate() -> float:
-                t, i = euclidean_as_inner_product(model(val_tokens).numpy(), val_codes)
+                t, i = euclidean_as_inner_product(
+                    self._space(model(val_tokens).numpy()), self._space(val_codes)
+                )
                 return retrieval_metrics(t @ i.T, val_caption_image)["mR"]
 
         result = train_epochs(
@@ -215,11 +218,15 @@ class AutoencoderModel(RetrievalModel):
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         codes = self._text_codes(texts)
-        return euclidean_as_inner_product(codes, np.zeros((0, codes.shape[1]), np.float32))[0]
+        return euclidean_as_inner_product(self._space(codes), np.zeros((0, codes.shape[1]), np.float32))[0]
 
     def embed_images(self, images: Dataset) -> np.ndarray:
         codes = head_forward(self.arrays_, "encoder", image_features(images, self.representation_))
-        return euclidean_as_inner_product(np.zeros((0, codes.shape[1]), np.float32), codes)[1]
+        return euclidean_as_inner_product(np.zeros((0, codes.shape[1]), np.float32), self._space(codes))[1]
+
+    def _space(self, codes: np.ndarray) -> np.ndarray:
+        """The triplet loss works on the unit sphere (its margin needs a fixed scale); MSE on raw codes."""
+        return unit_rows(codes) if self.params["loss"] == "triplet" else codes
 
     def _arrays(self) -> dict[str, np.ndarray]:
         return self.arrays_
