@@ -27,6 +27,9 @@ def image_inputs(dataset: Dataset, representation: str, view: str = "center") ->
     return np.concatenate([image_features(dataset, kind, view) for kind in representation.split("+")], 1)
 
 
+BANK_TEMPERATURES = (0.01, 0.02, 0.05)
+
+
 class ContrastiveModel(RetrievalModel):
     """Dual encoder: MLP heads over frozen image features and MiniLM embeddings, symmetric InfoNCE."""
 
@@ -48,6 +51,7 @@ class ContrastiveModel(RetrievalModel):
         epochs: int = 40,
         patience: int = 6,
         ensemble: int = 1,
+        bank_size: int = 2048,
         seed: int = 0,
     ):
         unknown = sorted(set(views) - set(VIEWS))
@@ -68,6 +72,7 @@ class ContrastiveModel(RetrievalModel):
             epochs=epochs,
             patience=patience,
             ensemble=ensemble,
+            bank_size=bank_size,
             seed=seed,
         )
 
@@ -159,7 +164,51 @@ class ContrastiveModel(RetrievalModel):
             )
             self.arrays_.update(arrays_of(image_head, f"m{member}.image"))
             self.arrays_.update(arrays_of(text_head, f"m{member}.text"))
+        self.bank_temperature_ = 0.0
+        if p["bank_size"]:
+            rng = np.random.default_rng(p["seed"])
+            bank_texts = texts.numpy()[rng.choice(len(texts), min(p["bank_size"], len(texts)), replace=False)]
+            bank_images = center[rng.choice(len(center), min(p["bank_size"], len(center)), replace=False)]
+            self.arrays_["bank.text"] = self._embed(bank_texts, "text").astype(np.float16)
+            self.arrays_["bank.image"] = self._embed(bank_images, "image").astype(np.float16)
+            if has_val:
+                self.bank_temperature_ = self._choose_bank_temperature(
+                    val_texts.numpy(), val_images.numpy(), val
+                )
         return self
+
+    def _choose_bank_temperature(self, val_texts: np.ndarray, val_images: np.ndarray, val: Dataset) -> float:
+        """The bank temperature (0 = no normalisation) with the best validation mR."""
+        best, best_score = 0.0, -1.0
+        for temperature in (0.0, *BANK_TEMPERATURES):
+            self.bank_temperature_ = temperature
+            t, i = self._with_bank(self._embed(val_texts, "text"), self._embed(val_images, "image"))
+            score = retrieval_metrics(t @ i.T, val.caption_image)["mR"]
+            if score > best_score:
+                best, best_score = temperature, score
+        return best
+
+    def _with_bank(self, texts: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Inverted softmax against a bank of training captions and images (hubness reduction).
+
+        An image close to many captions (a hub) is ranked down by T log sum_bank exp(s / T) over the
+        training captions, and a caption close to many images likewise; both offsets fold into two extra
+        coordinates, so the result is still an inner product over fixed embeddings: no query batch needed.
+        """
+        temperature = self.bank_temperature_
+        if not temperature:
+            return texts, images
+
+        def offset(x: np.ndarray, bank: np.ndarray) -> np.ndarray:
+            z = x @ bank.astype(np.float32).T / temperature
+            top = z.max(1, keepdims=True)
+            return temperature * (top + np.log(np.exp(z - top).mean(1, keepdims=True)))
+
+        t_off, i_off = offset(texts, self.arrays_["bank.image"]), offset(images, self.arrays_["bank.text"])
+        return (
+            np.concatenate([texts, -np.ones_like(t_off), -t_off], 1),
+            np.concatenate([images, i_off, np.ones_like(i_off)], 1),
+        )
 
     def _embed(self, x: np.ndarray, side: str) -> np.ndarray:
         """Ensemble members' unit embeddings side by side, scaled so the inner product is their mean."""
@@ -168,17 +217,24 @@ class ContrastiveModel(RetrievalModel):
         return np.concatenate(parts, 1) / np.sqrt(k)
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        return self._embed(shared_text_encoder().encode(texts, progress=len(texts) > 256), "text")
+        emb = self._embed(shared_text_encoder().encode(texts, progress=len(texts) > 256), "text")
+        return self._with_bank(emb, np.zeros((0, emb.shape[1]), np.float32))[0]
 
     def embed_images(self, images: Dataset) -> np.ndarray:
-        return self._embed(image_inputs(images, self.representation_), "image")
+        emb = self._embed(image_inputs(images, self.representation_), "image")
+        return self._with_bank(np.zeros((0, emb.shape[1]), np.float32), emb)[1]
 
     def _arrays(self) -> dict[str, np.ndarray]:
         return self.arrays_
 
     def _state(self) -> dict[str, Any]:
-        return {"representation": self.representation_, "history": self.history_}
+        return {
+            "representation": self.representation_,
+            "history": self.history_,
+            "bank_temperature": self.bank_temperature_,
+        }
 
     def _restore(self, arrays: dict[str, np.ndarray], state: dict[str, Any]) -> None:
         self.arrays_ = arrays
         self.representation_, self.history_ = state["representation"], state["history"]
+        self.bank_temperature_ = state["bank_temperature"]
