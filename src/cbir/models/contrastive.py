@@ -48,9 +48,9 @@ class ContrastiveModel(RetrievalModel):
         batch_size: int = 256,
         lr: float = 1e-3,
         weight_decay: float = 1e-2,
-        epochs: int = 20,
+        epochs: int = 12,
         patience: int = 3,
-        ensemble: int = 3,
+        ensemble: int = 2,
         bank_size: int = 2048,
         seed: int = 0,
     ):
