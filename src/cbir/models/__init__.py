@@ -15,6 +15,9 @@ from cbir.models.base import ModelError, RetrievalModel, read_model_dir
 METHODS: dict[str, str] = {
     "ridge": "cbir.models.ridge:RidgeModel",
     "zero-shot": "cbir.models.zeroshot:ZeroShotModel",
+    # deep methods (issue 4)
+    "autoencoder": "cbir.models.autoencoder:AutoencoderModel",
+    "contrastive": "cbir.models.contrastive:ContrastiveModel",
 }
 
 

@@ -1,0 +1,240 @@
+"""`contrastive`: a dual encoder on frozen pretrained features, trained with symmetric InfoNCE.
+
+Images enter as EfficientNet-Lite0 features (or the dataset's own precomputed features), captions as
+MiniLM sentence embeddings; only the two projection heads and the temperature are learned. On a few
+thousand images the frozen features carry the knowledge and the heads only align them, so what
+matters is using every caption, cheap augmentation (cached rotated/flipped views of each training
+image), early stopping on the validation split, and averaging several heads (an ensemble).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Self
+
+import numpy as np
+
+from cbir.datasets import Dataset
+from cbir.encoders import VIEWS, image_features, shared_text_encoder
+from cbir.metrics import retrieval_metrics
+from cbir.models.base import ModelError, RetrievalModel
+from cbir.models.heads import head_forward
+from cbir.models.ridge import resolve_image_representation, unit_rows
+
+
+def image_inputs(dataset: Dataset, representation: str, view: str = "center") -> np.ndarray:
+    """Features of one or more representations joined by '+' (e.g. `effnet-pool+effnet-logits`)."""
+    return np.concatenate([image_features(dataset, kind, view) for kind in representation.split("+")], 1)
+
+
+BANK_TEMPERATURES = (0.01, 0.02, 0.05)
+
+
+class ContrastiveModel(RetrievalModel):
+    """Dual encoder: MLP heads over frozen image features and MiniLM embeddings, symmetric InfoNCE."""
+
+    method = "contrastive"
+
+    def __init__(
+        self,
+        image_features: str = "auto",
+        views: Sequence[str] = ("center",),
+        use_augmented: bool = True,
+        embed_dim: int = 512,
+        hidden: int = 512,
+        dropout: float = 0.2,
+        input_dropout: float = 0.1,
+        temperature: float = 0.05,
+        batch_size: int = 256,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-2,
+        epochs: int = 12,
+        patience: int = 3,
+        ensemble: int = 2,
+        bank_size: int = 2048,
+        seed: int = 0,
+    ):
+        unknown = sorted(set(views) - set(VIEWS))
+        if unknown:
+            raise ModelError(f"unknown view(s) {', '.join(unknown)} (known: {', '.join(VIEWS)})")
+        super().__init__(
+            image_features=image_features,
+            views=list(views),
+            use_augmented=use_augmented,
+            embed_dim=embed_dim,
+            hidden=hidden,
+            dropout=dropout,
+            input_dropout=input_dropout,
+            temperature=temperature,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            epochs=epochs,
+            patience=patience,
+            ensemble=ensemble,
+            bank_size=bank_size,
+            seed=seed,
+        )
+
+    def fit(self, train: Dataset, val: Dataset | None = None) -> Self:
+        import torch
+
+        from cbir.models.torch_training import (
+            CaptionSampler,
+            MLPHead,
+            arrays_of,
+            seed_everything,
+            standardiser,
+            train_epochs,
+        )
+
+        p = self.params
+        self.representation_ = resolve_image_representation(p["image_features"], train)
+        views = p["views"] if not self.representation_.startswith("resnet") else ["center"]
+        keep = np.flatnonzero(train.caption_image >= 0)
+        if not p["use_augmented"] and train.augmented is not None:
+            keep = keep[~train.augmented[keep]]
+        if len(keep) == 0:
+            raise ModelError("the train split has no captions paired with images")
+        caption_image = train.caption_image[keep]
+        texts = torch.from_numpy(shared_text_encoder().encode([train.captions[j] for j in keep]))
+        images = torch.from_numpy(np.stack([image_inputs(train, self.representation_, v) for v in views]))
+        center = images[0].numpy()
+        has_val = val is not None and len(val.captions) > 0 and bool((val.caption_image >= 0).all())
+        if has_val:
+            val_images = torch.from_numpy(image_inputs(val, self.representation_))
+            val_texts = torch.from_numpy(shared_text_encoder().encode(val.captions))
+
+        self.arrays_: dict[str, np.ndarray] = {}
+        self.history_: list[dict[str, float]] = []
+        for member in range(p["ensemble"]):
+            rng = seed_everything(p["seed"] + member)
+            image_head = MLPHead(
+                images.shape[2], p["embed_dim"], p["hidden"], p["dropout"], p["input_dropout"],
+                **standardiser(center),
+            )  # fmt: skip
+            text_head = MLPHead(
+                texts.shape[1], p["embed_dim"], p["hidden"], p["dropout"], p["input_dropout"],
+                **standardiser(texts.numpy()),
+            )  # fmt: skip
+            log_scale = torch.nn.Parameter(torch.tensor(float(np.log(1.0 / p["temperature"]))))
+            module = torch.nn.ModuleDict({"image": image_head, "text": text_head})
+            module.register_parameter("log_scale", log_scale)
+            sampler = CaptionSampler(caption_image, len(views), p["batch_size"], rng)
+
+            def batches(sampler=sampler):
+                for img, cap, view in sampler():
+                    yield images[view, img], texts[cap]
+
+            def loss_fn(x_img, x_txt, image_head=image_head, text_head=text_head, log_scale=log_scale):
+                a = torch.nn.functional.normalize(image_head(x_img), dim=1)
+                b = torch.nn.functional.normalize(text_head(x_txt), dim=1)
+                logits = a @ b.T * log_scale.clamp(max=np.log(100.0)).exp()
+                target = torch.arange(len(a))
+                ce = torch.nn.functional.cross_entropy
+                return (ce(logits, target) + ce(logits.T, target)) / 2
+
+            validate = None
+            if has_val:
+
+                def validate(image_head=image_head, text_head=text_head):
+                    a = torch.nn.functional.normalize(image_head(val_images), dim=1)
+                    b = torch.nn.functional.normalize(text_head(val_texts), dim=1)
+                    return retrieval_metrics((b @ a.T).numpy(), val.caption_image)["mR"]
+
+            result = train_epochs(
+                module,
+                batches,
+                loss_fn,
+                epochs=p["epochs"],
+                validate=validate,
+                patience=p["patience"],
+                lr=p["lr"],
+                weight_decay=p["weight_decay"],
+                description=f"contrastive {member + 1}/{p['ensemble']}",
+            )
+            self.history_.append(
+                {
+                    "epochs_run": result.epochs_run,
+                    "best_epoch": result.best_epoch,
+                    "val_mR": result.best_score,
+                    "loss": result.final_loss,
+                    "temperature": float(torch.exp(-log_scale.detach())),
+                }
+            )
+            self.arrays_.update(arrays_of(image_head, f"m{member}.image"))
+            self.arrays_.update(arrays_of(text_head, f"m{member}.text"))
+        self.bank_temperature_ = 0.0
+        if p["bank_size"]:
+            rng = np.random.default_rng(p["seed"])
+            bank_texts = texts.numpy()[rng.choice(len(texts), min(p["bank_size"], len(texts)), replace=False)]
+            bank_images = center[rng.choice(len(center), min(p["bank_size"], len(center)), replace=False)]
+            self.arrays_["bank.text"] = self._embed(bank_texts, "text").astype(np.float16)
+            self.arrays_["bank.image"] = self._embed(bank_images, "image").astype(np.float16)
+            if has_val:
+                self.bank_temperature_ = self._choose_bank_temperature(
+                    val_texts.numpy(), val_images.numpy(), val
+                )
+        return self
+
+    def _choose_bank_temperature(self, val_texts: np.ndarray, val_images: np.ndarray, val: Dataset) -> float:
+        """The bank temperature (0 = no normalisation) with the best validation mR."""
+        best, best_score = 0.0, -1.0
+        for temperature in (0.0, *BANK_TEMPERATURES):
+            self.bank_temperature_ = temperature
+            t, i = self._with_bank(self._embed(val_texts, "text"), self._embed(val_images, "image"))
+            score = retrieval_metrics(t @ i.T, val.caption_image)["mR"]
+            if score > best_score:
+                best, best_score = temperature, score
+        return best
+
+    def _with_bank(self, texts: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Inverted softmax against a bank of training captions and images (hubness reduction).
+
+        An image close to many captions (a hub) is ranked down by T log sum_bank exp(s / T) over the
+        training captions, and a caption close to many images likewise; both offsets fold into two extra
+        coordinates, so the result is still an inner product over fixed embeddings: no query batch needed.
+        """
+        temperature = self.bank_temperature_
+        if not temperature:
+            return texts, images
+
+        def offset(x: np.ndarray, bank: np.ndarray) -> np.ndarray:
+            z = x @ bank.astype(np.float32).T / temperature
+            top = z.max(1, keepdims=True)
+            return temperature * (top + np.log(np.exp(z - top).mean(1, keepdims=True)))
+
+        t_off, i_off = offset(texts, self.arrays_["bank.image"]), offset(images, self.arrays_["bank.text"])
+        return (
+            np.concatenate([texts, -np.ones_like(t_off), -t_off], 1),
+            np.concatenate([images, i_off, np.ones_like(i_off)], 1),
+        )
+
+    def _embed(self, x: np.ndarray, side: str) -> np.ndarray:
+        """Ensemble members' unit embeddings side by side, scaled so the inner product is their mean."""
+        k = self.params["ensemble"]
+        parts = [unit_rows(head_forward(self.arrays_, f"m{m}.{side}", x)) for m in range(k)]
+        return np.concatenate(parts, 1) / np.sqrt(k)
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        emb = self._embed(shared_text_encoder().encode(texts, progress=len(texts) > 256), "text")
+        return self._with_bank(emb, np.zeros((0, emb.shape[1]), np.float32))[0]
+
+    def embed_images(self, images: Dataset) -> np.ndarray:
+        emb = self._embed(image_inputs(images, self.representation_), "image")
+        return self._with_bank(np.zeros((0, emb.shape[1]), np.float32), emb)[1]
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return self.arrays_
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "representation": self.representation_,
+            "history": self.history_,
+            "bank_temperature": self.bank_temperature_,
+        }
+
+    def _restore(self, arrays: dict[str, np.ndarray], state: dict[str, Any]) -> None:
+        self.arrays_ = arrays
+        self.representation_, self.history_ = state["representation"], state["history"]
+        self.bank_temperature_ = state["bank_temperature"]
