@@ -197,7 +197,8 @@ def load_network():
 
     if "CBIR_TORCH_THREADS" in os.environ:
         torch.set_num_threads(int(os.environ["CBIR_TORCH_THREADS"]))
-    net = EfficientNet.from_name("efficientnet-lite0")
+    with torch.random.fork_rng():  # random init before loading weights must not shift callers' seeds
+        net = EfficientNet.from_name("efficientnet-lite0")
     net.load_state_dict(torch.load(weights_path(), map_location="cpu", weights_only=True))
     net.eval()
 
