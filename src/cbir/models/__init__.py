@@ -13,7 +13,12 @@ from typing import Any
 from cbir.models.base import ModelError, RetrievalModel, read_model_dir
 
 METHODS: dict[str, str] = {
-    "ridge": "cbir.models.ridge:RidgeModel",
+    # classical family (issue 3)
+    "ridge": "cbir.models.classical:RidgeModel",
+    "kernel-ridge": "cbir.models.classical:KernelRidgeModel",
+    "cca": "cbir.models.classical:CCAModel",
+    "pls": "cbir.models.classical:PLSModel",
+    "fusion": "cbir.models.classical.fusion:FusionModel",
 }
 
 
