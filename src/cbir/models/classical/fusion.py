@@ -108,9 +108,14 @@ class FusionModel(RetrievalModel):
             raise ModelError(
                 "without a validation split, fusion weights need members given as configs (or -p weights=...)"
             )
+        # Fold refits keep the hyperparameters each member chose on all of train (no nested search).
+        specs = [
+            {**s, **getattr(m, "hyperparameters_", {})}
+            for s, m in zip(self.params["members"], self.members_, strict=True)
+        ]
         parts = []
         for fit_part, held in image_folds(train, self.params["folds"], self.params["seed"]):
-            models = [self._new_member(s, fit_part, None) for s in self.params["members"]]
+            models = [self._new_member(s, fit_part, None) for s in specs]
             parts.append(
                 (
                     [m.score(m.embed_texts(held.captions), m.embed_images(held)) for m in models],
