@@ -42,7 +42,7 @@ RSICD_CONFIGS: dict[str, tuple[str, dict]] = {
     ),
     "ridge-minilm-tfidf": ("ridge", {"text_features": "minilm+tfidf", "image_features": POOL_LOGITS}),
     "kernel-ridge-minilm": ("kernel-ridge", {"text_features": "minilm+tfidf", "image_features": POOL_LOGITS}),
-    "fusion": ("fusion", {"members": ["ridge-tfidf-2gram", "ridge-i2t", "cca", "kernel-ridge"]}),
+    "fusion": ("fusion", {"members": ["ridge-tfidf-2gram", "ridge-i2t", "cca", "pls"]}),
 }
 # cs5785-mini: 80 training images, so every config is cheap; object tags join the image side.
 KAGGLE_CONFIGS: dict[str, tuple[str, dict]] = {
