@@ -36,7 +36,6 @@ GRIDS: dict[str, dict[str, list[float]]] = {
     "cca": {"n_components": [64, 128, 256], "reg": [0.01, 0.1], "power": [1.0, 4.0]},
     "pls": {"n_components": [32, 64, 128, 256], "power": [0.0, 1.0]},
 }
-FIXED = {"kernel": ("kernel-ridge",), "degree": ("kernel-ridge",)}
 
 
 HeldOut = tuple[np.ndarray, np.ndarray, np.ndarray]  # text features, image features, caption_image
