@@ -144,6 +144,32 @@ def evaluate(
 
 
 @app.command()
+def submit(
+    model: ModelOpt,
+    dataset: Annotated[Path, typer.Option("--dataset", "-d", help="Kaggle cs5785 layout folder.")],
+    out_file: Annotated[Path, typer.Option("--out", "-o", help="Submission CSV to write.")] = Path(
+        "submission.csv"
+    ),
+) -> None:
+    """Write a Kaggle cs5785 submission: the 20 best test images for every test description."""
+    from cbir.datasets.kaggle import ANSWERS_FILE
+    from cbir.models import load_model
+    from cbir.submission import score_submission, write_submission
+
+    try:
+        data = open_dataset(dataset)
+        path = write_submission(load_model(model), data, out_file)
+        answers = dataset / ANSWERS_FILE
+        score = score_submission(path, answers) if answers.is_file() else None
+    except user_errors() as e:
+        fail(str(e))
+    n = len(data.split("test").captions)
+    out.print(f"wrote {n} rankings of 20 test images → {path}", highlight=False)
+    if score is not None:
+        out.print(f"MAP@20 against {answers}: {score:.4f}", highlight=False)
+
+
+@app.command()
 def methods() -> None:
     """List the retrieval methods `cbir train --method` accepts."""
     from cbir.models import METHODS, method_class

@@ -34,6 +34,13 @@ def shared_text_encoder() -> TextEncoder:
     return _shared.setdefault("text", TextEncoder())  # type: ignore[return-value]
 
 
+def resolve_image_representation(name: str, dataset: Dataset) -> str:
+    """`auto` = the dataset's precomputed ResNet pool5 features when it has them, else EfficientNet."""
+    if name != "auto":
+        return name
+    return "resnet2048" if "resnet2048" in dataset.features else "effnet-pool"
+
+
 def image_features(
     dataset: Dataset, kind: str = "effnet-pool", view: str = "center", progress: bool = True
 ) -> np.ndarray:
@@ -62,6 +69,7 @@ __all__ = [
     "TextEncoder",
     "default_cache_dir",
     "image_features",
+    "resolve_image_representation",
     "shared_image_encoder",
     "shared_text_encoder",
 ]

@@ -13,11 +13,17 @@ from typing import Any
 from cbir.models.base import ModelError, RetrievalModel, read_model_dir
 
 METHODS: dict[str, str] = {
-    "ridge": "cbir.models.ridge:RidgeModel",
-    "zero-shot": "cbir.models.zeroshot:ZeroShotModel",
+    # classical family (issue 3)
+    "ridge": "cbir.models.classical:RidgeModel",
+    "kernel-ridge": "cbir.models.classical:KernelRidgeModel",
+    "cca": "cbir.models.classical:CCAModel",
+    "pls": "cbir.models.classical:PLSModel",
+    "fusion": "cbir.models.classical.fusion:FusionModel",
     # deep methods (issue 4)
     "autoencoder": "cbir.models.autoencoder:AutoencoderModel",
     "contrastive": "cbir.models.contrastive:ContrastiveModel",
+    # no training: ConSE over ImageNet classes (issue 5)
+    "zero-shot": "cbir.models.zeroshot:ZeroShotModel",
 }
 
 

@@ -17,11 +17,10 @@ from typing import Any, Self
 import numpy as np
 
 from cbir.datasets import Dataset
-from cbir.encoders import image_features
+from cbir.encoders import image_features, resolve_image_representation
 from cbir.metrics import retrieval_metrics
-from cbir.models.base import ModelError, RetrievalModel
+from cbir.models.base import ModelError, RetrievalModel, unit_rows
 from cbir.models.heads import bag_of_words, head_forward, words
-from cbir.models.ridge import resolve_image_representation, unit_rows
 
 LOSSES = ("mse", "triplet")
 NEGATIVES = ("hard", "semi-hard")

