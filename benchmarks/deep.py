@@ -26,12 +26,18 @@ from cbir.models import create_model
 
 RSICD = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "rsicd"
 POOL = 1000
+POOL_LOGITS_4x20 = {"image_features": "effnet-pool+effnet-logits", "ensemble": 4, "epochs": 20, "patience": 4}
 CONFIGS: dict[str, tuple[str, dict]] = {
     "autoencoder, MSE": ("autoencoder", {"loss": "mse"}),
     "autoencoder, triplet (semi-hard)": ("autoencoder", {"loss": "triplet"}),
     "contrastive, 1 head, no bank": ("contrastive", {"ensemble": 1, "bank_size": 0}),
     "contrastive (default: 2 heads, bank)": ("contrastive", {}),
     "contrastive, 2 heads, bank, rot90 view": ("contrastive", {"views": ["center", "rot90"]}),
+    "contrastive, pool+logits, 4 heads, 20 epochs": ("contrastive", {**POOL_LOGITS_4x20}),
+    "contrastive, pool+logits, 4 heads, 20 epochs, rot90 view": (
+        "contrastive",
+        {**POOL_LOGITS_4x20, "views": ["center", "rot90"]},
+    ),
 }
 
 
