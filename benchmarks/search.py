@@ -24,6 +24,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"
 RUNS = REPO / "runs" / "bench-search"
+LATENT_DIM = 32  # intrinsic dimension of the synthetic embeddings
 
 
 def rsicd_index():
@@ -116,11 +117,18 @@ def cold(runs: int) -> None:
 
 
 def clustered_vectors(n: int, dim: int, rng: np.random.Generator, centres: np.ndarray) -> np.ndarray:
-    """Unit vectors around random centres: a stand-in for real embeddings, which cluster by topic."""
+    """Unit vectors with the structure of real embeddings: a mixture of topics in a low-dimensional
+    latent space (the centres' width), mapped into `dim` dimensions by a fixed projection, plus a
+    little full-rank noise. (Isotropic noise in all 384 dimensions has no neighbour structure to find.)"""
+    latent_dim = centres.shape[1]
+    projection = np.random.default_rng(1).standard_normal((latent_dim, dim), dtype=np.float32)
     out = np.empty((n, dim), dtype=np.float32)
     for start in range(0, n, 100_000):
         m = min(100_000, n - start)
-        x = centres[rng.integers(0, len(centres), m)] + 0.6 * rng.standard_normal((m, dim), dtype=np.float32)
+        z = centres[rng.integers(0, len(centres), m)] + 0.5 * rng.standard_normal(
+            (m, latent_dim), dtype=np.float32
+        )
+        x = z @ projection + 0.5 * rng.standard_normal((m, dim), dtype=np.float32)
         out[start : start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
     return out
 
@@ -131,7 +139,7 @@ def ann(sizes: list[int], dim: int, queries: int) -> None:
     from cbir.index import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M
 
     rng = np.random.default_rng(0)
-    centres = rng.standard_normal((1000, dim), dtype=np.float32) / np.sqrt(dim) * 2
+    centres = rng.standard_normal((1000, LATENT_DIM), dtype=np.float32)
     print(
         f"HNSW M={HNSW_M} efConstruction={HNSW_EF_CONSTRUCTION}, {dim}-d, "
         f"{faiss.omp_get_max_threads()} threads"
