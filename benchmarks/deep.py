@@ -34,6 +34,10 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "contrastive (default: 2 heads, bank)": ("contrastive", {}),
     "contrastive, 2 heads, bank, rot90 view": ("contrastive", {"views": ["center", "rot90"]}),
     "contrastive, pool+logits, 4 heads, 20 epochs, center view": ("contrastive", {**POOL_LOGITS_4x20}),
+    "contrastive, pool+logits, 4 heads, 20 epochs, rot90+hflip views": (
+        "contrastive",
+        {**POOL_LOGITS_4x20, "views": ["center", "rot90", "hflip"]},
+    ),
     "contrastive, pool+logits, 4 heads, 20 epochs, rot90 view": (
         "contrastive",
         {**POOL_LOGITS_4x20, "views": ["center", "rot90"]},
