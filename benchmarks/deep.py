@@ -26,21 +26,46 @@ from cbir.models import create_model
 
 RSICD = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "rsicd"
 POOL = 1000
-POOL_LOGITS_4x20 = {"image_features": "effnet-pool+effnet-logits", "ensemble": 4, "epochs": 20, "patience": 4}
+# Earlier configurations name their inputs explicitly, so their rows stay reproducible as defaults move.
+POOL_MINILM = {"image_features": "effnet-pool", "text_features": "minilm"}
+POOL_LOGITS_4x20 = {
+    "image_features": "effnet-pool+effnet-logits",
+    "text_features": "minilm",
+    "ensemble": 4,
+    "epochs": 20,
+    "patience": 4,
+}
+FOUR_HEADS = {"ensemble": 4, "epochs": 20, "patience": 4}
+ROT90 = {"views": ["center", "rot90"]}
 CONFIGS: dict[str, tuple[str, dict]] = {
     "autoencoder, MSE": ("autoencoder", {"loss": "mse"}),
     "autoencoder, triplet (semi-hard)": ("autoencoder", {"loss": "triplet"}),
-    "contrastive, 1 head, no bank": ("contrastive", {"ensemble": 1, "bank_size": 0}),
-    "contrastive (default: 2 heads, bank)": ("contrastive", {}),
-    "contrastive, 2 heads, bank, rot90 view": ("contrastive", {"views": ["center", "rot90"]}),
-    "contrastive, pool+logits, 4 heads, 20 epochs, center view": ("contrastive", {**POOL_LOGITS_4x20}),
-    "contrastive, pool+logits, 4 heads, 20 epochs, rot90+hflip views": (
+    "contrastive, pool, MiniLM, 1 head, no bank": (
+        "contrastive",
+        {**POOL_MINILM, "ensemble": 1, "bank_size": 0},
+    ),
+    "contrastive, pool, MiniLM, 2 heads, bank": ("contrastive", {**POOL_MINILM}),
+    "contrastive, pool+logits, MiniLM, 4 heads, 20 epochs, center view": (
+        "contrastive",
+        {**POOL_LOGITS_4x20},
+    ),
+    "contrastive, pool+logits, MiniLM, 4 heads, 20 epochs, rot90+hflip views": (
         "contrastive",
         {**POOL_LOGITS_4x20, "views": ["center", "rot90", "hflip"]},
     ),
-    "contrastive, pool+logits, 4 heads, 20 epochs, rot90 view": (
+    "contrastive, pool+logits, MiniLM, 4 heads, 20 epochs, rot90 view": (
         "contrastive",
-        {**POOL_LOGITS_4x20, "views": ["center", "rot90"]},
+        {**POOL_LOGITS_4x20, **ROT90},
+    ),
+    "contrastive (default: pool+logits+stages, MiniLM+LSA, 2 heads)": ("contrastive", {}),
+    "contrastive, default + rot90 view": ("contrastive", {**ROT90}),
+    "contrastive, default + rot90 view + embed views rot90, hflip": (
+        "contrastive",
+        {**ROT90, "embed_views": ["center", "rot90", "hflip"]},
+    ),
+    "contrastive, default, 4 heads, 20 epochs, rot90 view, embed views rot90, hflip": (
+        "contrastive",
+        {**FOUR_HEADS, **ROT90, "embed_views": ["center", "rot90", "hflip"]},
     ),
 }
 

@@ -100,6 +100,14 @@ def test_text_representations(rsicd_slice):
     np.testing.assert_allclose(
         tfidf.transform(captions[:20]), ref.transform(captions[:20]).toarray()[:, order], atol=1e-6
     )
+    from sklearn.decomposition import TruncatedSVD
+
+    lsa = TextFeaturizer("lsa", lsa_dim=16).fit(captions)  # same vectoriser, then a rank-16 SVD
+    svd = TruncatedSVD(16, random_state=0).fit(ref.transform(captions))
+    expected = svd.transform(ref.transform(captions[:20]))
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    assert lsa.transform(captions[:20]).shape == (20, 16)
+    np.testing.assert_allclose(lsa.transform(captions[:20]), expected, atol=1e-5)
 
 
 def test_parameters_are_checked():

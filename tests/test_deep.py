@@ -26,7 +26,18 @@ CASES = {
         "autoencoder",
         {"loss": "triplet", "negatives": "hard", "batch_size": 16, "lr": 0.003},
     ),
-    "contrastive": ("contrastive", {"views": ["center", "rot90"], "ensemble": 2, "batch_size": 16}),
+    "contrastive": (
+        "contrastive",
+        {
+            "image_features": "effnet-pool+effnet-stages",
+            "text_features": "minilm+lsa",
+            "lsa_dim": 32,
+            "views": ["center", "rot90"],
+            "embed_views": ["center", "hflip"],
+            "ensemble": 2,
+            "batch_size": 16,
+        },
+    ),
 }
 AUTOENCODER_TRAIN_IMAGES = 300
 
@@ -127,3 +138,27 @@ def test_bad_parameters_are_clear():
         create_model("autoencoder", loss="cosine")
     with pytest.raises(ModelError, match="unknown view"):
         create_model("contrastive", views=["sideways"])
+    with pytest.raises(ModelError, match="unknown view"):
+        create_model("contrastive", embed_views=["sideways"])
+    with pytest.raises(ModelError, match="unknown text representation 'minilm\\+words'"):
+        create_model("contrastive", text_features="minilm+words")
+
+
+def test_embed_views_average_makes_mirror_images_alike(rsicd_slice, tmp_path):
+    """With `embed_views` center + hflip an image and its mirror image average the same two views, so
+    they embed identically; with the center view alone they do not."""
+    from PIL import Image, ImageOps
+
+    from cbir.datasets import Dataset
+
+    original = rsicd_slice.split("test").images[0]
+    mirror = tmp_path / "mirror.png"  # lossless: the mirror's pixels are exactly the flipped original's
+    ImageOps.mirror(Image.open(original).convert("RGB")).save(mirror)
+    pair = Dataset.from_paths([original, mirror], tmp_path)
+    train, val = rsicd_slice.split("train"), rsicd_slice.split("val")
+    quick = {"ensemble": 1, "epochs": 1, "batch_size": 16}
+    averaged = create_model("contrastive", embed_views=["center", "hflip"], **quick).fit(train, val)
+    emb = averaged.embed_images(pair)
+    np.testing.assert_allclose(emb[0], emb[1], atol=1e-5)
+    emb = create_model("contrastive", **quick).fit(train, val).embed_images(pair)
+    assert np.abs(emb[0] - emb[1]).max() > 1e-3

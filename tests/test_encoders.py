@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cbir.encoders import ImageEncoder, TextEncoder, image_features
-from cbir.encoders.image import LOGITS_DIM, POOLED_DIM, preprocess
+from cbir.encoders.image import LOGITS_DIM, POOLED_DIM, STAGES_DIM, preprocess
 from tests.conftest import KAGGLE_MINI
 
 
@@ -36,13 +36,17 @@ def test_image_encoder_features_cache_and_classes(tmp_path):
     enc = ImageEncoder(cache_dir=tmp_path)
     feats = enc.encode(paths, progress=False)
     assert feats.pooled.shape == (12, POOLED_DIM) and feats.logits.shape == (12, LOGITS_DIM)
+    assert feats.stages.shape == (12, STAGES_DIM) and np.isfinite(feats.stages).all()
     assert not feats.failed and np.isfinite(feats.pooled).all()
+    # the 320 channels of the last stage (before the 1x1 head conv) differ from image to image
+    assert feats.stages[:, -320:].std(0).mean() > 0.01
     # images_train/1.jpg is a man cross-country skiing: ImageNet class 795 is "ski"
     assert 795 in np.argsort(feats.logits[1])[-3:]
     start = time.perf_counter()
     cached = ImageEncoder(cache_dir=tmp_path).encode(paths, progress=False)
     assert time.perf_counter() - start < 1.0  # no network is loaded for cached images
     np.testing.assert_array_equal(cached.pooled, feats.pooled)
+    np.testing.assert_array_equal(cached.stages, feats.stages)
 
 
 def test_views_are_deterministic_and_distinct():

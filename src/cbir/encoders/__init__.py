@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 IMAGE_REPRESENTATIONS = {
     "effnet-pool": 1280,
     "effnet-logits": 1000,
+    "effnet-stages": 784,
     "resnet2048": 2048,
     "resnet1000": 1000,
 }
@@ -34,11 +35,11 @@ def shared_text_encoder() -> TextEncoder:
     return _shared.setdefault("text", TextEncoder())  # type: ignore[return-value]
 
 
-def resolve_image_representation(name: str, dataset: Dataset) -> str:
-    """`auto` = the dataset's precomputed ResNet pool5 features when it has them, else EfficientNet."""
+def resolve_image_representation(name: str, dataset: Dataset, computed: str = "effnet-pool") -> str:
+    """`auto` = the dataset's precomputed ResNet pool5 features when it has them, else `computed`."""
     if name != "auto":
         return name
-    return "resnet2048" if "resnet2048" in dataset.features else "effnet-pool"
+    return "resnet2048" if "resnet2048" in dataset.features else computed
 
 
 def image_features(
@@ -57,7 +58,7 @@ def image_features(
     feats = shared_image_encoder().encode(dataset.images, view=view, progress=progress)
     for reason in feats.failed.values():
         dataset.report.skip("image not embedded (zero vector)", reason)
-    return feats.pooled if kind == "effnet-pool" else feats.logits
+    return {"effnet-pool": feats.pooled, "effnet-logits": feats.logits, "effnet-stages": feats.stages}[kind]
 
 
 __all__ = [

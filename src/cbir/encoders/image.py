@@ -1,4 +1,5 @@
-"""Image features from the packaged ImageNet EfficientNet-Lite0: 1,280-d pooled features and 1,000 logits.
+"""Image features from the packaged ImageNet EfficientNet-Lite0: 1,280-d pooled features, 1,000 logits,
+and the mean of each of its seven stages' outputs (784-d: texture and layout the last layer drops).
 
 Decoding and resizing run in a worker thread while the (traced, frozen) network runs on the
 previous batch, so the pipeline keeps close to the network's own rate. Features are cached by
@@ -25,6 +26,9 @@ MODEL_ID = "efficientnet-lite0"
 INPUT_SIZE = 224
 POOLED_DIM = 1280
 LOGITS_DIM = 1000
+STAGES_DIM = 16 + 24 + 40 + 80 + 112 + 192 + 320  # channels of the seven stages
+# What one cached row holds; part of the cache namespace, so a change of layout never reads stale rows.
+CACHE_LAYOUT = "pool-logits-stages"
 # Deterministic views: the plain one and fixed augmentations (flips, rotations, crops), each cached apart.
 VIEWS = (
     "center",
@@ -46,6 +50,7 @@ CROP_SHARE = 0.8
 class ImageFeatures:
     pooled: np.ndarray  # (n, 1280)
     logits: np.ndarray  # (n, 1000)
+    stages: np.ndarray  # (n, 784)
     failed: dict[int, str] = field(default_factory=dict)  # row -> reason; those rows are zero
 
     @property
@@ -125,9 +130,9 @@ class ImageEncoder:
     ) -> ImageFeatures:
         paths = [Path(p) for p in paths]
         n = len(paths)
-        out = np.zeros((n, POOLED_DIM + LOGITS_DIM), dtype=np.float32)
+        out = np.zeros((n, POOLED_DIM + LOGITS_DIM + STAGES_DIM), dtype=np.float32)
         failed: dict[int, str] = {}
-        cache = FeatureCache(f"{MODEL_ID}/{view}", self.cache_dir) if self.use_cache else None
+        cache = FeatureCache(f"{MODEL_ID}/{CACHE_LAYOUT}/{view}", self.cache_dir) if self.use_cache else None
         pending_rows: list[int] = []
         pending_keys: list[str] = []
         pending_pixels: list[np.ndarray] = []
@@ -170,7 +175,8 @@ class ImageEncoder:
                         flush()
                 advance(1)
             flush()
-        return ImageFeatures(out[:, :POOLED_DIM], out[:, POOLED_DIM:], failed)
+        logits_end = POOLED_DIM + LOGITS_DIM
+        return ImageFeatures(out[:, :POOLED_DIM], out[:, POOLED_DIM:logits_end], out[:, logits_end:], failed)
 
     def _forward(self, pixels: np.ndarray) -> np.ndarray:
         import torch
@@ -178,8 +184,7 @@ class ImageEncoder:
         x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float()
         x = ((x - 127.0) / 128.0).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            pooled, logits = self._network()(x)
-        return torch.cat([pooled, logits], dim=1).numpy()
+            return torch.cat(self._network()(x), dim=1).numpy()
 
 
 def weights_path() -> Path:
@@ -191,7 +196,8 @@ def weights_path() -> Path:
 
 
 def load_network():
-    """The network as a traced, frozen module returning (pooled, logits); ~2x faster on CPU than eager."""
+    """The network as a traced, frozen module returning (pooled, logits, stage means); ~2x faster on CPU
+    than eager. This is `EfficientNet.extract_features` with each stage's last block output averaged."""
     import torch
     from efficientnet_lite_pytorch import EfficientNet
 
@@ -202,16 +208,26 @@ def load_network():
     net.load_state_dict(torch.load(weights_path(), map_location="cpu", weights_only=True))
     net.eval()
 
-    class PooledAndLogits(torch.nn.Module):
+    widths = [block._block_args.output_filters for block in net._blocks]
+    stage_ends = {i for i in range(len(widths)) if i == len(widths) - 1 or widths[i + 1] != widths[i]}
+
+    class PooledLogitsStages(torch.nn.Module):
         def __init__(self, net):
             super().__init__()
             self.net = net
 
         def forward(self, x):
-            pooled = self.net.extract_features(x).mean(dim=(2, 3))
-            return pooled, self.net._fc(pooled)
+            n = self.net
+            x = n._swish(n._bn0(n._conv_stem(x)))
+            stages = []
+            for i, block in enumerate(n._blocks):
+                x = block(x)
+                if i in stage_ends:
+                    stages.append(x.mean(dim=(2, 3)))
+            pooled = n._swish(n._bn1(n._conv_head(x))).mean(dim=(2, 3))
+            return pooled, n._fc(pooled), torch.cat(stages, dim=1)
 
-    module = PooledAndLogits(net).to(memory_format=torch.channels_last).eval()
+    module = PooledLogitsStages(net).to(memory_format=torch.channels_last).eval()
     example = torch.zeros(2, 3, INPUT_SIZE, INPUT_SIZE).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         return torch.jit.freeze(torch.jit.trace(module, example))

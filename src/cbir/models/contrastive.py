@@ -1,10 +1,12 @@
 """`contrastive`: a dual encoder on frozen pretrained features, trained with symmetric InfoNCE.
 
 Images enter as EfficientNet-Lite0 features (or the dataset's own precomputed features), captions as
-MiniLM sentence embeddings; only the two projection heads and the temperature are learned. On a few
-thousand images the frozen features carry the knowledge and the heads only align them, so what
-matters is using every caption, cheap augmentation (cached rotated/flipped views of each training
-image), early stopping on the validation split, and averaging several heads (an ensemble).
+MiniLM sentence embeddings plus, optionally, LSA vectors of the caption words fitted on the training
+captions; only the two projection heads and the temperature are learned. On a few thousand images the
+frozen features carry the knowledge and the heads only align them, so what matters is rich inputs
+(pooled features, logits and per-stage means; sentence and word-level text), using every caption,
+cheap augmentation (cached rotated/flipped views of each training image, and the same views averaged
+at embedding time), early stopping on the validation split, and averaging several heads (an ensemble).
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from typing import Any, Self
 import numpy as np
 
 from cbir.datasets import Dataset
-from cbir.encoders import VIEWS, image_features, resolve_image_representation, shared_text_encoder
+from cbir.encoders import VIEWS, image_features, resolve_image_representation
 from cbir.metrics import retrieval_metrics
 from cbir.models.base import ModelError, RetrievalModel, unit_rows
+from cbir.models.classical.text_features import TEXT_KINDS, TextFeaturizer, parse_kinds
 from cbir.models.heads import head_forward
 
 
@@ -27,22 +30,28 @@ def image_inputs(dataset: Dataset, representation: str, view: str = "center") ->
 
 
 BANK_TEMPERATURES = (0.01, 0.02, 0.05)
+# `image_features="auto"` without precomputed features: every EfficientNet output, which together beat
+# the pooled features alone on RSICD (BENCHMARKS.md, deep methods).
+COMPUTED_FEATURES = "effnet-pool+effnet-logits+effnet-stages"
 
 
 class ContrastiveModel(RetrievalModel):
-    """Dual encoder: MLP heads over frozen image features and MiniLM embeddings, symmetric InfoNCE."""
+    """Dual encoder: MLP heads over frozen image and caption features (MiniLM + LSA), symmetric InfoNCE."""
 
     method = "contrastive"
 
     def __init__(
         self,
         image_features: str = "auto",
+        text_features: str = "minilm+lsa",
+        lsa_dim: int = 256,
         views: Sequence[str] = ("center",),
+        embed_views: Sequence[str] = ("center",),
         use_augmented: bool = True,
         embed_dim: int = 512,
         hidden: int = 512,
-        dropout: float = 0.2,
-        input_dropout: float = 0.1,
+        dropout: float = 0.5,
+        input_dropout: float = 0.5,
         temperature: float = 0.05,
         batch_size: int = 256,
         lr: float = 1e-3,
@@ -53,12 +62,21 @@ class ContrastiveModel(RetrievalModel):
         bank_size: int = 2048,
         seed: int = 0,
     ):
-        unknown = sorted(set(views) - set(VIEWS))
+        unknown = sorted((set(views) | set(embed_views)) - set(VIEWS))
         if unknown:
             raise ModelError(f"unknown view(s) {', '.join(unknown)} (known: {', '.join(VIEWS)})")
+        if not views or not embed_views:
+            raise ModelError("'views' and 'embed_views' each need at least one view (e.g. center)")
+        try:
+            parse_kinds(text_features, TEXT_KINDS, "text representation")
+        except ValueError as e:
+            raise ModelError(str(e)) from None
         super().__init__(
             image_features=image_features,
+            text_features=text_features,
+            lsa_dim=lsa_dim,
             views=list(views),
+            embed_views=list(embed_views),
             use_augmented=use_augmented,
             embed_dim=embed_dim,
             hidden=hidden,
@@ -88,21 +106,23 @@ class ContrastiveModel(RetrievalModel):
         )
 
         p = self.params
-        self.representation_ = resolve_image_representation(p["image_features"], train)
-        views = p["views"] if not self.representation_.startswith("resnet") else ["center"]
+        self.representation_ = resolve_image_representation(p["image_features"], train, COMPUTED_FEATURES)
+        views = self._views("views")
         keep = np.flatnonzero(train.caption_image >= 0)
         if not p["use_augmented"] and train.augmented is not None:
             keep = keep[~train.augmented[keep]]
         if len(keep) == 0:
             raise ModelError("the train split has no captions paired with images")
         caption_image = train.caption_image[keep]
-        texts = torch.from_numpy(shared_text_encoder().encode([train.captions[j] for j in keep]))
+        train_captions = [train.captions[j] for j in keep]
+        self.text_ = self._text_featurizer().fit(train_captions)
+        texts = torch.from_numpy(self.text_.transform(train_captions))
         images = torch.from_numpy(np.stack([image_inputs(train, self.representation_, v) for v in views]))
         center = images[0].numpy()
         has_val = val is not None and len(val.captions) > 0 and bool((val.caption_image >= 0).all())
         if has_val:
             val_images = torch.from_numpy(image_inputs(val, self.representation_))
-            val_texts = torch.from_numpy(shared_text_encoder().encode(val.captions))
+            val_texts = torch.from_numpy(self.text_.transform(val.captions))
 
         self.arrays_: dict[str, np.ndarray] = {}
         self.history_: list[dict[str, float]] = []
@@ -176,6 +196,19 @@ class ContrastiveModel(RetrievalModel):
                 )
         return self
 
+    def _views(self, which: str) -> list[str]:
+        """The `views` or `embed_views` parameter; precomputed (ResNet) features have only one view."""
+        return ["center"] if self.representation_.startswith("resnet") else self.params[which]
+
+    def _text_featurizer(self) -> TextFeaturizer:
+        """Caption features: word n-grams as written (no stemming, stop words kept: in captions like
+        "two white storage tanks" the counts and small words carry meaning)."""
+        p = self.params
+        return TextFeaturizer(
+            p["text_features"], ngrams=2, stem=False, stop_words=False, max_features=8192,
+            seed=p["seed"], lsa_dim=p["lsa_dim"],
+        )  # fmt: skip
+
     def _choose_bank_temperature(self, val_texts: np.ndarray, val_images: np.ndarray, val: Dataset) -> float:
         """The bank temperature (0 = no normalisation) with the best validation mR."""
         best, best_score = 0.0, -1.0
@@ -216,19 +249,22 @@ class ContrastiveModel(RetrievalModel):
         return np.concatenate(parts, 1) / np.sqrt(k)
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        emb = self._embed(shared_text_encoder().encode(texts, progress=len(texts) > 256), "text")
+        emb = self._embed(self.text_.transform(texts), "text")
         return self._with_bank(emb, np.zeros((0, emb.shape[1]), np.float32))[0]
 
     def embed_images(self, images: Dataset) -> np.ndarray:
-        emb = self._embed(image_inputs(images, self.representation_), "image")
-        return self._with_bank(np.zeros((0, emb.shape[1]), np.float32), emb)[1]
+        """The mean embedding over `embed_views` (test-time augmentation; one view by default)."""
+        views = self._views("embed_views")
+        emb = sum(self._embed(image_inputs(images, self.representation_, v), "image") for v in views)
+        return self._with_bank(np.zeros((0, emb.shape[1]), np.float32), emb / len(views))[1]
 
     def _arrays(self) -> dict[str, np.ndarray]:
-        return self.arrays_
+        return {**self.arrays_, **self.text_.arrays()}
 
     def _state(self) -> dict[str, Any]:
         return {
             "representation": self.representation_,
+            "text": self.text_.state(),
             "history": self.history_,
             "bank_temperature": self.bank_temperature_,
         }
@@ -237,3 +273,6 @@ class ContrastiveModel(RetrievalModel):
         self.arrays_ = arrays
         self.representation_, self.history_ = state["representation"], state["history"]
         self.bank_temperature_ = state["bank_temperature"]
+        self.text_ = self._text_featurizer()
+        if "text" in state:  # models saved before caption features became a parameter: MiniLM only
+            self.text_.restore(arrays, state["text"])

@@ -2,7 +2,8 @@
 
 Kinds (joined with `+` to concatenate, each block unit-length so none dominates):
 `minilm` (packaged sentence embeddings), `tfidf` and `bow` (scikit-learn counting over our own
-analyser: lowercasing, optional Snowball stemming, sklearn stop words, n-grams), `word2vec`
+analyser: lowercasing, optional Snowball stemming, sklearn stop words, n-grams), `lsa` (TF-IDF reduced
+by truncated SVD: dense, low-rank, so a trained head on it overfits less than on raw TF-IDF), `word2vec`
 (gensim, trained on the training captions, averaged per caption) and `glove` (packaged GloVe 6B
 50-d vectors, averaged per caption).
 """
@@ -19,7 +20,7 @@ import numpy as np
 
 from cbir.models.base import unit_rows
 
-TEXT_KINDS = ("minilm", "tfidf", "bow", "word2vec", "glove")
+TEXT_KINDS = ("minilm", "tfidf", "bow", "lsa", "word2vec", "glove")
 TOKEN = re.compile(r"[a-z0-9]+")
 
 
@@ -104,23 +105,32 @@ class TextFeaturizer:
         max_features: int = 4096,
         word2vec_dim: int = 100,
         seed: int = 0,
+        lsa_dim: int = 256,
     ):
         self.kinds = parse_kinds(kinds, TEXT_KINDS, "text representation")
         self.analyzer = Analyzer(stem, stop_words, ngrams)
         self.max_features, self.word2vec_dim, self.seed = max_features, word2vec_dim, seed
+        self.lsa_dim = lsa_dim
         self.vocabulary: dict[str, int] = {}
         self.idf = np.zeros(0, dtype=np.float32)
+        self.lsa_components = np.zeros((0, 0), dtype=np.float32)
         self.w2v_words: dict[str, int] = {}
         self.w2v_vectors = np.zeros((0, word2vec_dim), dtype=np.float32)
 
     def fit(self, captions: Sequence[str]) -> TextFeaturizer:
-        if "tfidf" in self.kinds or "bow" in self.kinds:
+        if {"tfidf", "bow", "lsa"} & set(self.kinds):
             from sklearn.feature_extraction.text import TfidfVectorizer
 
             vec = TfidfVectorizer(analyzer=self.analyzer, max_features=self.max_features, sublinear_tf=True)
-            vec.fit(captions)
+            tfidf = vec.fit_transform(captions)
             self.vocabulary = {t: int(i) for t, i in vec.vocabulary_.items()}
             self.idf = vec.idf_.astype(np.float32)
+            if "lsa" in self.kinds:
+                from sklearn.decomposition import TruncatedSVD
+
+                dim = min(self.lsa_dim, tfidf.shape[1] - 1)
+                svd = TruncatedSVD(dim, random_state=self.seed).fit(tfidf)
+                self.lsa_components = svd.components_.astype(np.float32)
         if "word2vec" in self.kinds:
             from gensim.models import Word2Vec
 
@@ -155,6 +165,8 @@ class TextFeaturizer:
             return shared_text_encoder().encode(texts, progress=len(texts) > 256)
         if kind in ("tfidf", "bow"):
             return self._counts(texts, idf=kind == "tfidf")
+        if kind == "lsa":
+            return unit_rows(self._counts(texts, idf=True)) @ self.lsa_components.T
         if kind == "word2vec":
             return average_vectors(texts, self.w2v_words, self.w2v_vectors)
         return average_vectors(texts, *glove_vectors())
@@ -166,12 +178,13 @@ class TextFeaturizer:
 
     # Persistence: the fitted vocabularies are small enough for JSON; vectors go to safetensors.
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"text.idf": self.idf, "text.word2vec": self.w2v_vectors}
+        return {"text.idf": self.idf, "text.lsa": self.lsa_components, "text.word2vec": self.w2v_vectors}
 
     def state(self) -> dict[str, Any]:
         return {"vocabulary": self.vocabulary, "word2vec_words": list(self.w2v_words)}
 
     def restore(self, arrays: dict[str, np.ndarray], state: dict[str, Any]) -> None:
         self.idf, self.w2v_vectors = arrays["text.idf"], arrays["text.word2vec"]
+        self.lsa_components = arrays.get("text.lsa", self.lsa_components)
         self.vocabulary = state["vocabulary"]
         self.w2v_words = {w: i for i, w in enumerate(state["word2vec_words"])}
