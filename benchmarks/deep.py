@@ -27,16 +27,23 @@ from cbir.models import create_model
 RSICD = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "rsicd"
 POOL = 1000
 # Earlier configurations name their inputs explicitly, so their rows stay reproducible as defaults move.
-POOL_MINILM = {"image_features": "effnet-pool", "text_features": "minilm"}
+FIRST_DROPOUT = {"dropout": 0.2, "input_dropout": 0.1}
+POOL_MINILM = {
+    "image_features": "effnet-pool",
+    "text_features": "minilm",
+    **FIRST_DROPOUT,
+    "epochs": 12,
+    "patience": 3,
+}
 POOL_LOGITS_4x20 = {
     "image_features": "effnet-pool+effnet-logits",
     "text_features": "minilm",
+    **FIRST_DROPOUT,
     "ensemble": 4,
     "epochs": 20,
     "patience": 4,
 }
-FOUR_HEADS = {"ensemble": 4, "epochs": 20, "patience": 4}
-ROT90 = {"views": ["center", "rot90"]}
+ROTATIONS = ["center", "rot90", "rot180", "rot270"]
 CONFIGS: dict[str, tuple[str, dict]] = {
     "autoencoder, MSE": ("autoencoder", {"loss": "mse"}),
     "autoencoder, triplet (semi-hard)": ("autoencoder", {"loss": "triplet"}),
@@ -55,17 +62,26 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     ),
     "contrastive, pool+logits, MiniLM, 4 heads, 20 epochs, rot90 view": (
         "contrastive",
-        {**POOL_LOGITS_4x20, **ROT90},
+        {**POOL_LOGITS_4x20, "views": ["center", "rot90"]},
+    ),
+    "contrastive, default but pool+logits only": (
+        "contrastive",
+        {"image_features": "effnet-pool+effnet-logits"},
+    ),
+    "contrastive, default but MiniLM only": ("contrastive", {"text_features": "minilm"}),
+    "contrastive, default but dropout 0.2 / input 0.1": (
+        "contrastive",
+        {**FIRST_DROPOUT},
     ),
     "contrastive (default: pool+logits+stages, MiniLM+LSA, 2 heads)": ("contrastive", {}),
-    "contrastive, default + rot90 view": ("contrastive", {**ROT90}),
-    "contrastive, default + rot90 view + embed views rot90, hflip": (
+    "contrastive, default + 4 rotation views, center embedding": ("contrastive", {"views": ROTATIONS}),
+    "contrastive, default + 4 rotation views, embed views 4 rotations": (
         "contrastive",
-        {**ROT90, "embed_views": ["center", "rot90", "hflip"]},
+        {"views": ROTATIONS, "embed_views": ROTATIONS},
     ),
-    "contrastive, default, 4 heads, 20 epochs, rot90 view, embed views rot90, hflip": (
+    "contrastive, default + 4 heads, 4 rotation views, embed views 4 rotations": (
         "contrastive",
-        {**FOUR_HEADS, **ROT90, "embed_views": ["center", "rot90", "hflip"]},
+        {"ensemble": 4, "views": ROTATIONS, "embed_views": ROTATIONS},
     ),
 }
 
