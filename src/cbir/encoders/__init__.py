@@ -45,20 +45,34 @@ def resolve_image_representation(name: str, dataset: Dataset, computed: str = "e
 def image_features(
     dataset: Dataset, kind: str = "effnet-pool", view: str = "center", progress: bool = True
 ) -> np.ndarray:
-    """(n_images, d) float32 features of one representation; failed images get zero rows (reported)."""
-    if kind not in IMAGE_REPRESENTATIONS:
-        raise ValueError(f"unknown image representation '{kind}' (known: {', '.join(IMAGE_REPRESENTATIONS)})")
-    if kind.startswith("resnet"):
-        if kind not in dataset.features:
-            raise ValueError(
-                f"{kind} features are precomputed CSVs that {dataset.root} does not have; "
-                "use an effnet-* representation for this data"
-            )
-        return dataset.features[kind]
-    feats = shared_image_encoder().encode(dataset.images, view=view, progress=progress)
-    for reason in feats.failed.values():
-        dataset.report.skip("image not embedded (zero vector)", reason)
-    return {"effnet-pool": feats.pooled, "effnet-logits": feats.logits, "effnet-stages": feats.stages}[kind]
+    """(n_images, d) float32 features of one representation, or of several joined by '+' side by side
+    (`effnet-pool+effnet-logits`: one network pass serves all effnet kinds); failed images get zero
+    rows (reported)."""
+    kinds = kind.split("+")
+    unknown = [k for k in kinds if k not in IMAGE_REPRESENTATIONS]
+    if unknown:
+        raise ValueError(
+            f"unknown image representation '{unknown[0]}' (known: {', '.join(IMAGE_REPRESENTATIONS)})"
+        )
+    computed = None
+    blocks = []
+    for k in kinds:
+        if k.startswith("resnet"):
+            if k not in dataset.features:
+                raise ValueError(
+                    f"{k} features are precomputed CSVs that {dataset.root} does not have; "
+                    "use an effnet-* representation for this data"
+                )
+            blocks.append(dataset.features[k])
+            continue
+        if computed is None:
+            computed = shared_image_encoder().encode(dataset.images, view=view, progress=progress)
+            for reason in computed.failed.values():
+                dataset.report.skip("image not embedded (zero vector)", reason)
+        blocks.append(
+            {"effnet-pool": computed.pooled, "effnet-logits": computed.logits}.get(k, computed.stages)
+        )
+    return blocks[0] if len(blocks) == 1 else np.concatenate(blocks, 1)
 
 
 __all__ = [

@@ -23,12 +23,6 @@ from cbir.models.base import ModelError, RetrievalModel, unit_rows
 from cbir.models.classical.text_features import TEXT_KINDS, TextFeaturizer, parse_kinds
 from cbir.models.heads import head_forward
 
-
-def image_inputs(dataset: Dataset, representation: str, view: str = "center") -> np.ndarray:
-    """Features of one or more representations joined by '+' (e.g. `effnet-pool+effnet-logits`)."""
-    return np.concatenate([image_features(dataset, kind, view) for kind in representation.split("+")], 1)
-
-
 BANK_TEMPERATURES = (0.01, 0.02, 0.05)
 # `image_features="auto"` without precomputed features: every EfficientNet output, which together beat
 # the pooled features alone on RSICD (BENCHMARKS.md, deep methods).
@@ -117,11 +111,11 @@ class ContrastiveModel(RetrievalModel):
         train_captions = [train.captions[j] for j in keep]
         self.text_ = self._text_featurizer().fit(train_captions)
         texts = torch.from_numpy(self.text_.transform(train_captions))
-        images = torch.from_numpy(np.stack([image_inputs(train, self.representation_, v) for v in views]))
+        images = torch.from_numpy(np.stack([image_features(train, self.representation_, v) for v in views]))
         center = images[0].numpy()
         has_val = val is not None and len(val.captions) > 0 and bool((val.caption_image >= 0).all())
         if has_val:
-            val_images = torch.from_numpy(image_inputs(val, self.representation_))
+            val_images = torch.from_numpy(image_features(val, self.representation_))
             val_texts = torch.from_numpy(self.text_.transform(val.captions))
 
         self.arrays_: dict[str, np.ndarray] = {}
@@ -255,7 +249,7 @@ class ContrastiveModel(RetrievalModel):
     def embed_images(self, images: Dataset) -> np.ndarray:
         """The mean embedding over `embed_views` (test-time augmentation; one view by default)."""
         views = self._views("embed_views")
-        emb = sum(self._embed(image_inputs(images, self.representation_, v), "image") for v in views)
+        emb = sum(self._embed(image_features(images, self.representation_, v), "image") for v in views)
         return self._with_bank(np.zeros((0, emb.shape[1]), np.float32), emb / len(views))[1]
 
     def _arrays(self) -> dict[str, np.ndarray]:
