@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import zlib
+from collections import Counter
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
@@ -149,13 +150,23 @@ class TextFeaturizer:
             self.w2v_vectors = w2v.wv.vectors.astype(np.float32)
         return self
 
-    def _counts(self, texts: Sequence[str], idf: bool) -> np.ndarray:
-        from sklearn.feature_extraction.text import CountVectorizer
+    def _counts(self, texts: Sequence[str], idf: bool):
+        """(n, vocabulary) sparse term counts, or sublinear TF-IDF as fitted. Counted here rather than by
+        scikit-learn, whose import (~1 s) would dominate a one-query `cbir search`."""
+        from scipy.sparse import csr_matrix
 
-        counts = CountVectorizer(analyzer=self.analyzer, vocabulary=self.vocabulary).transform(texts)
-        x = counts.toarray().astype(np.float32)
+        indptr, indices, counts = [0], [], []
+        for text in texts:
+            row = Counter(self.vocabulary[t] for t in self.analyzer(text) if t in self.vocabulary)
+            indices += row.keys()
+            counts += row.values()
+            indptr.append(len(indices))
+        x = csr_matrix(
+            (np.asarray(counts, dtype=np.float32), np.asarray(indices, dtype=np.int64), indptr),
+            shape=(len(texts), len(self.vocabulary)),
+        )
         if idf:
-            x = np.where(x > 0, 1.0 + np.log(np.maximum(x, 1.0)), 0.0) * self.idf  # sublinear tf, as fitted
+            x.data = (1.0 + np.log(x.data)) * self.idf[x.indices]
         return x
 
     def block(self, kind: str, texts: Sequence[str]) -> np.ndarray:
@@ -164,9 +175,11 @@ class TextFeaturizer:
 
             return shared_text_encoder().encode(texts, progress=len(texts) > 256)
         if kind in ("tfidf", "bow"):
-            return self._counts(texts, idf=kind == "tfidf")
+            return self._counts(texts, idf=kind == "tfidf").toarray()
         if kind == "lsa":
-            return unit_rows(self._counts(texts, idf=True)) @ self.lsa_components.T
+            tfidf = self._counts(texts, idf=True)
+            norms = np.sqrt(np.asarray(tfidf.multiply(tfidf).sum(axis=1), dtype=np.float32))
+            return np.asarray(tfidf @ self.lsa_components.T) / np.maximum(norms, 1e-12)
         if kind == "word2vec":
             return average_vectors(texts, self.w2v_words, self.w2v_vectors)
         return average_vectors(texts, *glove_vectors())
