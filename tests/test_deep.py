@@ -164,3 +164,16 @@ def test_embed_views_average_makes_mirror_images_alike(rsicd_slice, tmp_path):
     np.testing.assert_allclose(emb[0], emb[1], atol=1e-5)
     emb = create_model("contrastive", **quick).fit(train, val).embed_images(pair)
     assert np.abs(emb[0] - emb[1]).max() > 1e-3
+
+
+def test_contrastive_saved_before_caption_features_still_loads(rsicd_slice, tmp_path):
+    """A model directory from before `text_features` existed (MiniLM only, no text state or arrays)
+    loads and ranks as it did."""
+    quick = {"ensemble": 1, "epochs": 1, "batch_size": 16, "text_features": "minilm"}
+    create_model("contrastive", **quick).fit(rsicd_slice.split("train")).save(tmp_path)
+    test = rsicd_slice.split("test")
+    expected = score_split(load_model(tmp_path), test)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["params"]["text_features"], config["params"]["embed_views"], config["state"]["text"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    np.testing.assert_array_equal(score_split(load_model(tmp_path), test), expected)

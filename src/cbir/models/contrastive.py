@@ -267,6 +267,8 @@ class ContrastiveModel(RetrievalModel):
         self.arrays_ = arrays
         self.representation_, self.history_ = state["representation"], state["history"]
         self.bank_temperature_ = state["bank_temperature"]
+        if "text" not in state:  # saved before caption features were a parameter: MiniLM only
+            self.params["text_features"] = "minilm"
         self.text_ = self._text_featurizer()
-        if "text" in state:  # models saved before caption features became a parameter: MiniLM only
+        if "text" in state:
             self.text_.restore(arrays, state["text"])
