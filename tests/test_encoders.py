@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from cbir.encoders import ImageEncoder, TextEncoder, image_features
-from cbir.encoders.image import LOGITS_DIM, POOLED_DIM, STAGES_DIM, preprocess
+from cbir.encoders.cache import FeatureCache
+from cbir.encoders.image import CACHE_LAYOUT, LOGITS_DIM, MODEL_ID, POOLED_DIM, STAGES_DIM, preprocess
 from tests.conftest import KAGGLE_MINI
 
 
@@ -47,6 +48,18 @@ def test_image_encoder_features_cache_and_classes(tmp_path):
     assert time.perf_counter() - start < 1.0  # no network is loaded for cached images
     np.testing.assert_array_equal(cached.pooled, feats.pooled)
     np.testing.assert_array_equal(cached.stages, feats.stages)
+    on_disk = FeatureCache(f"{MODEL_ID}/{CACHE_LAYOUT}/center", tmp_path)  # what a new process reads
+    assert len(on_disk) == 12
+
+
+def test_feature_cache_shards_are_read_once_per_process(tmp_path):
+    cache = FeatureCache.open("ns", tmp_path)
+    cache.put_many(["a"], np.ones((1, 3)))
+    assert FeatureCache.open("ns", tmp_path) is cache
+    np.testing.assert_array_equal(FeatureCache("ns", tmp_path).get("a"), np.ones(3))  # written to disk
+    FeatureCache("ns", tmp_path).put_many(["b"], np.zeros((1, 3)))  # as another process would
+    assert cache.get("b") is None  # the open instance does not reread the folder
+    assert FeatureCache("ns", tmp_path).get("b") is not None
 
 
 def test_views_are_deterministic_and_distinct():

@@ -138,6 +138,8 @@ def _install_model(index_dir: Path, model: Path | str | None) -> tuple[str | Non
 
 def _vectors_of(index_dir: Path, entries: Sequence[dict[str, Any]], mmap: bool = True) -> np.ndarray:
     """Vectors in entry order; one compacted shard is memory-mapped, several are gathered."""
+    if not entries:
+        return np.zeros((0, 0), dtype=np.float32)
     shards = {e["shard"] for e in entries}
     if len(shards) == 1:
         (name,) = shards
@@ -147,8 +149,6 @@ def _vectors_of(index_dir: Path, entries: Sequence[dict[str, Any]], mmap: bool =
             return arr
         return np.asarray(arr[rows])
     loaded = {s: np.load(index_dir / SHARDS / s, mmap_mode="r") for s in shards}
-    if not entries:
-        return np.zeros((0, 0), dtype=np.float32)
     return np.stack([loaded[e["shard"]][e["row"]] for e in entries]).astype(np.float32)
 
 

@@ -70,7 +70,11 @@ def image_features(
             for reason in computed.failed.values():
                 dataset.report.skip("image not embedded (zero vector)", reason)
         blocks.append(
-            {"effnet-pool": computed.pooled, "effnet-logits": computed.logits}.get(k, computed.stages)
+            {
+                "effnet-pool": computed.pooled,
+                "effnet-logits": computed.logits,
+                "effnet-stages": computed.stages,
+            }[k]
         )
     return blocks[0] if len(blocks) == 1 else np.concatenate(blocks, 1)
 

@@ -30,9 +30,20 @@ def text_key(text: str) -> str:
 class FeatureCache:
     """Rows of float32 features under string keys, in one namespace (model + variant)."""
 
+    _open: dict[Path, FeatureCache] = {}
+
     def __init__(self, namespace: str, root: Path | str | None = None):
         self.dir = Path(root or default_cache_dir()) / namespace
         self._rows: dict[str, np.ndarray] | None = None
+
+    @classmethod
+    def open(cls, namespace: str, root: Path | str | None = None) -> FeatureCache:
+        """The process's one instance for this namespace: its shards are read from disk once, not on
+        every encode call (indexing a folder encodes chunk after chunk against a growing cache)."""
+        directory = (Path(root or default_cache_dir()) / namespace).resolve()
+        if directory not in cls._open:
+            cls._open[directory] = cls(namespace, root)
+        return cls._open[directory]
 
     def _load(self) -> dict[str, np.ndarray]:
         if self._rows is None:

@@ -132,7 +132,9 @@ class ImageEncoder:
         n = len(paths)
         out = np.zeros((n, POOLED_DIM + LOGITS_DIM + STAGES_DIM), dtype=np.float32)
         failed: dict[int, str] = {}
-        cache = FeatureCache(f"{MODEL_ID}/{CACHE_LAYOUT}/{view}", self.cache_dir) if self.use_cache else None
+        cache = (
+            FeatureCache.open(f"{MODEL_ID}/{CACHE_LAYOUT}/{view}", self.cache_dir) if self.use_cache else None
+        )
         pending_rows: list[int] = []
         pending_keys: list[str] = []
         pending_pixels: list[np.ndarray] = []

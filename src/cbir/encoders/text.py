@@ -129,7 +129,7 @@ class TextEncoder:
     def encode(self, texts: Sequence[str], progress: bool = True) -> np.ndarray:
         texts = list(texts)
         out = np.zeros((len(texts), DIM), dtype=np.float32)
-        cache = FeatureCache(MODEL_ID, self.cache_dir) if self.use_cache and len(texts) > 64 else None
+        cache = FeatureCache.open(MODEL_ID, self.cache_dir) if self.use_cache and len(texts) > 64 else None
         keys = [text_key(t) for t in texts] if cache is not None else []
         hits = cache.get_many(keys) if cache is not None else {}
         todo = [i for i in range(len(texts)) if not keys or keys[i] not in hits]

@@ -20,7 +20,7 @@ import numpy as np
 
 from cbir.datasets import Dataset
 from cbir.encoders import image_features, shared_image_encoder, shared_text_encoder
-from cbir.models.base import RetrievalModel
+from cbir.models.base import RetrievalModel, unit_rows
 
 # How each ImageNet class is put into words before MiniLM embeds it.
 CLASS_TEXTS = ("name", "photo", "description", "ensemble")
@@ -65,11 +65,6 @@ def class_prompts(kind: str) -> list[list[str]]:
                 + [f"{name}: {first_sentence(c['description'])}"]
             )
     return out
-
-
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 class ZeroShotModel(RetrievalModel):
