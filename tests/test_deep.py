@@ -177,3 +177,26 @@ def test_contrastive_saved_before_caption_features_still_loads(rsicd_slice, tmp_
     del config["params"]["text_features"], config["params"]["embed_views"], config["state"]["text"]
     (tmp_path / "config.json").write_text(json.dumps(config))
     np.testing.assert_array_equal(score_split(load_model(tmp_path), test), expected)
+
+
+@pytest.mark.parametrize(("dtype", "size_ratio"), [("float16", 0.55), ("int8", 0.3)])
+def test_contrastive_stored_smaller_ranks_alike(rsicd_slice, tmp_path, dtype, size_ratio):
+    """The shipped default's size saver: float16 or row-quantised int8 weights shrink the file and
+    rank as the float32 model does."""
+    from safetensors.numpy import load_file
+
+    train, val, test = (rsicd_slice.split(s) for s in ("train", "val", "test"))
+    quick = {"embed_dim": 32, "hidden": 32, "lsa_dim": 16, "epochs": 2, "batch_size": 16}
+    model = create_model("contrastive", **quick).fit(train, val)
+    small = create_model("contrastive", weights_dtype=dtype, **quick).fit(train, val)
+    model.save(tmp_path / "float32")
+    small.save(tmp_path / dtype)
+    arrays = load_file(str(tmp_path / dtype / "weights.safetensors"))
+    assert arrays["m0.image.linear.weight"].dtype == np.dtype(dtype)
+    sizes = [(tmp_path / d / "weights.safetensors").stat().st_size for d in ("float32", dtype)]
+    assert sizes[1] < size_ratio * sizes[0]
+    scores = score_split(small, test)
+    np.testing.assert_allclose(scores, score_split(model, test), atol=1e-6)  # the same training
+    stored = score_split(load_model(tmp_path / dtype), test)
+    np.testing.assert_allclose(stored, scores, atol=2e-2)
+    assert np.mean(stored.argmax(1) == scores.argmax(1)) >= 0.9

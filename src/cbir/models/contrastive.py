@@ -27,6 +27,37 @@ BANK_TEMPERATURES = (0.01, 0.02, 0.05)
 # `image_features="auto"` without precomputed features: every EfficientNet output, which together beat
 # the pooled features alone on RSICD (BENCHMARKS.md, deep methods).
 COMPUTED_FEATURES = "effnet-pool+effnet-logits+effnet-stages"
+# How weights are stored on disk; the model always computes in float32. float16 halves a model, int8
+# (matrices quantised row by row, vectors in float16) quarters it: the shipped default's size limit.
+WEIGHT_DTYPES = ("float32", "float16", "int8")
+QUANT_SCALE = ".qscale"
+
+
+def stored_arrays(arrays: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
+    """Float arrays as `dtype` for saving; int8 keeps one float32 scale per matrix row (`.qscale`)."""
+    out: dict[str, np.ndarray] = {}
+    for name, value in arrays.items():
+        if value.dtype.kind != "f" or dtype == "float32":
+            out[name] = value
+        elif dtype == "int8" and value.ndim == 2:
+            scale = np.maximum(np.abs(value).max(1, keepdims=True), 1e-12).astype(np.float32) / 127
+            out[name] = np.round(value / scale).astype(np.int8)
+            out[name + QUANT_SCALE] = scale
+        else:
+            out[name] = value.astype(np.float16)
+    return out
+
+
+def loaded_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`stored_arrays` undone: every float array back in float32."""
+    out: dict[str, np.ndarray] = {}
+    for name, value in arrays.items():
+        if name.endswith(QUANT_SCALE):
+            continue
+        if name + QUANT_SCALE in arrays:
+            value = value.astype(np.float32) * arrays[name + QUANT_SCALE]
+        out[name] = value.astype(np.float32) if value.dtype.kind == "f" else value
+    return out
 
 
 class ContrastiveModel(RetrievalModel):
@@ -54,11 +85,16 @@ class ContrastiveModel(RetrievalModel):
         patience: int = 4,
         ensemble: int = 2,
         bank_size: int = 2048,
+        weights_dtype: str = "float32",
         seed: int = 0,
     ):
         unknown = sorted((set(views) | set(embed_views)) - set(VIEWS))
         if unknown:
             raise ModelError(f"unknown view(s) {', '.join(unknown)} (known: {', '.join(VIEWS)})")
+        if weights_dtype not in WEIGHT_DTYPES:
+            raise ModelError(
+                f"weights_dtype must be one of {', '.join(WEIGHT_DTYPES)}, not {weights_dtype!r}"
+            )
         if not views or not embed_views:
             raise ModelError("'views' and 'embed_views' each need at least one view (e.g. center)")
         try:
@@ -84,6 +120,7 @@ class ContrastiveModel(RetrievalModel):
             patience=patience,
             ensemble=ensemble,
             bank_size=bank_size,
+            weights_dtype=weights_dtype,
             seed=seed,
         )
 
@@ -253,7 +290,7 @@ class ContrastiveModel(RetrievalModel):
         return self._with_bank(np.zeros((0, emb.shape[1]), np.float32), emb / len(views))[1]
 
     def _arrays(self) -> dict[str, np.ndarray]:
-        return {**self.arrays_, **self.text_.arrays()}
+        return stored_arrays({**self.arrays_, **self.text_.arrays()}, self.params["weights_dtype"])
 
     def _state(self) -> dict[str, Any]:
         return {
@@ -264,6 +301,7 @@ class ContrastiveModel(RetrievalModel):
         }
 
     def _restore(self, arrays: dict[str, np.ndarray], state: dict[str, Any]) -> None:
+        arrays = loaded_arrays(arrays)
         self.arrays_ = arrays
         self.representation_, self.history_ = state["representation"], state["history"]
         self.bank_temperature_ = state["bank_temperature"]
