@@ -4,7 +4,7 @@ On disk an index is a directory:
   `index.json`   manifest: the indexed folder, the model, and one entry per image (id, size, mtime,
                  content hash, and where its vector lives: shard file + row); unreadable files too.
   `shards/*.npy` float32 vectors, one shard per committed chunk (compacted into one at the end).
-  `model/`       the model that embedded the images (the zero-shot model when none was given), so an
+  `model/`       a copy of the model that embedded the images (the shipped default unless named), so an
                  index is self-contained and queries are embedded by the same model.
   `ann.faiss`    an approximate (HNSW) FAISS index, only above `ANN_THRESHOLD` images.
 
@@ -114,21 +114,25 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def _install_model(index_dir: Path, model: Path | str | None) -> tuple[str | None, str]:
-    """Put the model into `index_dir/model` (a copy, or the zero-shot model); (source, fingerprint)."""
+def _source_of(manifest: dict[str, Any]) -> str:
+    """The model an index was built with; indexes written before the shipped default recorded the
+    zero-shot model as no source."""
+    return manifest.get("model_source") or "zero-shot"
+
+
+def _install_model(index_dir: Path, model: Path | str | None) -> tuple[str, str]:
+    """Put the model into `index_dir/model` (a checked copy of its directory, or the zero-shot model
+    written out); (source, fingerprint)."""
+    from cbir.models import ZERO_SHOT_MODEL, create_model, load_model, model_dir, model_source
+
     target = index_dir / MODEL_DIR
     staging = index_dir / f".{MODEL_DIR}.{uuid.uuid4().hex}.tmp"
-    if model is None:
-        from cbir.models import create_model
-
-        create_model("zero-shot").fit().save(staging)
-        source = None
+    source, path = model_source(model), model_dir(model)
+    if path is None:
+        create_model(ZERO_SHOT_MODEL).fit().save(staging)
     else:
-        from cbir.models.base import read_model_dir
-
-        read_model_dir(model)  # a clear error before anything is copied
-        shutil.copytree(model, staging)
-        source = str(Path(model).resolve())
+        load_model(model)  # a clear error before anything is copied
+        shutil.copytree(path, staging)
     fingerprint = model_fingerprint(staging)
     if target.exists():
         shutil.rmtree(target)
@@ -162,7 +166,8 @@ def build_index(
 ) -> SearchIndex:
     """Index every image below `folder` into `out` (created or updated), then open it.
 
-    `model` is a model directory from `cbir train`; None means the zero-shot model (no training).
+    `model` is a model directory from `cbir train` or a model name (`default`, the shipped model, which
+    None also means; `zero-shot`, no training).
     """
     return update_index(folder, out, model, progress=progress, chunk_size=chunk_size, on_chunk=on_chunk)[0]
 
@@ -178,7 +183,7 @@ def update_index(
     """`build_index` that also says what changed: added, changed, removed, failed files."""
     from cbir.datasets import Dataset, DatasetError, list_images
     from cbir.encoders import shared_image_encoder
-    from cbir.models import load_model
+    from cbir.models import load_model, model_dir, model_source
     from cbir.progress import progress_bar
 
     root = Path(folder).expanduser().resolve()
@@ -197,17 +202,13 @@ def update_index(
             f"{index_dir}: exists and is not an index; choose an empty or new --out folder"
         )
 
-    wanted_source = None if model is None else str(Path(model).resolve())
-    if (
-        manifest is None
-        or manifest.get("model_source") != wanted_source
-        or not (index_dir / MODEL_DIR).is_dir()
-    ):
+    wanted_source, wanted_dir = model_source(model), model_dir(model)
+    if manifest is None or _source_of(manifest) != wanted_source or not (index_dir / MODEL_DIR).is_dir():
         source, fingerprint = _install_model(index_dir, model)
         keep_vectors = manifest is not None and manifest.get("model_fingerprint") == fingerprint
     else:
-        source, fingerprint = manifest["model_source"], manifest["model_fingerprint"]
-        if model is not None and model_fingerprint(Path(model)) != fingerprint:  # retrained in place
+        source, fingerprint = wanted_source, manifest["model_fingerprint"]
+        if wanted_dir is not None and model_fingerprint(wanted_dir) != fingerprint:  # retrained in place
             source, fingerprint = _install_model(index_dir, model)
         keep_vectors = manifest.get("model_fingerprint") == fingerprint
     old_entries = {e["id"]: e for e in manifest["entries"]} if manifest and keep_vectors else {}
@@ -381,7 +382,7 @@ class SearchIndex:
 
         self.path = path
         self.root = Path(manifest["root"])
-        self.model_source: str | None = manifest.get("model_source")
+        self.model_source = _source_of(manifest)
         self.ids: list[str] = [e["id"] for e in manifest["entries"]]
         self.failed: dict[str, str] = {f["id"]: f["reason"] for f in manifest.get("failed", [])}
         self._row = {image_id: i for i, image_id in enumerate(self.ids)}
@@ -435,7 +436,7 @@ class SearchIndex:
         return image_id in self._row
 
     def __repr__(self) -> str:
-        model = self.model_source or "zero-shot"
+        model = self.model_source
         return f"SearchIndex({self.path}: {len(self)} images of {self.root}, model {model})"
 
     def image_path(self, image_id: str) -> Path:

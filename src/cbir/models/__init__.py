@@ -1,6 +1,8 @@
 """Retrieval methods behind one interface (`RetrievalModel`), found by name for `cbir train --method`.
 
-Methods are registered as import paths so that listing them imports nothing heavy.
+Methods are registered as import paths so that listing them imports nothing heavy. A model is named by
+a directory from `cbir train`, or by one of two names: `default`, the model shipped inside the package
+(trained on Flickr8k everyday photos), and `zero-shot` (ConSE over ImageNet classes, no training).
 """
 
 from __future__ import annotations
@@ -51,10 +53,54 @@ def create_model(method: str, **params: Any) -> RetrievalModel:
     return cls(**params)
 
 
-def load_model(path: Path | str) -> RetrievalModel:
-    """Load a saved model directory (config.json + weights.safetensors) by path."""
-    config, arrays = read_model_dir(path)
-    return method_class(config["method"]).from_config(config, arrays)
+DEFAULT_MODEL = "default"
+ZERO_SHOT_MODEL = "zero-shot"
+SHIPPED_MODEL_DIR = Path(__file__).resolve().parent / "default"
+REBUILD_SHIPPED = "rebuild it with `make default-model` (from a source checkout) or reinstall cbir"
 
 
-__all__ = ["METHODS", "ModelError", "RetrievalModel", "create_model", "load_model", "method_class"]
+def model_source(spec: Path | str | None) -> str:
+    """What `spec` names, as recorded in an index: 'default', 'zero-shot', or a resolved directory."""
+    if spec is None or str(spec) in (DEFAULT_MODEL, ZERO_SHOT_MODEL):
+        return str(spec or DEFAULT_MODEL)
+    return str(Path(spec).expanduser().resolve())
+
+
+def model_dir(spec: Path | str | None) -> Path | None:
+    """The directory holding the model `spec` names; None for the zero-shot model, which has no files."""
+    source = model_source(spec)
+    if source == ZERO_SHOT_MODEL:
+        return None
+    return SHIPPED_MODEL_DIR if source == DEFAULT_MODEL else Path(source)
+
+
+def load_model(spec: Path | str | None = DEFAULT_MODEL) -> RetrievalModel:
+    """A saved model by directory (config.json + weights.safetensors), or by name: 'default' (None)
+    or 'zero-shot'."""
+    path = model_dir(spec)
+    if path is None:
+        return create_model(ZERO_SHOT_MODEL).fit()
+    if path != SHIPPED_MODEL_DIR:
+        config, arrays = read_model_dir(path)
+        return method_class(config["method"]).from_config(config, arrays)
+    try:
+        config, arrays = read_model_dir(path)
+        return method_class(config["method"]).from_config(config, arrays)
+    except Exception as e:  # any damage to the packaged files: say which and how to repair
+        raise ModelError(
+            f"the shipped default model in {path} cannot be loaded ({e}); {REBUILD_SHIPPED}"
+        ) from e
+
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "METHODS",
+    "ZERO_SHOT_MODEL",
+    "ModelError",
+    "RetrievalModel",
+    "create_model",
+    "load_model",
+    "method_class",
+    "model_dir",
+    "model_source",
+]
