@@ -22,7 +22,9 @@ out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 DatasetOpt = Annotated[Path, typer.Option("--dataset", "-d", help="Dataset folder (any supported format).")]
-ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="Model directory written by `cbir train`.")]
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="Model directory from `cbir train`, or `default` or `zero-shot`.")
+]
 REPORT_LINES = 5
 
 
@@ -183,7 +185,7 @@ def default_demo_dataset() -> Path | None:
     if os.environ.get("CBIR_DATASET"):
         return Path(os.environ["CBIR_DATASET"])
     for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        candidate = base.parent / "shared" / "datasets" / "rsicd"
+        candidate = base.parent / "shared" / "datasets" / "flickr8k"
         if candidate.is_dir():
             return candidate
     return None
@@ -193,16 +195,22 @@ def default_demo_dataset() -> Path | None:
 def demo(
     dataset: Annotated[
         Path | None,
-        typer.Option("--dataset", "-d", help="Dataset (default: $CBIR_DATASET or ../shared/datasets/rsicd)."),
+        typer.Option(
+            "--dataset",
+            "-d",
+            help="Captioned dataset (default: $CBIR_DATASET or ../shared/datasets/flickr8k).",
+        ),
     ] = None,
-    method: Annotated[str, typer.Option(help="Method to train.")] = "ridge",
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Where the trained model goes.")] = Path(
+    model: ModelOpt = "default",
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Where the photos, index and grid go.")] = Path(
         "runs/demo"
     ),
 ) -> None:
-    """The main job end to end: train on the train split, evaluate on test, print the metrics."""
+    """The main job end to end: index the test photos, search them, draw a grid, score the model."""
+    from cbir.demo import DEMO_QUERIES, photo_folder, reference_captions
     from cbir.evaluation import evaluate as run_evaluation
-    from cbir.models import create_model
+    from cbir.index import update_index
+    from cbir.viz import query_figure
 
     dataset = dataset or default_demo_dataset()
     if dataset is None:
@@ -211,20 +219,30 @@ def demo(
             "dataset_flickr8k.json + images, the Kaggle cs5785 layout, COCO captions, or captions.txt), "
             "or pass --dataset."
         )
+    start = time.perf_counter()
     try:
         data = open_dataset(dataset)
-        out.print(f"[bold]1/3[/] {data!r}", highlight=False)
-        model = create_model(method)
-        start = time.perf_counter()
-        out.print(f"[bold]2/3[/] training {method} on the train split (features are cached for next time)")
-        model.fit(data.split("train"), data.split("val") if "val" in data.splits else None)
-        model.save(out_dir)
-        out.print(f"    trained in {time.perf_counter() - start:.1f}s → {out_dir}")
-        out.print("[bold]3/3[/] evaluating on the test split")
-        metrics = run_evaluation(model, data, "test")
-    except user_errors() as e:
+        test = data.split("test")
+        folder = photo_folder(test, out_dir / "photos")
+        out.print(f"[bold]1/4[/] {len(test)} test photos of {data.name} → {folder}", highlight=False)
+        ix, _ = update_index(folder, out_dir / "index", model)
+        out.print(f"[bold]2/4[/] indexed {len(ix)} photos → {ix.path} (model: {ix.model_source})")
+        captions = reference_captions(test)
+        out.print("[bold]3/4[/] searching (top 5, each with its reference caption)")
+        for query in DEMO_QUERIES:
+            out.print(f'  [bold]"{query}"[/]', highlight=False)
+            for r in ix.search_text(query, k=5):
+                out.print(
+                    f"   {r.rank + 1}  {r.score:.3f}  {r.id:28} {captions.get(r.id, '')}", highlight=False
+                )
+        grid, _, _ = query_figure(ix, DEMO_QUERIES[0], out_dir / "grid.png", k=10)
+        out.print(f"  result grid → {grid}", highlight=False)
+        out.print(f"[bold]4/4[/] scoring {ix.model_source} on the {len(test.captions)} test captions")
+        metrics = run_evaluation(ix.model, data, "test")
+    except search_errors() as e:
         fail(str(e))
-    print_metrics(metrics, f"{method} on {data.name} (test)")
+    print_metrics(metrics, f"{ix.model_source} on {data.name} (test)")
+    out.print(f"demo done in {time.perf_counter() - start:.0f} s", highlight=False)
 
 
 # ---- Search your own photos (issue 5): index, search, show -------------------------------------------
@@ -252,11 +270,14 @@ def index(
     folder: Annotated[Path, typer.Argument(help="Folder of photos (searched recursively).")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Index directory to create or update.")],
     model: Annotated[
-        Path | None,
+        str,
         typer.Option(
-            "--model", "-m", help="Model directory from `cbir train` (default: zero-shot, no training)."
+            "--model",
+            "-m",
+            help="Model directory from `cbir train`, or a name: `default` (shipped, trained on Flickr8k "
+            "everyday photos) or `zero-shot` (ImageNet classes, no training).",
         ),
-    ] = None,
+    ] = "default",
 ) -> None:
     """Embed every photo below FOLDER into an index; reruns embed only new or changed files."""
     from cbir.index import update_index
@@ -269,7 +290,7 @@ def index(
     out.print(
         f"indexed {len(ix)} images of {ix.root} in {time.perf_counter() - start:.1f}s → {ix.path} "
         f"(added {len(report.added)}, changed {len(report.changed)}, removed {len(report.removed)}, "
-        f"unchanged {report.unchanged}; model: {ix.model_source or 'zero-shot'})",
+        f"unchanged {report.unchanged}; model: {ix.model_source})",
         highlight=False,
         soft_wrap=True,
     )
