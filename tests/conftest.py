@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"
 RSICD = SHARED / "rsicd"
 KAGGLE_MINI = SHARED / "cs5785-mini"
+FLICKR8K = SHARED / "flickr8k"
 
 # Features computed by tests are cached inside the repo (ignored by git): reruns are fast.
 os.environ.setdefault("CBIR_CACHE_DIR", str(REPO / ".cache" / "test-features"))
@@ -19,7 +20,7 @@ os.environ["CBIR_NO_PROGRESS"] = "1"
 
 
 def pytest_collection_modifyitems(config, items):
-    if not RSICD.is_dir() or not KAGGLE_MINI.is_dir():
+    if not all(d.is_dir() for d in (RSICD, KAGGLE_MINI, FLICKR8K)):
         raise pytest.UsageError(f"the tests read real data from {SHARED}; it is missing")
 
 
@@ -30,9 +31,9 @@ def rsicd():
     return load_dataset(RSICD)
 
 
-def write_karpathy_slice(rsicd, out: Path, per_split: int) -> Path:
-    """A Karpathy JSON over a real, evenly spread slice of RSICD, pointing at the shared images."""
-    part = rsicd.sample(per_split)
+def write_karpathy_slice(dataset, out: Path, per_split: int, name: str = "rsicd_slice") -> Path:
+    """A Karpathy JSON over a real, evenly spread slice of a dataset, pointing at the shared images."""
+    part = dataset.sample(per_split)
     out.mkdir(parents=True, exist_ok=True)
     images = []
     for i, path in enumerate(part.images):
@@ -46,7 +47,9 @@ def write_karpathy_slice(rsicd, out: Path, per_split: int) -> Path:
                 "tags": part.tags[i] if part.tags else [],
             }
         )
-    (out / "dataset_rsicd_slice.json").write_text(json.dumps({"dataset": "rsicd-slice", "images": images}))
+    (out / f"dataset_{name}.json").write_text(
+        json.dumps({"dataset": name.replace("_", "-"), "images": images})
+    )
     return out
 
 
@@ -61,6 +64,19 @@ def rsicd_slice(rsicd_slice_dir):
     from cbir.datasets import load_dataset
 
     return load_dataset(rsicd_slice_dir)
+
+
+@pytest.fixture(scope="session")
+def flickr8k():
+    from cbir.datasets import load_dataset
+
+    return load_dataset(FLICKR8K)
+
+
+@pytest.fixture(scope="session")
+def flickr8k_slice_dir(flickr8k, tmp_path_factory) -> Path:
+    """90 Flickr8k everyday photos (30 per split) with their captions."""
+    return write_karpathy_slice(flickr8k, tmp_path_factory.mktemp("flickr8k-slice"), 30, "flickr8k_slice")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,106 @@
+"""Retrain the model cbir ships as its default (`make default-model`) and record how it was made.
+
+    python tools/default_model.py [--dataset ../shared/datasets/flickr8k] [--out src/cbir/models/default]
+
+Trains `contrastive` with PARAMS on Flickr8k train (val for early stopping and the bank temperature),
+saves it, loads it back and scores the stored model on the test split. `config.json` then records the
+data (name, split sizes, a hash of the caption file), the equivalent `cbir train` command and the test
+metrics. The same seed on the same data gives the same weights. The new model replaces the old one
+only once it is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from cbir.datasets import Dataset, load_dataset
+from cbir.evaluation import evaluate
+from cbir.models import SHIPPED_MODEL_DIR, create_model, load_model
+from cbir.models.base import CONFIG_FILE
+
+REPO = Path(__file__).resolve().parents[1]
+FLICKR8K = Path(os.path.relpath(REPO.parent / "shared" / "datasets" / "flickr8k"))
+METHOD = "contrastive"
+# Chosen on Flickr8k val among configurations that fit 10 MB (BENCHMARKS.md, "Everyday photos"): the
+# default heads, one of them, stored as row-quantised int8. Embedding uses the center view only, so
+# indexing costs one network pass per photo, as with zero-shot.
+PARAMS: dict[str, Any] = {"ensemble": 1, "weights_dtype": "int8"}
+SEED = 0
+
+
+def train_command(dataset: Path, out: Path, params: dict[str, Any], seed: int) -> str:
+    """The `cbir train` line that trains the same model."""
+    flags = " ".join(f"-p '{k}={json.dumps(v)}'" for k, v in params.items())
+    return f"cbir train --dataset {dataset} --method {METHOD} --out {out} {flags} --seed {seed}"
+
+
+def data_record(dataset: Dataset) -> dict[str, Any]:
+    """What the model was trained and tested on, precisely enough to notice a changed dataset."""
+    files = sorted(p for p in dataset.root.glob("*.json"))
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()[:16]
+    return {
+        "name": dataset.name,
+        "files": [p.name for p in files],
+        "sha256_16": digest,
+        "splits": {s: len(dataset.split(s)) for s in ("train", "val", "test")},
+    }
+
+
+def build(dataset_path: Path, out: Path, seed: int, params: dict[str, Any] = PARAMS) -> dict[str, Any]:
+    dataset = load_dataset(dataset_path)
+    model = create_model(METHOD, **params, seed=seed)
+    start = time.perf_counter()
+    model.fit(dataset.split("train"), dataset.split("val"))
+    seconds = time.perf_counter() - start
+    staging = out.with_name(f".{out.name}.new")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save(staging)
+    metrics = evaluate(load_model(staging), dataset, "test")
+    config_file = staging / CONFIG_FILE
+    config = json.loads(config_file.read_text())
+    config["provenance"] = {
+        "data": data_record(dataset),
+        "command": "make default-model",
+        "equivalent": train_command(dataset_path, Path(os.path.relpath(out, REPO)), params, seed),
+        "train_seconds": round(seconds, 1),
+        "test_metrics": metrics,
+    }
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+    old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(staging, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return config["provenance"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", type=Path, default=FLICKR8K)
+    parser.add_argument("--out", type=Path, default=SHIPPED_MODEL_DIR)
+    parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--epochs", type=int, help="fewer epochs, for quick checks (not for shipping)")
+    args = parser.parse_args()
+    if not args.dataset.is_dir():
+        sys.exit(f"error: {args.dataset}: no such dataset folder (Flickr8k lives in ../shared/datasets)")
+    params = PARAMS if args.epochs is None else {**PARAMS, "epochs": args.epochs}
+    provenance = build(args.dataset, args.out, args.seed, params)
+    m = provenance["test_metrics"]
+    print(
+        f"default model → {args.out} in {provenance['train_seconds']:.0f} s; Flickr8k test: "
+        f"t2i R@1/5/10 {m['t2i_r1']:.1f}/{m['t2i_r5']:.1f}/{m['t2i_r10']:.1f}, mR {m['mR']:.2f}, "
+        f"MAP@20 {m['map20']:.4f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
