@@ -1,0 +1,114 @@
+"""Everyday photos (issue 11): `contrastive` configurations on Flickr8k, chosen on val, reported on test.
+
+    python -m benchmarks.everyday                   # every configuration below
+    python -m benchmarks.everyday --only small      # those whose name starts with it
+
+Each configuration trains on Flickr8k train (val for early stopping), is saved and loaded again (so
+the figures are those of the stored model, float16 where it says so), then scored on val (the
+selection criterion) and on test. Printed as Markdown rows: val mR, test R@1/5/10 both ways, mR,
+MAP@20, median ranks, model size on disk, training time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from cbir.datasets import load_dataset
+from cbir.evaluation import evaluate
+from cbir.models import create_model, load_model
+
+FLICKR8K = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "flickr8k"
+FLIP = {"views": ["center", "hflip"]}
+# Sizes that fit the shipped model's 10 MB: float16, 256-d embeddings, LSA over 128 dimensions.
+SMALL = {"embed_dim": 256, "lsa_dim": 128, "weights_dtype": "float16"}
+CONFIGS: dict[str, dict] = {
+    "defaults + hflip training view (reference, float32)": {**FLIP},
+    "small: hidden 128, 2 heads, bank 512": {**FLIP, **SMALL, "hidden": 128, "bank_size": 512},
+    "small: hidden 128, 2 heads, no bank": {**FLIP, **SMALL, "hidden": 128, "bank_size": 0},
+    "small: linear, 3 heads, bank 512": {**FLIP, **SMALL, "hidden": 0, "ensemble": 3, "bank_size": 512},
+    "small: hidden 128, 2 heads, bank 512, batch 512": {
+        **FLIP,
+        **SMALL,
+        "hidden": 128,
+        "bank_size": 512,
+        "batch_size": 512,
+    },
+    "mid: linear, 512-d, 2 heads, LSA 128, no bank": {
+        **FLIP,
+        **SMALL,
+        "embed_dim": 512,
+        "hidden": 0,
+        "bank_size": 0,
+    },
+    "mid: 1 head, 512-d, hidden 256, LSA 128, bank 1024": {
+        **FLIP,
+        **SMALL,
+        "embed_dim": 512,
+        "hidden": 256,
+        "ensemble": 1,
+        "bank_size": 1024,
+    },
+    "int8: 1 head, defaults otherwise": {"weights_dtype": "int8", "ensemble": 1},
+    "int8: 2 heads, hidden 256, bank 768": {"weights_dtype": "int8", "hidden": 256, "bank_size": 768},
+}
+
+
+def directory_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.iterdir()) / 2**20
+
+
+def run(name: str, params: dict, dataset) -> dict:
+    model = create_model("contrastive", **params)
+    start = time.perf_counter()
+    model.fit(dataset.split("train"), dataset.split("val"))
+    seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save(tmp)
+        size = directory_mb(Path(tmp))
+        stored = load_model(tmp)
+    result = {"name": name, "params": params, "train_s": seconds, "size_mb": size}
+    result["val"] = evaluate(stored, dataset, "val")
+    result["test"] = evaluate(stored, dataset, "test")
+    return result
+
+
+def row(r: dict) -> str:
+    t = r["test"]
+    cells = [r["name"], f"{r['val']['mR']:.2f}"]
+    cells += [f"{t[f'{d}_r{k}']:.1f}" for d in ("t2i", "i2t") for k in (1, 5, 10)]
+    cells += [f"**{t['mR']:.2f}**", f"{t['map20']:.4f}", f"{t['medr']:g}", f"{t['i2t_medr']:g}"]
+    cells += [f"{r['size_mb']:.1f} MB", f"{r['train_s']:.0f} s"]
+    return "| " + " | ".join(cells) + " |"
+
+
+HEADER = (
+    "| configuration | val mR | t2i R@1 | t2i R@5 | t2i R@10 | i2t R@1 | i2t R@5 | i2t R@10 | test mR "
+    "| MAP@20 | t2i medr | i2t medr | size | train time |\n|" + "---|" * 14
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", type=Path, default=FLICKR8K)
+    parser.add_argument("--only", action="append", default=[], help="configuration name prefix")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-everyday.json"))
+    args = parser.parse_args()
+    dataset = load_dataset(args.dataset)
+    chosen = {k: v for k, v in CONFIGS.items() if not args.only or any(k.startswith(o) for o in args.only)}
+    results = []
+    for name, params in chosen.items():
+        results.append(run(name, params, dataset))
+        print(row(results[-1]), flush=True)
+    print("\n" + HEADER)
+    for r in results:
+        print(row(r))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
