@@ -251,8 +251,9 @@ IndexOpt = Annotated[Path, typer.Option("--index", "-i", help="Index directory w
 
 def search_errors():
     from cbir.index import IndexFormatError
+    from cbir.lockfile import LockBusyError
 
-    return (*user_errors(), IndexFormatError, KeyError)
+    return (*user_errors(), IndexFormatError, LockBusyError, KeyError)
 
 
 def print_results(results, as_json: bool) -> None:
@@ -278,13 +279,16 @@ def index(
             "everyday photos) or `zero-shot` (ImageNet classes, no training).",
         ),
     ] = "default",
+    wait: Annotated[
+        float, typer.Option(help="Seconds to wait for another `cbir index` run on the same --out.")
+    ] = 0.0,
 ) -> None:
     """Embed every photo below FOLDER into an index; reruns embed only new or changed files."""
     from cbir.index import update_index
 
     start = time.perf_counter()
     try:
-        ix, report = update_index(folder, out_dir, model)
+        ix, report = update_index(folder, out_dir, model, wait=wait)
     except search_errors() as e:
         fail(str(e))
     out.print(
@@ -294,6 +298,10 @@ def index(
         highlight=False,
         soft_wrap=True,
     )
+    for problem in report.damaged.values():
+        err.print(f"[yellow]note:[/] {problem}: rebuilt", highlight=False, markup=False)
+    if report.repaired:
+        err.print(f"[yellow]note:[/] re-embedded {len(report.repaired)} image(s) of damaged shards")
     if report.failed:
         err.print(
             f"[yellow]note:[/] {len(report.failed)} file(s) skipped (not readable images):", highlight=False
