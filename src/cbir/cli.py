@@ -69,6 +69,32 @@ def parse_params(pairs: list[str]) -> dict[str, object]:
     return params
 
 
+def fit_checked(model, data, dataset: Path) -> None:
+    """Fit on the train split (val for model selection), refusing what can only give a meaningless
+    model: no caption paired with an image, or weights that came out NaN/inf (evaluation would
+    otherwise score a diverged model as perfect)."""
+    import numpy as np
+
+    from cbir.datasets import DatasetError
+    from cbir.models import ModelError
+
+    train = data.split("train")
+    if not (train.caption_image >= 0).any():
+        raise DatasetError(
+            f"the train split has no captions paired with images ({len(train.images)} images, "
+            f"{len(train.captions)} captions): nothing to train on",
+            dataset,
+        )
+    model.fit(train, data.split("val") if "val" in data.splits else None)
+    arrays = model._arrays().items()
+    bad = sorted(k for k, a in arrays if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all())
+    if bad:
+        raise ModelError(
+            f"training {model.method} on {dataset} diverged (NaN/inf in {', '.join(bad[:3])}"
+            f"{', …' if len(bad) > 3 else ''}); nothing was saved"
+        )
+
+
 METRIC_ROWS = [
     ("text → image", "t2i"),
     ("image → text", "i2t"),
@@ -114,9 +140,8 @@ def train(
                 params[key] = value
         model = create_model(method, **params)
         data = open_dataset(dataset)
-        val = data.split("val") if "val" in data.splits else None
         start = time.perf_counter()
-        model.fit(data.split("train"), val)
+        fit_checked(model, data, dataset)
         model.save(out_dir)
     except user_errors() as e:
         fail(str(e))

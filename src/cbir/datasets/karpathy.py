@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import numpy as np
 from cbir.datasets.base import Dataset, DatasetError, LoadReport, read_text
 
 SPLIT_ALIASES = {"restval": "train"}
+KNOWN_SPLITS = ("train", "val", "test", "restval")
 
 
 def find_json(root: Path) -> Path | None:
@@ -46,6 +48,7 @@ def read_karpathy(root: Path) -> Dataset:
     captions: list[str] = []
     caption_image: list[int] = []
     augmented: list[bool] = []
+    unknown_splits: Counter[str] = Counter()
     for k, entry in enumerate(doc["images"]):
         where = f"{path.name} images[{k}]"
         if not isinstance(entry, dict) or "filename" not in entry:
@@ -55,6 +58,8 @@ def read_karpathy(root: Path) -> Dataset:
             report.skip(f"{where}: image file missing", file)
             continue
         split = SPLIT_ALIASES.get(entry.get("split", "train"), entry.get("split", "train"))
+        if split not in KNOWN_SPLITS:
+            unknown_splits[split] += 1
         sents = [s for s in entry.get("sentences", []) if str(s.get("raw", "")).strip()]
         if not sents:
             report.skip(f"{where}: no captions; kept as an uncaptioned image", file)
@@ -66,6 +71,10 @@ def read_karpathy(root: Path) -> Dataset:
             captions.append(str(s["raw"]).strip())
             caption_image.append(idx)
             augmented.append(bool(s.get("augmented", False)))
+    for split, n in sorted(unknown_splits.items()):
+        report.skip(
+            f"split '{split}' ({n} image(s)) is none of {', '.join(KNOWN_SPLITS)}; kept under that name", path
+        )
     return Dataset(
         root=root,
         format="karpathy",

@@ -88,11 +88,12 @@ class Thumbnails:
         return data
 
     def _render(self, path: Path) -> bytes:
-        from PIL import Image, ImageOps
+        from PIL import Image
+
+        from cbir.imaging import to_rgb
 
         with Image.open(path) as im:
-            im.draft("RGB", (self.size, self.size))
-            im = ImageOps.exif_transpose(im).convert("RGB")
+            im = to_rgb(im, self.size)
             im.thumbnail((self.size, self.size))
             buf = io.BytesIO()
             im.save(buf, "JPEG", quality=82)
