@@ -325,7 +325,8 @@ def _scan(
         try:
             st = path.stat()
         except OSError as e:
-            report.failed[image_id] = f"cannot read: {e.strerror or e}"
+            link = "broken symbolic link" if path.is_symlink() else "cannot read"
+            report.failed[image_id] = f"{link}: {e.strerror or e}"
             continue
         old = None if image_id in redo else old_entries.get(image_id) or old_failed.get(image_id)
         if old and old["size"] == st.st_size and old["mtime_ns"] == st.st_mtime_ns:
@@ -434,6 +435,8 @@ def _update_locked(
     final = commit(compact=True)
     _remove_orphans(index_dir, {e["shard"] for e in final["entries"]})
     _write_ann(index_dir, final)
+    for listed in (report.added, report.changed, report.repaired):  # a file that failed was not added
+        listed[:] = [i for i in listed if i not in report.failed]
     return SearchIndex.open(index_dir), report
 
 

@@ -31,6 +31,26 @@ def _image_dir(root: Path, filename: str, filepath: str | None) -> Path:
     return root / "images" / (filepath or "") / filename
 
 
+def _check_entry(entry: object, where: str, path: Path) -> dict:
+    """An `images[k]` entry of the expected shape; a wrong type is named, never a traceback later."""
+    if not isinstance(entry, dict) or "filename" not in entry:
+        raise DatasetError(f"{where} has no 'filename'", path)
+    for key, kind, name in (
+        ("filename", str, "a string"),
+        ("filepath", str, "a string"),
+        ("split", str, "a string"),
+        ("sentences", list, "a list"),
+        ("tags", list, "a list"),
+    ):
+        value = entry.get(key)
+        if value is not None and not isinstance(value, kind):
+            raise DatasetError(f"{where}: '{key}' must be {name}, not {type(value).__name__}", path)
+    for j, s in enumerate(entry.get("sentences") or []):
+        if not isinstance(s, dict) or not isinstance(s.get("raw", ""), str):
+            raise DatasetError(f"{where}.sentences[{j}]: expected an object with a string 'raw'", path)
+    return entry
+
+
 def read_karpathy(root: Path) -> Dataset:
     path = find_json(root)
     if path is None:
@@ -51,22 +71,22 @@ def read_karpathy(root: Path) -> Dataset:
     unknown_splits: Counter[str] = Counter()
     for k, entry in enumerate(doc["images"]):
         where = f"{path.name} images[{k}]"
-        if not isinstance(entry, dict) or "filename" not in entry:
-            raise DatasetError(f"{where} has no 'filename'", path)
+        entry = _check_entry(entry, where, path)
         file = _image_dir(root, entry["filename"], entry.get("filepath"))
         if not file.exists():
             report.skip(f"{where}: image file missing", file)
             continue
-        split = SPLIT_ALIASES.get(entry.get("split", "train"), entry.get("split", "train"))
+        split = entry.get("split") or "train"
+        split = SPLIT_ALIASES.get(split, split)
         if split not in KNOWN_SPLITS:
             unknown_splits[split] += 1
-        sents = [s for s in entry.get("sentences", []) if str(s.get("raw", "")).strip()]
+        sents = [s for s in entry.get("sentences") or [] if str(s.get("raw", "")).strip()]
         if not sents:
             report.skip(f"{where}: no captions; kept as an uncaptioned image", file)
         idx = len(images)
         images.append(file)
         splits.append(split)
-        tags.append([str(t) for t in entry.get("tags", [])])
+        tags.append([str(t) for t in entry.get("tags") or []])
         for s in sents:
             captions.append(str(s["raw"]).strip())
             caption_image.append(idx)
