@@ -4,6 +4,8 @@ traceback or silence."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pytest
 from PIL import Image
@@ -67,3 +69,17 @@ def test_images_above_the_pixel_limit_are_skipped_by_name(folder, tmp_path, zero
     assert list(report.failed) == ["flat.png"]
     assert "pixels is above the limit of 100,000 (set CBIR_MAX_PIXELS" in report.failed["flat.png"]
     assert "huge.jpg" in ix  # a JPEG decodes at 1/8 scale: under the limit
+
+
+def test_file_name_that_is_not_utf8_survives_cli_search(folder, tmp_path, zero_shot_dir):
+    name = os.fsdecode(b"caf\xe9-\xff.jpg")  # Latin-1 bytes: not valid UTF-8
+    shutil.copy(KAGGLE_MINI / "images_train" / "3.jpg", folder / name)
+    runner.invoke(app, ["index", str(folder), "--out", str(tmp_path / "ix"), "-m", str(zero_shot_dir)])
+    query = ["search", "--image", str(folder / name), "--index", str(tmp_path / "ix"), "-k", "1"]
+    result = runner.invoke(app, query)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.split()[-1] == str(folder) + "/caf\\xe9-\\xff.jpg"
+    result = runner.invoke(app, [*query, "--json"])
+    assert result.exit_code == 0 and os.fsencode(json.loads(result.stdout)[0]["path"]).endswith(
+        b"\xe9-\xff.jpg"
+    )
