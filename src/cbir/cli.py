@@ -405,6 +405,17 @@ def show(
 
 
 # ---- Web page and HTTP API (issue 6): serve ---------------------------------------------------------
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def host_names(host: str) -> list[str]:
+    """Host header values a server listening on `host` answers by default: the loopback names for a
+    loopback address, any name for all interfaces, else the address itself."""
+    if host in LOOPBACK:
+        return ["127.0.0.1", "localhost", "[::1]"]
+    return ["*"] if host in ("0.0.0.0", "::") else [host]
+
+
 @app.command()
 def serve(
     index_dir: IndexOpt,
@@ -412,6 +423,14 @@ def serve(
         "127.0.0.1"
     ),
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    allow_host: Annotated[
+        list[str],
+        typer.Option(
+            "--allow-host",
+            help="Also answer requests for this Host name (repeatable; '*' for any). By default only "
+            "the names of the address listened on are answered.",
+        ),
+    ] = [],  # noqa: B006
 ) -> None:
     """Serve the search page and its HTTP API (OpenAPI docs at /docs) until Ctrl-C."""
     import uvicorn
@@ -419,10 +438,10 @@ def serve(
     from cbir.server import create_app
 
     try:
-        web = create_app(index_dir)
+        web = create_app(index_dir, allowed_hosts=[*host_names(host), *allow_host])
     except search_errors() as e:
         fail(str(e))
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if host not in LOOPBACK:
         err.print(
             f"[yellow]note:[/] listening on {host}: anyone who can reach it can search and view the images"
         )

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Callable, Sequence
@@ -522,6 +523,7 @@ class SearchIndex:
         self.model_source = _source_of(manifest)
         self.ids: list[str] = [e["id"] for e in manifest["entries"]]
         self.failed: dict[str, str] = {f["id"]: f["reason"] for f in manifest.get("failed", [])}
+        self._indexed_stat = {e["id"]: (e["size"], e["mtime_ns"]) for e in manifest["entries"]}
         self._row = {image_id: i for i, image_id in enumerate(self.ids)}
         self.vectors = (
             _vectors_of(path, manifest["entries"], _checksums_to_verify(path, manifest))
@@ -595,6 +597,18 @@ class SearchIndex:
         if image_id not in self._row:
             raise KeyError(image_id)
         return self.root / image_id
+
+    def indexed_file(self, image_id: str) -> Path:
+        """The image file, only if it is still the regular file that was indexed (same size and
+        modification time): a photo since replaced, by a symlink to /etc/passwd say, is not served."""
+        path = self.image_path(image_id)
+        try:
+            st = path.stat()
+        except OSError as e:
+            raise FileNotFoundError(f"{path}: {e.strerror or e}") from e
+        if not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns) != self._indexed_stat[image_id]:
+            raise FileNotFoundError(f"{path}: changed since it was indexed; rerun `cbir index`")
+        return path
 
     def vector(self, image_id: str) -> np.ndarray:
         return np.asarray(self.vectors[self._row[image_id]], dtype=np.float32)
