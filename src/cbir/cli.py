@@ -69,6 +69,32 @@ def parse_params(pairs: list[str]) -> dict[str, object]:
     return params
 
 
+def fit_checked(model, data, dataset: Path) -> None:
+    """Fit on the train split (val for model selection), refusing what can only give a meaningless
+    model: no caption paired with an image, or weights that came out NaN/inf (evaluation would
+    otherwise score a diverged model as perfect)."""
+    import numpy as np
+
+    from cbir.datasets import DatasetError
+    from cbir.models import ModelError
+
+    train = data.split("train")
+    if not (train.caption_image >= 0).any():
+        raise DatasetError(
+            f"the train split has no captions paired with images ({len(train.images)} images, "
+            f"{len(train.captions)} captions): nothing to train on",
+            dataset,
+        )
+    model.fit(train, data.split("val") if "val" in data.splits else None)
+    arrays = model._arrays().items()
+    bad = sorted(k for k, a in arrays if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all())
+    if bad:
+        raise ModelError(
+            f"training {model.method} on {dataset} diverged (NaN/inf in {', '.join(bad[:3])}"
+            f"{', …' if len(bad) > 3 else ''}); nothing was saved"
+        )
+
+
 METRIC_ROWS = [
     ("text → image", "t2i"),
     ("image → text", "i2t"),
@@ -114,9 +140,8 @@ def train(
                 params[key] = value
         model = create_model(method, **params)
         data = open_dataset(dataset)
-        val = data.split("val") if "val" in data.splits else None
         start = time.perf_counter()
-        model.fit(data.split("train"), val)
+        fit_checked(model, data, dataset)
         model.save(out_dir)
     except user_errors() as e:
         fail(str(e))
@@ -251,8 +276,15 @@ IndexOpt = Annotated[Path, typer.Option("--index", "-i", help="Index directory w
 
 def search_errors():
     from cbir.index import IndexFormatError
+    from cbir.lockfile import LockBusyError
 
-    return (*user_errors(), IndexFormatError, KeyError)
+    return (*user_errors(), IndexFormatError, LockBusyError, KeyError)
+
+
+def shown(path: Path | str) -> str:
+    """A path as text that any terminal can take: bytes of a name that is not UTF-8 appear as \\xNN
+    (JSON output keeps them exactly, as the \\udcNN escapes `os.fsencode` turns back into bytes)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def print_results(results, as_json: bool) -> None:
@@ -262,7 +294,7 @@ def print_results(results, as_json: bool) -> None:
     if not results:
         err.print("no results", highlight=False)
     for r in results:
-        out.print(f"{r.rank + 1:>3}  {r.score:7.4f}  {r.path}", highlight=False, markup=False)
+        out.print(f"{r.rank + 1:>3}  {r.score:7.4f}  {shown(r.path)}", highlight=False, markup=False)
 
 
 @app.command()
@@ -278,28 +310,36 @@ def index(
             "everyday photos) or `zero-shot` (ImageNet classes, no training).",
         ),
     ] = "default",
+    wait: Annotated[
+        float, typer.Option(help="Seconds to wait for another `cbir index` run on the same --out.")
+    ] = 0.0,
 ) -> None:
     """Embed every photo below FOLDER into an index; reruns embed only new or changed files."""
     from cbir.index import update_index
 
     start = time.perf_counter()
     try:
-        ix, report = update_index(folder, out_dir, model)
+        ix, report = update_index(folder, out_dir, model, wait=wait)
     except search_errors() as e:
         fail(str(e))
     out.print(
-        f"indexed {len(ix)} images of {ix.root} in {time.perf_counter() - start:.1f}s → {ix.path} "
+        f"indexed {len(ix)} images of {shown(ix.root)} in {time.perf_counter() - start:.1f}s "
+        f"→ {shown(ix.path)} "
         f"(added {len(report.added)}, changed {len(report.changed)}, removed {len(report.removed)}, "
         f"unchanged {report.unchanged}; model: {ix.model_source})",
         highlight=False,
         soft_wrap=True,
     )
+    for problem in report.damaged.values():
+        err.print(f"[yellow]note:[/] {problem}: rebuilt", highlight=False, markup=False)
+    if report.repaired:
+        err.print(f"[yellow]note:[/] re-embedded {len(report.repaired)} image(s) of damaged shards")
     if report.failed:
         err.print(
             f"[yellow]note:[/] {len(report.failed)} file(s) skipped (not readable images):", highlight=False
         )
         for image_id, reason in sorted(report.failed.items())[:REPORT_LINES]:
-            err.print(f"  {ix.root / image_id}: {reason}", highlight=False, markup=False)
+            err.print(f"  {shown(ix.root / image_id)}: {reason}", highlight=False, markup=False)
         if len(report.failed) > REPORT_LINES:
             err.print(f"  … and {len(report.failed) - REPORT_LINES} more", highlight=False)
 
@@ -365,6 +405,17 @@ def show(
 
 
 # ---- Web page and HTTP API (issue 6): serve ---------------------------------------------------------
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def host_names(host: str) -> list[str]:
+    """Host header values a server listening on `host` answers by default: the loopback names for a
+    loopback address, any name for all interfaces, else the address itself."""
+    if host in LOOPBACK:
+        return ["127.0.0.1", "localhost", "[::1]"]
+    return ["*"] if host in ("0.0.0.0", "::") else [host]
+
+
 @app.command()
 def serve(
     index_dir: IndexOpt,
@@ -372,6 +423,14 @@ def serve(
         "127.0.0.1"
     ),
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    allow_host: Annotated[
+        list[str],
+        typer.Option(
+            "--allow-host",
+            help="Also answer requests for this Host name (repeatable; '*' for any). By default only "
+            "the names of the address listened on are answered.",
+        ),
+    ] = [],  # noqa: B006
 ) -> None:
     """Serve the search page and its HTTP API (OpenAPI docs at /docs) until Ctrl-C."""
     import uvicorn
@@ -379,10 +438,10 @@ def serve(
     from cbir.server import create_app
 
     try:
-        web = create_app(index_dir)
+        web = create_app(index_dir, allowed_hosts=[*host_names(host), *allow_host])
     except search_errors() as e:
         fail(str(e))
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if host not in LOOPBACK:
         err.print(
             f"[yellow]note:[/] listening on {host}: anyone who can reach it can search and view the images"
         )

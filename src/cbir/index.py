@@ -10,7 +10,10 @@ On disk an index is a directory:
 
 Every change is written to new files first and published by `os.replace` of the manifest, so the
 index on disk is always consistent: a killed run loses at most the chunk it was embedding, and a
-rerun finds what is done, embeds only new or changed files, and drops deleted ones.
+rerun finds what is done, embeds only new or changed files, and drops deleted ones. One writer at a
+time holds `.cbir-lock`; readers take no lock and reread the manifest if a shard they listed is gone.
+The manifest records a SHA-1 per shard: opening an index verifies it (up to `VERIFY_ON_OPEN_MAX_BYTES`),
+every rerun verifies all, and re-embeds the images of a damaged shard (from the feature cache).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Callable, Sequence
@@ -28,8 +32,12 @@ from typing import Any
 
 import numpy as np
 
+from cbir.lockfile import exclusive_lock
+
 MANIFEST = "index.json"
 SHARDS = "shards"
+LOCK_FILE = ".cbir-lock"
+TMP_SUFFIX = ".cbir-tmp"  # every temporary file or folder the index writes ends so; nothing else is swept
 MODEL_DIR = "model"
 ANN_FILE = "ann.faiss"
 FORMAT = "cbir-index"
@@ -40,10 +48,22 @@ HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 64
 HNSW_EF_SEARCH = 128
 CHUNK_SIZE = 256
+# Opening verifies shard checksums up to this many bytes of shards (~40k 1,664-d images; SHA-1 runs at
+# 0.7-1.4 GB/s here, see BENCHMARKS.md); larger indexes are verified by every `cbir index` rerun.
+VERIFY_ON_OPEN_MAX_BYTES = 256 << 20
+OPEN_ATTEMPTS = 5  # a reader rereads a manifest that changed under it this many times at most
 
 
 class IndexFormatError(ValueError):
     """A path that is not a usable index directory; the message says which file and why."""
+
+
+class ShardError(IndexFormatError):
+    """A vector shard that is missing or damaged; a rerun of `cbir index` rebuilds it."""
+
+    def __init__(self, path: Path, problem: str):
+        self.problem = f"{path}: {problem}"
+        super().__init__(f"{self.problem}; rerun `cbir index` on the same folder and --out to rebuild it")
 
 
 @dataclass
@@ -66,6 +86,8 @@ class IndexReport:
     removed: list[str] = field(default_factory=list)
     unchanged: int = 0
     failed: dict[str, str] = field(default_factory=dict)  # id -> reason (corrupt, unreadable)
+    damaged: dict[str, str] = field(default_factory=dict)  # shard -> error naming its file
+    repaired: list[str] = field(default_factory=list)  # re-embedded because their shard was damaged
 
 
 def file_hash(path: Path) -> str:
@@ -76,16 +98,25 @@ def file_hash(path: Path) -> str:
     return h.hexdigest()
 
 
+def _tmp_path(path: Path) -> Path:
+    """A hidden sibling for writing `path` before publishing it; only such names are ever swept."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex}{TMP_SUFFIX}")
+
+
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = _tmp_path(path)
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)
 
 
-def _write_npy_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp.npy")
-    np.save(tmp, np.ascontiguousarray(array, dtype=np.float32))
+def _write_npy_atomic(path: Path, array: np.ndarray) -> str:
+    """Write a shard and return the SHA-1 of its bytes, for the manifest."""
+    tmp = _tmp_path(path)
+    with tmp.open("wb") as f:
+        np.save(f, np.ascontiguousarray(array, dtype=np.float32))
+    digest = file_hash(tmp)
     os.replace(tmp, path)
+    return digest
 
 
 def model_fingerprint(model_dir: Path) -> str:
@@ -126,7 +157,7 @@ def _install_model(index_dir: Path, model: Path | str | None) -> tuple[str, str]
     from cbir.models import ZERO_SHOT_MODEL, create_model, load_model, model_dir, model_source
 
     target = index_dir / MODEL_DIR
-    staging = index_dir / f".{MODEL_DIR}.{uuid.uuid4().hex}.tmp"
+    staging = _tmp_path(target)
     source, path = model_source(model), model_dir(model)
     if path is None:
         create_model(ZERO_SHOT_MODEL).fit().save(staging)
@@ -134,26 +165,49 @@ def _install_model(index_dir: Path, model: Path | str | None) -> tuple[str, str]
         load_model(model)  # a clear error before anything is copied
         shutil.copytree(path, staging)
     fingerprint = model_fingerprint(staging)
+    old = _tmp_path(target)
     if target.exists():
-        shutil.rmtree(target)
+        os.replace(target, old)  # two renames: a reader never finds the model folder half deleted
     os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
     return source, fingerprint
 
 
-def _vectors_of(index_dir: Path, entries: Sequence[dict[str, Any]], mmap: bool = True) -> np.ndarray:
+def _load_shard(index_dir: Path, name: str, checksum: str | None, mmap: bool = True) -> np.ndarray:
+    """One shard's rows, its checksum verified first when the manifest has one; errors name the file."""
+    path = index_dir / SHARDS / name
+    try:
+        if checksum is None or file_hash(path) == checksum:
+            return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        problem = "damaged shard (checksum mismatch)"
+    except FileNotFoundError:
+        problem = "shard missing"
+    except (OSError, ValueError, EOFError) as e:
+        problem = f"damaged shard ({e})"
+    raise ShardError(path, problem)
+
+
+def _vectors_of(
+    index_dir: Path,
+    entries: Sequence[dict[str, Any]],
+    checksums: dict[str, str] | None = None,
+    mmap: bool = True,
+) -> np.ndarray:
     """Vectors in entry order; one compacted shard is memory-mapped, several are gathered."""
     if not entries:
         return np.zeros((0, 0), dtype=np.float32)
-    shards = {e["shard"] for e in entries}
-    if len(shards) == 1:
-        (name,) = shards
-        arr = np.load(index_dir / SHARDS / name, mmap_mode="r" if mmap else None)
-        rows = np.fromiter((e["row"] for e in entries), dtype=np.int64, count=len(entries))
+    sums = checksums or {}
+    loaded = {s: _load_shard(index_dir, s, sums.get(s), mmap) for s in {e["shard"] for e in entries}}
+    rows = np.fromiter((e["row"] for e in entries), dtype=np.int64, count=len(entries))
+    try:
+        if len(loaded) > 1:
+            return np.stack([loaded[e["shard"]][e["row"]] for e in entries]).astype(np.float32)
+        (arr,) = loaded.values()
         if len(arr) == len(rows) and np.array_equal(rows, np.arange(len(rows))):
             return arr
         return np.asarray(arr[rows])
-    loaded = {s: np.load(index_dir / SHARDS / s, mmap_mode="r") for s in shards}
-    return np.stack([loaded[e["shard"]][e["row"]] for e in entries]).astype(np.float32)
+    except IndexError as e:
+        raise IndexFormatError(f"{index_dir / MANIFEST}: an entry points past the end of its shard") from e
 
 
 def build_index(
@@ -179,44 +233,91 @@ def update_index(
     progress: bool = True,
     chunk_size: int = CHUNK_SIZE,
     on_chunk: Callable[[int, int], None] | None = None,
+    wait: float = 0.0,
 ) -> tuple[SearchIndex, IndexReport]:
-    """`build_index` that also says what changed: added, changed, removed, failed files."""
-    from cbir.datasets import Dataset, DatasetError, list_images
-    from cbir.encoders import shared_image_encoder
-    from cbir.models import load_model, model_dir, model_source
-    from cbir.progress import progress_bar
+    """`build_index` that also says what changed: added, changed, removed, failed, repaired files.
+
+    One writer at a time: another run on the same `out` is waited for up to `wait` seconds, then
+    `LockBusyError` names it. Readers are never blocked.
+    """
+    from cbir.datasets import DatasetError
 
     root = Path(folder).expanduser().resolve()
     if not root.is_dir():
         raise DatasetError("no such folder to index", root)
     index_dir = Path(out).expanduser().resolve()
+    _check_out_folder(index_dir)
     index_dir.mkdir(parents=True, exist_ok=True)
-    (index_dir / SHARDS).mkdir(exist_ok=True)
-    report = IndexReport()
+    with exclusive_lock(index_dir / LOCK_FILE, wait, what=f"the index {index_dir}"):
+        return _update_locked(root, index_dir, model, progress, chunk_size, on_chunk)
 
-    manifest: dict[str, Any] | None = None
-    if (index_dir / MANIFEST).exists():
-        manifest = read_manifest(index_dir)
-    elif any(p.name not in (SHARDS,) and not p.name.startswith(".") for p in index_dir.iterdir()):
+
+def _check_out_folder(index_dir: Path) -> None:
+    """Refuse an --out that is neither an index nor empty (hidden entries count): the index sweeps
+    the files it made, so it must never move in with someone else's."""
+    if index_dir.exists() and not index_dir.is_dir():
+        raise IndexFormatError(f"{index_dir}: exists and is not a folder; choose a new --out folder")
+    if not index_dir.is_dir() or (index_dir / MANIFEST).exists():
+        return
+    foreign = sorted(p.name for p in index_dir.iterdir() if not _is_ours(p.name))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", …" if len(foreign) > 3 else "")
         raise IndexFormatError(
-            f"{index_dir}: exists and is not an index; choose an empty or new --out folder"
+            f"{index_dir}: exists and is not an index (it holds {shown}); choose an empty or new --out folder"
         )
 
+
+def _is_ours(name: str) -> bool:
+    """Names the indexer leaves in a folder before its first manifest: the lock and temporaries."""
+    return name == LOCK_FILE or name.endswith(TMP_SUFFIX)
+
+
+def _new_manifest(index_dir: Path, root: Path) -> dict[str, Any]:
+    """An empty manifest, published first: a run killed early leaves an index, not a foreign folder."""
+    manifest = {"format": FORMAT, "version": VERSION, "root": str(root), "entries": [], "failed": []}
+    _write_json_atomic(index_dir / MANIFEST, manifest)
+    return manifest
+
+
+def _prepare(
+    index_dir: Path, root: Path, model: Path | str | None, manifest: dict[str, Any]
+) -> tuple[str, str, dict[str, Any]]:
+    """Install the model when it changed; (source, fingerprint, what of the old manifest carries over)."""
+    from cbir.models import model_dir, model_source
+
     wanted_source, wanted_dir = model_source(model), model_dir(model)
-    if manifest is None or _source_of(manifest) != wanted_source or not (index_dir / MODEL_DIR).is_dir():
+    installed = manifest.get("model_fingerprint") is not None and (index_dir / MODEL_DIR).is_dir()
+    if _source_of(manifest) != wanted_source or not installed:
         source, fingerprint = _install_model(index_dir, model)
-        keep_vectors = manifest is not None and manifest.get("model_fingerprint") == fingerprint
     else:
         source, fingerprint = wanted_source, manifest["model_fingerprint"]
         if wanted_dir is not None and model_fingerprint(wanted_dir) != fingerprint:  # retrained in place
             source, fingerprint = _install_model(index_dir, model)
-        keep_vectors = manifest.get("model_fingerprint") == fingerprint
-    old_entries = {e["id"]: e for e in manifest["entries"]} if manifest and keep_vectors else {}
-    old_failed = {f["id"]: f for f in manifest.get("failed", [])} if manifest and keep_vectors else {}
-    if manifest is not None and manifest.get("root") != str(root):
-        old_entries, old_failed = {}, {}  # another folder: nothing carries over
+    keep = manifest.get("model_fingerprint") == fingerprint and manifest.get("root") == str(root)
+    return source, fingerprint, manifest if keep else {}
 
-    # What is on disk now, against what the index holds.
+
+def _damaged_shards(index_dir: Path, names: set[str], checksums: dict[str, str]) -> dict[str, str]:
+    """Shards that are missing, unreadable or fail their checksum: name -> the error naming the file."""
+    damaged = {}
+    for name in sorted(names):
+        try:
+            _load_shard(index_dir, name, checksums.get(name))
+        except ShardError as e:
+            damaged[name] = e.problem
+    return damaged
+
+
+def _scan(
+    root: Path,
+    old_entries: dict[str, dict[str, Any]],
+    old_failed: dict[str, dict[str, Any]],
+    redo: set[str],
+    report: IndexReport,
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], list[tuple[str, Path, os.stat_result, str]]]:
+    """What is on disk now, against what the index holds: (kept entries, kept failures, to embed)."""
+    from cbir.datasets import list_images
+
     entries: dict[str, dict[str, Any]] = {}
     failed: dict[str, dict[str, Any]] = {}
     todo: list[tuple[str, Path, os.stat_result, str]] = []
@@ -225,9 +326,10 @@ def update_index(
         try:
             st = path.stat()
         except OSError as e:
-            report.failed[image_id] = f"cannot read: {e.strerror or e}"
+            link = "broken symbolic link" if path.is_symlink() else "cannot read"
+            report.failed[image_id] = f"{link}: {e.strerror or e}"
             continue
-        old = old_entries.get(image_id) or old_failed.get(image_id)
+        old = None if image_id in redo else old_entries.get(image_id) or old_failed.get(image_id)
         if old and old["size"] == st.st_size and old["mtime_ns"] == st.st_mtime_ns:
             if image_id in old_entries:
                 entries[image_id] = old
@@ -245,12 +347,49 @@ def update_index(
             entries[image_id] = {**old, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
             report.unchanged += 1
             continue
-        (report.changed if old else report.added).append(image_id)
+        (report.changed if old else report.repaired if image_id in redo else report.added).append(image_id)
         todo.append((image_id, path, st, digest))
     report.removed = sorted(set(old_entries) - set(entries) - {t[0] for t in todo})
+    return entries, failed, todo
+
+
+def _update_locked(
+    root: Path,
+    index_dir: Path,
+    model: Path | str | None,
+    progress: bool,
+    chunk_size: int,
+    on_chunk: Callable[[int, int], None] | None,
+) -> tuple[SearchIndex, IndexReport]:
+    """`update_index` once it holds the lock."""
+    from cbir.datasets import Dataset
+    from cbir.encoders import shared_image_encoder
+    from cbir.models import load_model
+    from cbir.progress import progress_bar
+
+    has_manifest = (index_dir / MANIFEST).exists()
+    manifest = read_manifest(index_dir) if has_manifest else _new_manifest(index_dir, root)
+    (index_dir / SHARDS).mkdir(exist_ok=True)
+    source, fingerprint, kept = _prepare(index_dir, root, model, manifest)
+    old_entries = {e["id"]: e for e in kept.get("entries", [])}
+    checksums: dict[str, str] = dict(kept.get("shards", {}))
+    report = IndexReport()
+    report.damaged = _damaged_shards(index_dir, {e["shard"] for e in old_entries.values()}, checksums)
+    redo = {i for i, e in old_entries.items() if e["shard"] in report.damaged}
+    old_failed = {f["id"]: f for f in kept.get("failed", [])}
+    entries, failed, todo = _scan(root, old_entries, old_failed, redo, report)
+    manifest_dim = kept.get("dim")
 
     def commit(compact: bool = False) -> dict[str, Any]:
         ordered = [entries[k] for k in sorted(entries)]
+        if compact and ordered and not _is_compact(index_dir, ordered):
+            name = f"{uuid.uuid4().hex}.npy"
+            vectors = _vectors_of(index_dir, ordered, checksums, mmap=False)
+            checksums[name] = _write_npy_atomic(index_dir / SHARDS / name, vectors)
+            ordered = [{**e, "shard": name, "row": i} for i, e in enumerate(ordered)]
+        live = sorted({e["shard"] for e in ordered})
+        for name in live:  # an index written before checksums gets them now
+            checksums.setdefault(name, file_hash(index_dir / SHARDS / name))
         data = {
             "format": FORMAT,
             "version": VERSION,
@@ -258,17 +397,13 @@ def update_index(
             "model_source": source,
             "model_fingerprint": fingerprint,
             "dim": manifest_dim,
+            "shards": {name: checksums[name] for name in live},
             "entries": ordered,
             "failed": [failed[k] for k in sorted(failed)],
         }
-        if compact and ordered and not _is_compact(index_dir, ordered):
-            name = f"{uuid.uuid4().hex}.npy"
-            _write_npy_atomic(index_dir / SHARDS / name, _vectors_of(index_dir, ordered, mmap=False))
-            data["entries"] = ordered = [{**e, "shard": name, "row": i} for i, e in enumerate(ordered)]
         _write_json_atomic(index_dir / MANIFEST, data)
         return data
 
-    manifest_dim = manifest.get("dim") if manifest and keep_vectors else None
     commit()  # publish removals (and a fresh manifest) before the long part
 
     if todo:
@@ -282,30 +417,17 @@ def update_index(
                 for i, reason in feats.failed.items():
                     image_id, _, st, digest = chunk[i]
                     reason = reason.split(": ", 1)[-1]
-                    failed[image_id] = {
-                        "id": image_id,
-                        "size": st.st_size,
-                        "mtime_ns": st.st_mtime_ns,
-                        "sha1": digest,
-                        "reason": reason,
-                    }
+                    failed[image_id] = {**_stat_entry(image_id, st, digest), "reason": reason}
                     entries.pop(image_id, None)
                     report.failed[image_id] = reason
                 if ok:
                     vectors = loaded.embed_images(Dataset.from_paths([p for _, p, _, _ in ok], root))
                     manifest_dim = int(vectors.shape[1])
                     name = f"{uuid.uuid4().hex}.npy"
-                    _write_npy_atomic(index_dir / SHARDS / name, vectors)
+                    checksums[name] = _write_npy_atomic(index_dir / SHARDS / name, vectors)
                     for row, (image_id, _, st, digest) in enumerate(ok):
                         failed.pop(image_id, None)
-                        entries[image_id] = {
-                            "id": image_id,
-                            "size": st.st_size,
-                            "mtime_ns": st.st_mtime_ns,
-                            "sha1": digest,
-                            "shard": name,
-                            "row": row,
-                        }
+                        entries[image_id] = {**_stat_entry(image_id, st, digest), "shard": name, "row": row}
                 commit()
                 advance(len(chunk))
                 if on_chunk is not None:
@@ -314,7 +436,14 @@ def update_index(
     final = commit(compact=True)
     _remove_orphans(index_dir, {e["shard"] for e in final["entries"]})
     _write_ann(index_dir, final)
+    for listed in (report.added, report.changed, report.repaired):  # a file that failed was not added
+        listed[:] = [i for i in listed if i not in report.failed]
     return SearchIndex.open(index_dir), report
+
+
+def _stat_entry(image_id: str, st: os.stat_result, digest: str) -> dict[str, Any]:
+    """What a rerun compares to decide whether a file changed."""
+    return {"id": image_id, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha1": digest}
 
 
 def _is_compact(index_dir: Path, entries: Sequence[dict[str, Any]]) -> bool:
@@ -322,15 +451,16 @@ def _is_compact(index_dir: Path, entries: Sequence[dict[str, Any]]) -> bool:
     shard = entries[0]["shard"]
     if any(e["shard"] != shard or e["row"] != i for i, e in enumerate(entries)):
         return False
-    return len(np.load(index_dir / SHARDS / shard, mmap_mode="r")) == len(entries)
+    return len(_load_shard(index_dir, shard, None)) == len(entries)
 
 
 def _remove_orphans(index_dir: Path, live: set[str]) -> None:
-    """Shards no entry points to any more (replaced, compacted, or left by a killed run)."""
-    for f in (index_dir / SHARDS).iterdir():
+    """Shards no entry points to any more (replaced, compacted, or left by a killed run), and the
+    temporaries of killed runs: only names the index writes, under its lock."""
+    for f in (index_dir / SHARDS).glob("*.npy"):
         if f.name not in live:
             f.unlink(missing_ok=True)
-    for f in index_dir.glob(".*.tmp*"):
+    for f in [*index_dir.glob(f".*{TMP_SUFFIX}"), *(index_dir / SHARDS).glob(f".*{TMP_SUFFIX}")]:
         if f.is_dir():
             shutil.rmtree(f, ignore_errors=True)
         else:
@@ -350,11 +480,11 @@ def _write_ann(index_dir: Path, manifest: dict[str, Any]) -> None:
         return
     import faiss
 
-    vectors = np.ascontiguousarray(_vectors_of(index_dir, entries), dtype=np.float32)
+    vectors = np.ascontiguousarray(_vectors_of(index_dir, entries, manifest.get("shards")), dtype=np.float32)
     graph = faiss.IndexHNSWFlat(vectors.shape[1], HNSW_M, faiss.METRIC_INNER_PRODUCT)
     graph.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
     graph.add(vectors)
-    tmp = index_dir / f".{ANN_FILE}.tmp"
+    tmp = _tmp_path(ann)
     faiss.write_index(graph, str(tmp))
     os.replace(tmp, ann)
     tag.write_text(shard)
@@ -374,6 +504,14 @@ def vector_search(vectors: np.ndarray, exact: bool = True):
     return index
 
 
+def _checksums_to_verify(index_dir: Path, manifest: dict[str, Any]) -> dict[str, str] | None:
+    """The manifest's shard checksums, unless the shards are too large to hash on every open."""
+    sums = manifest.get("shards") or {}
+    shards = [index_dir / SHARDS / name for name in sums]
+    size = sum(p.stat().st_size for p in shards if p.exists())
+    return sums if size <= VERIFY_ON_OPEN_MAX_BYTES else None
+
+
 class SearchIndex:
     """An opened index: the model loads once here, then each query is one embedding + one FAISS search."""
 
@@ -385,16 +523,32 @@ class SearchIndex:
         self.model_source = _source_of(manifest)
         self.ids: list[str] = [e["id"] for e in manifest["entries"]]
         self.failed: dict[str, str] = {f["id"]: f["reason"] for f in manifest.get("failed", [])}
+        self._indexed_stat = {e["id"]: (e["size"], e["mtime_ns"]) for e in manifest["entries"]}
         self._row = {image_id: i for i, image_id in enumerate(self.ids)}
-        self.vectors = _vectors_of(path, manifest["entries"]) if self.ids else np.zeros((0, 1), np.float32)
+        self.vectors = (
+            _vectors_of(path, manifest["entries"], _checksums_to_verify(path, manifest))
+            if self.ids
+            else np.zeros((0, 1), np.float32)
+        )
         self.model = load_model(path / MODEL_DIR)
         self._faiss = None
         self._prefix_faiss: dict[int, Any] = {}
 
     @classmethod
     def open(cls, path: Path | str) -> SearchIndex:
+        """Open without a lock: if a writer published a new manifest (and swept the shards of the old
+        one) while this was reading, read again; only a fault that persists is an error."""
         index_dir = Path(path).expanduser().resolve()
-        return cls(index_dir, read_manifest(index_dir))
+        manifest = read_manifest(index_dir)
+        for _ in range(OPEN_ATTEMPTS - 1):
+            try:
+                return cls(index_dir, manifest)
+            except IndexFormatError:
+                latest = read_manifest(index_dir)
+                if latest == manifest:
+                    raise
+                manifest = latest
+        return cls(index_dir, manifest)
 
     @property
     def approximate(self) -> bool:
@@ -443,6 +597,18 @@ class SearchIndex:
         if image_id not in self._row:
             raise KeyError(image_id)
         return self.root / image_id
+
+    def indexed_file(self, image_id: str) -> Path:
+        """The image file, only if it is still the regular file that was indexed (same size and
+        modification time): a photo since replaced, by a symlink to /etc/passwd say, is not served."""
+        path = self.image_path(image_id)
+        try:
+            st = path.stat()
+        except OSError as e:
+            raise FileNotFoundError(f"{path}: {e.strerror or e}") from e
+        if not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns) != self._indexed_stat[image_id]:
+            raise FileNotFoundError(f"{path}: changed since it was indexed; rerun `cbir index`")
+        return path
 
     def vector(self, image_id: str) -> np.ndarray:
         return np.asarray(self.vectors[self._row[image_id]], dtype=np.float32)

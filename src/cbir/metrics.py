@@ -1,7 +1,8 @@
 """Retrieval metrics as the RSICD literature and the Kaggle competition compute them.
 
 Ranks are 0-based (0 = first). Ties are broken *against* the relevant item: an item tied with the
-truth counts as ranked above it, so a constant scorer gets the worst rank, never a lucky one.
+truth counts as ranked above it, so a constant scorer gets the worst rank, never a lucky one. A NaN
+score (a diverged model) is the lowest possible score: a NaN truth ranks last, never first.
 """
 
 from __future__ import annotations
@@ -13,9 +14,15 @@ import numpy as np
 RECALL_KS = (1, 5, 10, 20)
 
 
+def _nan_as_lowest(scores: np.ndarray) -> np.ndarray:
+    """NaN compares false with everything, which would rank a NaN truth first; make it -inf."""
+    scores = np.asarray(scores, dtype=np.float64)
+    return np.where(np.isnan(scores), -np.inf, scores)
+
+
 def text_to_image_ranks(scores: np.ndarray, caption_image: np.ndarray) -> np.ndarray:
     """scores (n_captions, n_images); rank of each caption's own image among all images."""
-    scores = np.asarray(scores)
+    scores = _nan_as_lowest(scores)
     truth = scores[np.arange(len(scores)), caption_image]
     return (scores >= truth[:, None]).sum(1) - 1
 
@@ -25,7 +32,7 @@ def image_to_text_ranks(scores: np.ndarray, caption_image: np.ndarray) -> np.nda
 
     A hit at K when any of the image's captions is in the top K. Images without captions get -1.
     """
-    scores = np.asarray(scores)
+    scores = _nan_as_lowest(scores)
     n_images = scores.shape[1]
     ranks = np.full(n_images, -1, dtype=np.int64)
     for i in range(n_images):

@@ -30,10 +30,11 @@ def thumbnail(path: Path, size: int = THUMB) -> np.ndarray:
     """A square centre crop of the image as RGB pixels (grey if the file cannot be read)."""
     from PIL import Image, ImageOps
 
+    from cbir.imaging import to_rgb
+
     try:
         with Image.open(path) as im:
-            im.draft("RGB", (size, size))
-            return np.asarray(ImageOps.fit(ImageOps.exif_transpose(im).convert("RGB"), (size, size)))
+            return np.asarray(ImageOps.fit(to_rgb(im, size), (size, size)))
     except Exception:  # a missing or broken file still gets its cell, marked by the grey square
         return np.full((size, size, 3), 200, dtype=np.uint8)
 

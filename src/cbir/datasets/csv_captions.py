@@ -32,7 +32,15 @@ def read_csv_captions(root: Path) -> Dataset:
     caption_image: list[int] = []
     index_of: dict[str, int] = {}
     rows = csv.reader(io.StringIO(read_text(path)))
-    for lineno, row in enumerate(rows, start=1):
+    next_line = 1  # a quoted field may span lines: count where each row starts
+    for row in rows:
+        lineno, next_line = next_line, rows.line_num + 1
+        if any("\n" in c for c in row):  # no caption spans lines: a quote was left open
+            raise DatasetError(
+                f"unclosed quote: this row runs on to line {rows.line_num} (close the quote or remove it)",
+                path,
+                lineno,
+            )
         if lineno == 1 and [c.strip().lower() for c in row[:2]] == ["image", "caption"]:
             continue
         if not row or not any(c.strip() for c in row):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import numpy as np
 from cbir.datasets.base import Dataset, DatasetError, LoadReport, read_text
 
 SPLIT_ALIASES = {"restval": "train"}
+KNOWN_SPLITS = ("train", "val", "test", "restval")
 
 
 def find_json(root: Path) -> Path | None:
@@ -29,6 +31,26 @@ def _image_dir(root: Path, filename: str, filepath: str | None) -> Path:
     return root / "images" / (filepath or "") / filename
 
 
+def _check_entry(entry: object, where: str, path: Path) -> dict:
+    """An `images[k]` entry of the expected shape; a wrong type is named, never a traceback later."""
+    if not isinstance(entry, dict) or "filename" not in entry:
+        raise DatasetError(f"{where} has no 'filename'", path)
+    for key, kind, name in (
+        ("filename", str, "a string"),
+        ("filepath", str, "a string"),
+        ("split", str, "a string"),
+        ("sentences", list, "a list"),
+        ("tags", list, "a list"),
+    ):
+        value = entry.get(key)
+        if value is not None and not isinstance(value, kind):
+            raise DatasetError(f"{where}: '{key}' must be {name}, not {type(value).__name__}", path)
+    for j, s in enumerate(entry.get("sentences") or []):
+        if not isinstance(s, dict) or not isinstance(s.get("raw", ""), str):
+            raise DatasetError(f"{where}.sentences[{j}]: expected an object with a string 'raw'", path)
+    return entry
+
+
 def read_karpathy(root: Path) -> Dataset:
     path = find_json(root)
     if path is None:
@@ -46,26 +68,33 @@ def read_karpathy(root: Path) -> Dataset:
     captions: list[str] = []
     caption_image: list[int] = []
     augmented: list[bool] = []
+    unknown_splits: Counter[str] = Counter()
     for k, entry in enumerate(doc["images"]):
         where = f"{path.name} images[{k}]"
-        if not isinstance(entry, dict) or "filename" not in entry:
-            raise DatasetError(f"{where} has no 'filename'", path)
+        entry = _check_entry(entry, where, path)
         file = _image_dir(root, entry["filename"], entry.get("filepath"))
         if not file.exists():
             report.skip(f"{where}: image file missing", file)
             continue
-        split = SPLIT_ALIASES.get(entry.get("split", "train"), entry.get("split", "train"))
-        sents = [s for s in entry.get("sentences", []) if str(s.get("raw", "")).strip()]
+        split = entry.get("split") or "train"
+        split = SPLIT_ALIASES.get(split, split)
+        if split not in KNOWN_SPLITS:
+            unknown_splits[split] += 1
+        sents = [s for s in entry.get("sentences") or [] if str(s.get("raw", "")).strip()]
         if not sents:
             report.skip(f"{where}: no captions; kept as an uncaptioned image", file)
         idx = len(images)
         images.append(file)
         splits.append(split)
-        tags.append([str(t) for t in entry.get("tags", [])])
+        tags.append([str(t) for t in entry.get("tags") or []])
         for s in sents:
             captions.append(str(s["raw"]).strip())
             caption_image.append(idx)
             augmented.append(bool(s.get("augmented", False)))
+    for split, n in sorted(unknown_splits.items()):
+        report.skip(
+            f"split '{split}' ({n} image(s)) is none of {', '.join(KNOWN_SPLITS)}; kept under that name", path
+        )
     return Dataset(
         root=root,
         format="karpathy",

@@ -1,7 +1,9 @@
 """On-disk feature cache keyed by content hash and model, so a second run over the same inputs is free.
 
 Each `put` writes one shard (`.npz` of keys and rows) atomically; a reader loads every shard of its
-namespace. A killed run loses at most the shard it was writing, never a finished one.
+namespace. A killed run loses at most the shard it was writing, never a finished one: its hidden
+temporary is never read. A shard that cannot be read is renamed aside (`*.npz.damaged`) with a
+warning naming it, and its rows are simply recomputed.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
+import warnings
+import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -48,13 +52,34 @@ class FeatureCache:
     def _load(self) -> dict[str, np.ndarray]:
         if self._rows is None:
             self._rows = {}
-            for shard in sorted(self.dir.glob("*.npz")) if self.dir.is_dir() else []:
+            for shard in self._shards():
                 try:
-                    with np.load(shard) as z:
+                    with np.load(shard, allow_pickle=False) as z:
                         self._rows.update(zip(z["keys"].tolist(), z["rows"], strict=True))
-                except (OSError, ValueError, KeyError):
-                    continue  # a damaged shard only costs recomputation
+                except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+                    self._set_aside(shard, e)
         return self._rows
+
+    def _shards(self) -> list[Path]:
+        """Finished shards only: temporaries are hidden (and older runs named them `.*.tmp.npz`)."""
+        if not self.dir.is_dir():
+            return []
+        return sorted(p for p in self.dir.glob("*.npz") if not p.name.startswith("."))
+
+    @staticmethod
+    def _set_aside(shard: Path, error: Exception) -> None:
+        """A damaged shard only costs recomputation; it is kept, renamed, for whoever wants to look."""
+        aside = shard.with_name(shard.name + ".damaged")
+        try:
+            os.replace(shard, aside)
+            where = f"set aside as {aside.name}"
+        except OSError:
+            where = "left in place (cannot rename it)"
+        warnings.warn(
+            f"{shard}: damaged feature-cache shard ({error or type(error).__name__}), {where}; "
+            "its features will be recomputed",
+            stacklevel=3,
+        )
 
     def get(self, key: str) -> np.ndarray | None:
         return self._load().get(key)
@@ -69,8 +94,9 @@ class FeatureCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         rows = np.asarray(rows, dtype=np.float32)
         name = uuid.uuid4().hex
-        tmp = self.dir / f".{name}.tmp.npz"
-        np.savez(tmp, keys=np.array(keys), rows=rows)
+        tmp = self.dir / f".{name}.npz.tmp"
+        with tmp.open("wb") as f:  # a file object: numpy adds no `.npz` that the shard glob would match
+            np.savez(f, keys=np.array(keys), rows=rows)
         os.replace(tmp, self.dir / f"{name}.npz")
         self._load().update(zip(keys, rows, strict=True))
 

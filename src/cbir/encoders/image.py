@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from cbir.encoders.cache import FeatureCache, content_key
+from cbir.imaging import to_rgb
 from cbir.progress import progress_bar
 
 MODEL_ID = "efficientnet-lite0"
@@ -64,9 +65,7 @@ def preprocess(data: bytes, view: str = "center") -> np.ndarray:
     """Bytes of an image file -> (224, 224, 3) uint8: shorter side to 224, centre crop, then the view."""
     if view not in VIEWS:
         raise ValueError(f"unknown view '{view}' (known: {', '.join(VIEWS)})")
-    im = Image.open(io.BytesIO(data))
-    im.draft("RGB", (INPUT_SIZE, INPUT_SIZE))  # JPEG: decode at reduced scale when the photo is large
-    im = ImageOps.exif_transpose(im).convert("RGB")
+    im = to_rgb(Image.open(io.BytesIO(data)), INPUT_SIZE)
     w, h = im.size
     scale = INPUT_SIZE / min(w, h)
     nw, nh = max(INPUT_SIZE, round(w * scale)), max(INPUT_SIZE, round(h * scale))

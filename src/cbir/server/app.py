@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import quote
@@ -20,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from cbir import __version__
 from cbir.index import SearchIndex, SearchResult
@@ -33,6 +35,18 @@ MAX_UPLOAD_PIXELS = 40_000_000
 UPLOAD_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP", "image/gif": "GIF"}
 THUMB_SIZE = 320
 THUMB_CACHE = 4096  # thumbnails kept in memory (~10 KB each)
+# Sent with every response: no MIME sniffing of served files, no framing (clickjacking).
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+# What the page needs: its own script and style, thumbnails, and a blob: preview of an uploaded photo.
+# The API docs (/docs, /redoc) load Swagger UI from a CDN with inline script and go without it.
+PAGE_CSP = (
+    "default-src 'self'; img-src 'self' blob:; script-src 'self'; style-src 'self'; object-src 'none'; "
+    "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
 
 
 PageSize = Annotated[int, Query(ge=1, le=MAX_K, description="Results per page.")]
@@ -88,11 +102,12 @@ class Thumbnails:
         return data
 
     def _render(self, path: Path) -> bytes:
-        from PIL import Image, ImageOps
+        from PIL import Image
+
+        from cbir.imaging import to_rgb
 
         with Image.open(path) as im:
-            im.draft("RGB", (self.size, self.size))
-            im = ImageOps.exif_transpose(im).convert("RGB")
+            im = to_rgb(im, self.size)
             im.thumbnail((self.size, self.size))
             buf = io.BytesIO()
             im.save(buf, "JPEG", quality=82)
@@ -139,8 +154,13 @@ def create_app(
     index: SearchIndex | Path | str,
     max_upload_bytes: int = MAX_UPLOAD_BYTES,
     thumb_size: int = THUMB_SIZE,
+    allowed_hosts: Sequence[str] | None = None,
 ) -> FastAPI:
-    """A FastAPI app over one index. A path is opened (and its encoders warmed up) here, once."""
+    """A FastAPI app over one index. A path is opened (and its encoders warmed up) here, once.
+
+    `allowed_hosts` are the Host header values answered (others get 400: DNS rebinding against a
+    server on localhost); None answers any, for embedding the app behind a proxy that checks.
+    """
     if not isinstance(index, SearchIndex):
         index = SearchIndex.open(index)
     warm_up(index)
@@ -155,6 +175,17 @@ def create_app(
         max_body_size=max_upload_bytes + MULTIPART_OVERHEAD,  # refused (413) before it is parsed
     )
     app.state.index = index
+    if allowed_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
+    unframed_docs = {app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url}
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next) -> Response:
+        response = await call_next(request)
+        response.headers.update(SECURITY_HEADERS)
+        if request.url.path not in unframed_docs:
+            response.headers["Content-Security-Policy"] = PAGE_CSP
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def readable_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -212,16 +243,22 @@ def create_app(
         except ValueError as e:  # the encoder could not use it after all
             raise HTTPException(422, f"'{file.filename}' could not be embedded") from e
 
+    def indexed_file(image_id: str) -> Path:
+        try:
+            return index.indexed_file(known(image_id))
+        except FileNotFoundError as e:
+            raise HTTPException(404, f"image '{image_id}' is gone or changed since it was indexed") from e
+
     @app.get("/images/{image_id:path}", response_class=FileResponse)
     def full_image(image_id: ImageId) -> FileResponse:
-        """The indexed image file itself."""
-        return FileResponse(index.image_path(known(image_id)))
+        """The indexed image file itself (404 once it is deleted or replaced)."""
+        return FileResponse(indexed_file(image_id))
 
     @app.get("/thumbs/{image_id:path}", response_class=Response)
     def thumbnail(image_id: ImageId) -> Response:
         """A JPEG thumbnail of an indexed image (longer side `thumb_size` pixels)."""
         try:
-            data = thumbs.get(image_id, index.image_path(known(image_id)))
+            data = thumbs.get(image_id, indexed_file(image_id))
         except OSError as e:
             raise HTTPException(404, f"cannot read image '{image_id}': {e}") from e
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
