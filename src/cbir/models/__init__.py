@@ -12,7 +12,7 @@ import inspect
 from pathlib import Path
 from typing import Any
 
-from cbir.models.base import ModelError, RetrievalModel, read_model_dir
+from cbir.models.base import CONFIG_FILE, ModelError, RetrievalModel, read_model_dir
 
 METHODS: dict[str, str] = {
     # classical family (issue 3)
@@ -59,6 +59,20 @@ SHIPPED_MODEL_DIR = Path(__file__).resolve().parent / "default"
 REBUILD_SHIPPED = "rebuild it with `make default-model` (from a source checkout) or reinstall cbir"
 
 
+def _load_dir(path: Path | str) -> RetrievalModel:
+    """A saved model directory (config.json + weights.safetensors); one that does not make a usable
+    model is a `ModelError` naming its config file, not a traceback later."""
+    config, arrays = read_model_dir(path)
+    cfg_file = Path(path) / CONFIG_FILE
+    try:
+        return method_class(config["method"]).from_config(config, arrays)
+    except ModelError as e:
+        raise ModelError(f"{cfg_file}: {e}") from e
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+        problem = f"missing {e}" if isinstance(e, KeyError) else str(e)
+        raise ModelError(f"{cfg_file}: not a usable {config['method']} model ({problem})") from e
+
+
 def model_source(spec: Path | str | None) -> str:
     """What `spec` names, as recorded in an index: 'default', 'zero-shot', or a resolved directory."""
     if spec is None or str(spec) in (DEFAULT_MODEL, ZERO_SHOT_MODEL):
@@ -81,11 +95,9 @@ def load_model(spec: Path | str | None = DEFAULT_MODEL) -> RetrievalModel:
     if path is None:
         return create_model(ZERO_SHOT_MODEL).fit()
     if path != SHIPPED_MODEL_DIR:
-        config, arrays = read_model_dir(path)
-        return method_class(config["method"]).from_config(config, arrays)
+        return _load_dir(path)
     try:
-        config, arrays = read_model_dir(path)
-        return method_class(config["method"]).from_config(config, arrays)
+        return _load_dir(path)
     except Exception as e:  # any damage to the packaged files: say which and how to repair
         raise ModelError(
             f"the shipped default model in {path} cannot be loaded ({e}); {REBUILD_SHIPPED}"

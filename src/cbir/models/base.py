@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Self
@@ -19,6 +21,9 @@ from cbir.datasets import Dataset
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
+# Format 1 (no `format_version` key): config.json + weights. Format 2 adds `format_version` and an
+# `arrays` manifest (name -> shape, dtype) that loading checks the weights file against.
+FORMAT_VERSION = 2
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -69,24 +74,33 @@ class RetrievalModel:
         pass
 
     def save(self, path: Path | str) -> Path:
+        """Write the model directory atomically: a complete sibling directory is renamed into place,
+        so a crash leaves the previous model (or none), never a half-written one."""
         from safetensors.numpy import save_file
 
         from cbir import __version__
 
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
         arrays = {k: np.ascontiguousarray(v) for k, v in self._arrays().items()}
         config = {
+            "format_version": FORMAT_VERSION,
             "method": self.method,
             "params": self.params,
             "state": self._state(),
+            "arrays": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in arrays.items()},
             "cbir_version": __version__,
         }
-        tmp_w, tmp_c = out / f".{WEIGHTS_FILE}.tmp", out / f".{CONFIG_FILE}.tmp"
-        save_file(arrays, str(tmp_w))
-        tmp_c.write_text(json.dumps(config, indent=2, default=_jsonable) + "\n")
-        os.replace(tmp_w, out / WEIGHTS_FILE)
-        os.replace(tmp_c, out / CONFIG_FILE)
+        text = json.dumps(config, indent=2, default=_jsonable) + "\n"  # fails before touching the disk
+        out = Path(path)
+        staging = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
+        try:
+            staging.mkdir(parents=True)
+            save_file(arrays, str(staging / WEIGHTS_FILE))
+            (staging / CONFIG_FILE).write_text(text)
+            for file in (WEIGHTS_FILE, CONFIG_FILE):
+                _fsync(staging / file)
+            _move_into_place(staging, out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return out
 
     @classmethod
@@ -106,19 +120,85 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"cannot store {type(value).__name__} in config.json")
 
 
-def read_model_dir(path: Path | str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    from safetensors.numpy import load_file
+def _fsync(file: Path) -> None:
+    with open(file, "rb") as f:
+        os.fsync(f.fileno())
 
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Rename the finished `staging` directory to `out`, replacing a model directory already there."""
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / CONFIG_FILE).is_file())):
+        raise ModelError(f"{out}: exists and is not a model directory; not overwriting it")
+    old = out.parent / f".{out.name}.{uuid.uuid4().hex}.old"
+    if out.exists():
+        os.replace(out, old)
+    try:
+        os.replace(staging, out)
+    except OSError:
+        if old.exists():
+            os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_model_dir(path: Path | str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The checked config and arrays of a model directory; any problem is a `ModelError` naming the file."""
     root = Path(path)
     cfg_file = root / CONFIG_FILE
     if not cfg_file.is_file():
         raise ModelError(f"{root}: not a model directory (no {CONFIG_FILE}); train one with `cbir train`")
+    config = read_config(cfg_file)
+    return config, read_weights(root / WEIGHTS_FILE, config.get("arrays"))
+
+
+def read_config(cfg_file: Path) -> dict[str, Any]:
+    """config.json parsed, its format version supported and its top-level keys of the right types."""
     try:
         config = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise ModelError(f"{cfg_file}:{e.lineno}: malformed JSON: {e.msg}") from e
-    if "method" not in config:
-        raise ModelError(f"{cfg_file}: no 'method' key")
-    weights = root / WEIGHTS_FILE
-    arrays = load_file(str(weights)) if weights.is_file() else {}
-    return config, arrays
+    except UnicodeDecodeError as e:
+        raise ModelError(f"{cfg_file}: not a text file ({e.reason})") from e
+    if not isinstance(config, dict):
+        raise ModelError(f"{cfg_file}: expected a JSON object, found {type(config).__name__}")
+    version = config.get("format_version", 1)
+    if type(version) is not int or version < 1:
+        raise ModelError(f"{cfg_file}: unknown model format_version {version!r}")
+    if version > FORMAT_VERSION:
+        raise ModelError(
+            f"{cfg_file}: model format {version} (written by cbir {config.get('cbir_version', '?')}) is "
+            f"newer than this cbir reads (up to {FORMAT_VERSION}); upgrade cbir to load it"
+        )
+    required = ("method", "params", "state", "arrays") if version >= 2 else ("method",)
+    missing = [key for key in required if key not in config]
+    if missing:
+        raise ModelError(f"{cfg_file}: no {', '.join(repr(k) for k in missing)} key")
+    objects = ("params", "state", "arrays")
+    if not isinstance(config["method"], str) or not all(isinstance(config.get(k, {}), dict) for k in objects):
+        raise ModelError(f"{cfg_file}: 'method' must be a string and {', '.join(objects)} JSON objects")
+    return config
+
+
+def read_weights(file: Path, manifest: dict[str, Any] | None) -> dict[str, np.ndarray]:
+    """The arrays of weights.safetensors, checked against the config's manifest when it has one."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    if not file.is_file():
+        if manifest:
+            raise ModelError(f"{file}: missing (config.json lists {len(manifest)} arrays)")
+        return {}
+    try:
+        arrays = load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise ModelError(f"{file}: unreadable or truncated weights ({e})") from e
+    if manifest is None:  # format 1 records no shapes
+        return arrays
+    if set(arrays) != set(manifest):
+        missing, extra = sorted(set(manifest) - set(arrays)), sorted(set(arrays) - set(manifest))
+        raise ModelError(f"{file}: arrays do not match config.json (missing {missing}, unexpected {extra})")
+    for name, spec in manifest.items():
+        found = {"shape": list(arrays[name].shape), "dtype": str(arrays[name].dtype)}
+        if not isinstance(spec, dict) or found != {k: spec.get(k) for k in found}:
+            raise ModelError(f"{file}: array '{name}' is {found}; config.json records {spec}")
+    return arrays
