@@ -26,7 +26,7 @@ FLICKR8K ?= ../shared/datasets/flickr8k
 default-model: install
 	$(BIN)/python tools/default_model.py --dataset $(FLICKR8K)
 
-# The browser test (tests/test_server_e2e.py) drives Debian's chromium, installed here when missing. Where
+# The browser test (tests/test_server.py -k chromium) drives Debian's chromium, installed here when missing. Where
 # apt-get cannot install it (no root, no apt), the build goes on and that test skips, saying why.
 CHROMIUM ?= /usr/bin/chromium
 browser:
