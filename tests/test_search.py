@@ -96,7 +96,11 @@ def test_image_search_finds_the_query_image_first(folder, tmp_path, zero_shot_di
         assert upload[0].score > upload[1].score
     combined = ix.search(text="a photo", image=ix.image_path("4.jpg"), k=10)
     assert combined[0].id == "4.jpg" and len(combined) == 10
-    assert all(r.score >= 0.2 for r in ix.search_text("people", k=10, min_score=0.2))
+    ranked = ix.search_text("people", k=10)
+    floor = ranked[4].score  # keeps the first five of the ten, drops the rest
+    assert ranked[5].score < floor
+    kept = ix.search_text("people", k=10, min_score=floor)
+    assert [r.id for r in kept] == [r.id for r in ranked[:5]]
     with pytest.raises(KeyError):
         ix.image_path("nope.jpg")
 
@@ -146,6 +150,13 @@ def test_cli_index_search_show(tmp_path, zero_shot_dir):
     rows = json.loads(result.stdout)
     assert [r["rank"] for r in rows] == [0, 1, 2, 3, 4] and rows[0]["score"] >= rows[-1]["score"]
     assert Path(rows[0]["path"]).is_file()
+    floor = (rows[2]["score"] + rows[3]["score"]) / 2  # keeps three of the five
+    result = runner.invoke(
+        app, ["search", caption, "--index", str(index_dir), "-k", "5", "--min-score", str(floor), "--json"]
+    )
+    assert rows[2]["score"] > rows[3]["score"] and json.loads(result.stdout) == rows[:3]
+    result = runner.invoke(app, ["search", caption, "--index", str(index_dir), "--min-score", "10"])
+    assert result.exit_code == 0 and result.stdout == "" and "no results" in result.output
     result = runner.invoke(app, ["search", "--image", str(TRAIN_IMAGES / "7.jpg"), "--index", str(index_dir)])
     assert result.exit_code == 0 and result.stdout.splitlines()[0].split()[-1] == str(TRAIN_IMAGES / "7.jpg")
     grid, emap = tmp_path / "grid.png", tmp_path / "map.png"
