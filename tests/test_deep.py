@@ -136,7 +136,7 @@ def test_triplet_negatives():
 
 
 def test_bad_parameters_are_clear():
-    with pytest.raises(ModelError, match="unknown loss"):
+    with pytest.raises(ModelError, match="parameter loss must be one of mse, triplet, not .cosine."):
         create_model("autoencoder", loss="cosine")
     with pytest.raises(ModelError, match="unknown view"):
         create_model("contrastive", views=["sideways"])

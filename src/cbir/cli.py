@@ -198,12 +198,19 @@ def submit(
 
 @app.command()
 def methods() -> None:
-    """List the retrieval methods `cbir train --method` accepts."""
-    from cbir.models import METHODS, method_class
+    """List the retrieval methods `cbir train --method` accepts, each with its parameters (for
+    `-p KEY=VALUE`): default, meaning and accepted values."""
+    from cbir.models import METHODS, method_class, method_params
 
     for name in sorted(METHODS):
         doc = (method_class(name).__doc__ or "").strip().splitlines()
         out.print(f"[bold]{name:14}[/] {doc[0] if doc else ''}", highlight=False)
+        for param, default, spec in method_params(name):
+            out.print(
+                f"    {param} = {json.dumps(default)}: {spec.meaning} ({spec.allowed()})",
+                highlight=False,
+                markup=False,
+            )
 
 
 def default_demo_dataset() -> Path | None:

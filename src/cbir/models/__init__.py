@@ -12,7 +12,7 @@ import inspect
 from pathlib import Path
 from typing import Any
 
-from cbir.models.base import CONFIG_FILE, ModelError, RetrievalModel, read_model_dir
+from cbir.models.base import CONFIG_FILE, ModelError, Param, RetrievalModel, read_model_dir
 
 METHODS: dict[str, str] = {
     # classical family (issue 3)
@@ -34,6 +34,14 @@ def method_class(name: str) -> type[RetrievalModel]:
         raise ModelError(f"unknown method '{name}' (known: {', '.join(sorted(METHODS))})")
     module, _, attr = METHODS[name].partition(":")
     return getattr(importlib.import_module(module), attr)
+
+
+def method_params(name: str) -> list[tuple[str, Any, Param]]:
+    """(parameter, default, spec) of a method, in signature order: what `cbir methods` prints."""
+    cls = method_class(name)
+    specs = cls.param_specs()
+    signature = inspect.signature(cls.__init__).parameters
+    return [(n, p.default, specs[n]) for n, p in signature.items() if n in specs]
 
 
 def create_model(method: str, **params: Any) -> RetrievalModel:
@@ -109,10 +117,12 @@ __all__ = [
     "METHODS",
     "ZERO_SHOT_MODEL",
     "ModelError",
+    "Param",
     "RetrievalModel",
     "create_model",
     "load_model",
     "method_class",
+    "method_params",
     "model_dir",
     "model_source",
 ]

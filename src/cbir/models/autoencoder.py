@@ -19,7 +19,7 @@ import numpy as np
 from cbir.datasets import Dataset
 from cbir.encoders import image_features, resolve_image_representation
 from cbir.metrics import retrieval_metrics
-from cbir.models.base import ModelError, RetrievalModel, unit_rows
+from cbir.models.base import SHARED_PARAMS, ModelError, Param, RetrievalModel, has_scored_val, unit_rows
 from cbir.models.heads import bag_of_words, head_forward, words
 
 LOSSES = ("mse", "triplet")
@@ -42,6 +42,20 @@ class AutoencoderModel(RetrievalModel):
     """Image autoencoder code space + word-embedding text encoder (MSE or triplet), Euclidean k-NN."""
 
     method = "autoencoder"
+    PARAMS = {
+        "image_features": SHARED_PARAMS["image_features"],
+        "code_size": Param("dimensions of the shared code space", int, 1),
+        "image_hidden": Param("hidden units of the image autoencoder", int, 1),
+        "word_dim": Param("dimensions of the word embeddings the text encoder learns", int, 1),
+        "text_hidden": Param("hidden units of the text encoder", int, 1),
+        "min_count": Param("fewest occurrences in the training captions for a word to be kept", int, 1),
+        "loss": Param("text-to-code loss", choices=LOSSES),
+        "margin": Param("triplet margin on the unit sphere", float, 0, open_low=True),
+        "negatives": Param("triplet negatives: the hardest in the batch or the semi-hard", choices=NEGATIVES),
+        "use_augmented": SHARED_PARAMS["use_augmented"],
+        "dropout": Param("dropout in the encoders", float, 0, 1, open_high=True),
+        **{k: SHARED_PARAMS[k] for k in ("batch_size", "lr", "epochs", "patience", "seed")},
+    }
 
     def __init__(
         self,
@@ -62,10 +76,6 @@ class AutoencoderModel(RetrievalModel):
         patience: int = 4,
         seed: int = 0,
     ):
-        if loss not in LOSSES:
-            raise ModelError(f"unknown loss '{loss}' (known: {', '.join(LOSSES)})")
-        if negatives not in NEGATIVES:
-            raise ModelError(f"unknown negatives '{negatives}' (known: {', '.join(NEGATIVES)})")
         super().__init__(
             image_features=image_features,
             code_size=code_size,
@@ -101,7 +111,7 @@ class AutoencoderModel(RetrievalModel):
             raise ModelError("the train split has no captions paired with images")
         counts = Counter(w for j in keep for w in words(train.captions[j]))
         self.vocabulary_ = sorted(w for w, c in counts.items() if c >= p["min_count"])
-        has_val = val is not None and len(val.captions) > 0 and bool((val.caption_image >= 0).all())
+        has_val = has_scored_val(val)
         val_feats = image_features(val, self.representation_) if has_val else None
 
         self.history_: dict[str, dict[str, float]] = {}

@@ -12,6 +12,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
@@ -36,14 +37,98 @@ class ModelError(ValueError):
     """A model directory that cannot be used; the message says which file and why."""
 
 
+def has_scored_val(val: Dataset | None) -> bool:
+    """Whether `val` can score candidates (captions, each paired with an image); methods select on it
+    when it can, and fall back to k-fold over the training images when it cannot."""
+    return val is not None and len(val.captions) > 0 and bool((val.caption_image >= 0).all())
+
+
+def fold_of_images(n_images: int, k: int, seed: int) -> np.ndarray:
+    """The seeded fold (0..k-1) of each training image, for k-fold selection without a val split."""
+    if n_images < 2 * k:
+        raise ModelError(f"{n_images} training images are too few for {k}-fold cross-validation")
+    return np.random.default_rng(seed).permutation(n_images) % k
+
+
+@dataclass(frozen=True)
+class Param:
+    """What a method parameter means and which values it takes; checked when a model is built, so a
+    bad value fails at once with the parameter named, not minutes into training."""
+
+    meaning: str
+    kind: type = object  # int, float (ints accepted), bool, str, list; object: checked by the method
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False  # low itself is excluded
+    open_high: bool = False
+    choices: tuple[Any, ...] = ()
+    optional: bool = False  # None is accepted (the method then chooses the value)
+
+    def allowed(self) -> str:
+        if self.choices:
+            text = f"one of {', '.join(map(str, self.choices))}"
+        else:
+            text = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+                self.kind, "a list" if self.kind is list else "any value"
+            )
+            if self.low is not None or self.high is not None:
+                left = "(" if self.open_low or self.low is None else "["
+                right = ")" if self.open_high or self.high is None else "]"
+                text += f" in {left}{_bound(self.low, '-inf')}, {_bound(self.high, 'inf')}{right}"
+        return text + (" or null" if self.optional else "")
+
+    def check(self, method: str, name: str, value: Any) -> None:
+        if not self._accepts(value):
+            raise ModelError(f"{method}: parameter {name} must be {self.allowed()}, not {value!r}")
+
+    def _accepts(self, value: Any) -> bool:
+        if value is None:
+            return self.optional
+        if self.choices:
+            return value in self.choices
+        kinds = (int, float) if self.kind is float else (self.kind,)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and self.kind is not bool):
+            return False
+        if self.low is not None and (value < self.low or (self.open_low and value == self.low)):
+            return False
+        return self.high is None or (value < self.high or (not self.open_high and value == self.high))
+
+
+def _bound(value: float | None, infinite: str) -> str:
+    return infinite if value is None else f"{value:g}"
+
+
+# Parameters several methods take, declared once; a method's PARAMS picks them by name.
+SHARED_PARAMS: dict[str, Param] = dict(
+    image_features=Param("image features, '+'-joined (effnet-pool, effnet-logits, ..., auto, tags)", str),
+    text_features=Param("caption features, '+'-joined (minilm, tfidf, bow, lsa, word2vec, glove)", str),
+    use_augmented=Param("also train on the dataset's augmented captions, when it has them", bool),
+    batch_size=Param("training pairs per step", int, 2),
+    lr=Param("Adam learning rate", float, 0, open_low=True),
+    epochs=Param("most training epochs (early stopping on val may end sooner)", int, 1),
+    patience=Param("epochs without a better val mR before training stops", int, 1),
+    seed=Param("random seed (initialisation, shuffling, folds)", int),
+)
+
+
 class RetrievalModel:
-    """Base class: subclasses set `method`, take plain-data keyword parameters, and implement
-    `fit`, `embed_texts`, `embed_images`, `_arrays`/`_state` and `_restore`."""
+    """Base class: subclasses set `method` and `PARAMS`, take plain-data keyword parameters, and
+    implement `fit`, `embed_texts`, `embed_images`, `_arrays`/`_state` and `_restore`."""
 
     method: ClassVar[str] = ""
+    PARAMS: ClassVar[dict[str, Param]] = {}
 
     def __init__(self, **params: Any):
+        specs = self.param_specs()
+        for name, value in params.items():
+            if name in specs:
+                specs[name].check(self.method, name, value)
         self.params = params
+
+    @classmethod
+    def param_specs(cls) -> dict[str, Param]:
+        """The parameters this method takes (a subclass may narrow a shared table)."""
+        return cls.PARAMS
 
     def get_params(self) -> dict[str, Any]:
         return dict(self.params)

@@ -19,7 +19,7 @@ import numpy as np
 from cbir.datasets import Dataset
 from cbir.encoders import VIEWS, image_features, resolve_image_representation
 from cbir.metrics import retrieval_metrics
-from cbir.models.base import ModelError, RetrievalModel, unit_rows
+from cbir.models.base import SHARED_PARAMS, ModelError, Param, RetrievalModel, has_scored_val, unit_rows
 from cbir.models.classical.text_features import TEXT_KINDS, TextFeaturizer, parse_kinds
 from cbir.models.heads import head_forward
 
@@ -64,6 +64,26 @@ class ContrastiveModel(RetrievalModel):
     """Dual encoder: MLP heads over frozen image and caption features (MiniLM + LSA), symmetric InfoNCE."""
 
     method = "contrastive"
+    PARAMS = {
+        "image_features": SHARED_PARAMS["image_features"],
+        "text_features": SHARED_PARAMS["text_features"],
+        "lsa_dim": Param("dimensions of the LSA caption features", int, 1),
+        "views": Param(f"image views trained on ({', '.join(VIEWS)})", list),
+        "embed_views": Param("image views averaged when embedding", list),
+        "use_augmented": SHARED_PARAMS["use_augmented"],
+        "embed_dim": Param("dimensions of the shared space", int, 1),
+        "hidden": Param("hidden units of each head's residual layer (0: linear heads)", int, 0),
+        "dropout": Param("dropout in the heads", float, 0, 1, open_high=True),
+        "input_dropout": Param("dropout on the input features", float, 0, 1, open_high=True),
+        "temperature": Param("initial InfoNCE temperature (then learned)", float, 0, open_low=True),
+        **{k: SHARED_PARAMS[k] for k in ("batch_size", "lr")},
+        "weight_decay": Param("AdamW weight decay", float, 0),
+        **{k: SHARED_PARAMS[k] for k in ("epochs", "patience")},
+        "ensemble": Param("heads trained with different seeds and averaged", int, 1),
+        "bank_size": Param("captions and images kept to normalise query scores (0: none)", int, 0),
+        "seed": SHARED_PARAMS["seed"],
+        "weights_dtype": Param("how saved weights are stored (computed in float32)", choices=WEIGHT_DTYPES),
+    }
 
     def __init__(
         self,
@@ -150,7 +170,7 @@ class ContrastiveModel(RetrievalModel):
         texts = torch.from_numpy(self.text_.transform(train_captions))
         images = torch.from_numpy(np.stack([image_features(train, self.representation_, v) for v in views]))
         center = images[0].numpy()
-        has_val = val is not None and len(val.captions) > 0 and bool((val.caption_image >= 0).all())
+        has_val = has_scored_val(val)
         if has_val:
             val_images = torch.from_numpy(image_features(val, self.representation_))
             val_texts = torch.from_numpy(self.text_.transform(val.captions))

@@ -20,7 +20,7 @@ import numpy as np
 
 from cbir.datasets import Dataset
 from cbir.encoders import image_features, shared_image_encoder, shared_text_encoder
-from cbir.models.base import RetrievalModel, unit_rows
+from cbir.models.base import Param, RetrievalModel, unit_rows
 
 # How each ImageNet class is put into words before MiniLM embeds it.
 CLASS_TEXTS = ("name", "photo", "description", "ensemble")
@@ -71,6 +71,13 @@ class ZeroShotModel(RetrievalModel):
     """ConSE: images as probability-weighted MiniLM embeddings of their predicted ImageNet classes."""
 
     method = "zero-shot"
+    PARAMS = {
+        "class_texts": Param("how each ImageNet class is put into words", choices=CLASS_TEXTS),
+        "temperature": Param("softmax temperature over the class logits", float, 0, open_low=True),
+        "top_k": Param("predicted classes averaged per image", int, 1),
+        "centre": Param("subtract the mean class embedding (fewer hub images)", bool),
+        "visual_weight": Param("weight of visual similarity in image queries (0: none)", float, 0),
+    }
 
     def __init__(
         self,

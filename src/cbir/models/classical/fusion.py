@@ -18,7 +18,7 @@ import numpy as np
 from cbir.datasets import Dataset
 from cbir.metrics import retrieval_metrics
 from cbir.models import RetrievalModel, create_model, load_model, method_class
-from cbir.models.base import ModelError
+from cbir.models.base import SHARED_PARAMS, ModelError, Param, fold_of_images, has_scored_val
 from cbir.progress import progress_bar
 
 
@@ -34,7 +34,7 @@ def simplex_grid(n: int, step: float) -> list[tuple[float, ...]]:
 
 def image_folds(data: Dataset, k: int, seed: int) -> list[tuple[Dataset, Dataset]]:
     """(train part, held-out part) for k seeded folds over the images."""
-    fold_of = np.random.default_rng(seed).permutation(len(data)) % k
+    fold_of = fold_of_images(len(data), k, seed)
     return [
         (data.subset(np.flatnonzero(fold_of != f)), data.subset(np.flatnonzero(fold_of == f)))
         for f in range(k)
@@ -45,6 +45,13 @@ class FusionModel(RetrievalModel):
     """Weighted score fusion of member models (model directories or {"method": ..., params} configs)."""
 
     method = "fusion"
+    PARAMS = {
+        "members": Param('two or more model directories or {"method": ...} configs', list),
+        "weights": Param("fixed member weights; null: chosen on val from a grid", list, optional=True),
+        "step": Param("spacing of the weight grid", float, 0, 0.5, open_low=True),
+        "folds": Param("k of the k-fold weight choice used when there is no val split", int, 2),
+        "seed": SHARED_PARAMS["seed"],
+    }
 
     def __init__(
         self,
@@ -55,8 +62,8 @@ class FusionModel(RetrievalModel):
         seed: int = 0,
     ):
         super().__init__(
-            members=list(members),
-            weights=None if weights is None else list(weights),
+            members=list(members) if isinstance(members, tuple) else members,  # validated as a list
+            weights=list(weights) if isinstance(weights, tuple) else weights,
             step=step,
             folds=folds,
             seed=seed,
@@ -97,7 +104,7 @@ class FusionModel(RetrievalModel):
         self, train: Dataset, val: Dataset | None
     ) -> list[tuple[list[np.ndarray], np.ndarray]]:
         """Per held-out part: each member's score matrix and the caption pairing."""
-        if val is not None and len(val.captions) and (val.caption_image >= 0).all():
+        if has_scored_val(val):
             return [
                 (
                     [m.score(m.embed_texts(val.captions), m.embed_images(val)) for m in self.members_],

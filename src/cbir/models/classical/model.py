@@ -15,7 +15,15 @@ import numpy as np
 
 from cbir.datasets import Dataset
 from cbir.metrics import retrieval_metrics
-from cbir.models.base import ModelError, RetrievalModel, unit_rows
+from cbir.models.base import (
+    SHARED_PARAMS,
+    ModelError,
+    Param,
+    RetrievalModel,
+    fold_of_images,
+    has_scored_val,
+    unit_rows,
+)
 from cbir.models.classical.image_representation import IMAGE_KINDS, ImageFeaturizer
 from cbir.models.classical.mappings import (
     KernelRidgeMap,
@@ -40,12 +48,51 @@ GRIDS: dict[str, dict[str, list[float]]] = {
 
 HeldOut = tuple[np.ndarray, np.ndarray, np.ndarray]  # text features, image features, caption_image
 
+SEARCHED = "; null: chosen on val (or k-fold) from its grid"
+CLASSICAL_PARAMS: dict[str, Param] = {
+    "text_features": SHARED_PARAMS["text_features"],
+    "image_features": SHARED_PARAMS["image_features"],
+    "direction": Param("which side is mapped onto the other", choices=DIRECTIONS, optional=True),
+    "metric": Param("how mapped vectors are compared", choices=METRICS),
+    "alpha": Param("ridge regularisation" + SEARCHED, float, 0, open_low=True, optional=True),
+    "alphas": Param("the alpha grid searched when alpha is null", list, optional=True),
+    "kernel": Param("kernel of kernel ridge", choices=("rbf", "poly")),
+    "gamma": Param(
+        "kernel scale, x 1/median squared distance" + SEARCHED, float, 0, open_low=True, optional=True
+    ),
+    "degree": Param("degree of the polynomial kernel", int, 1),
+    "n_components": Param("shared-space dimensions" + SEARCHED, int, 1, optional=True),
+    "reg": Param("CCA covariance regularisation" + SEARCHED, float, 0, optional=True),
+    "power": Param("each direction scaled by its strength^power" + SEARCHED, float, optional=True),
+    "ngrams": Param("longest word n-gram of tfidf/bow features", int, 1),
+    "stem": Param("stem caption words", bool),
+    "stop_words": Param("drop English stop words", bool),
+    "max_features": Param("vocabulary size of tfidf/bow features", int, 1),
+    "word2vec_dim": Param("dimensions of the word2vec features", int, 1),
+    "folds": Param("k of the k-fold selection used when there is no val split", int, 2),
+    "seed": SHARED_PARAMS["seed"],
+}
+
 
 class ClassicalModel(RetrievalModel):
     """Text and image features related by a fitted mapping, ranked by cosine or Euclidean distance."""
 
     mapping: ClassVar[str] = ""
     default_direction: ClassVar[str] = "image-to-text"
+    PARAMS = CLASSICAL_PARAMS
+
+    @classmethod
+    def param_specs(cls) -> dict[str, Param]:
+        """The parameters this mapping uses (`_check` refuses the others by name)."""
+        grid = GRIDS[cls.mapping]
+        unused = {name for other in GRIDS.values() for name in other} - set(grid)
+        if "alpha" not in grid:
+            unused.add("alphas")
+        if cls.mapping != "kernel-ridge":
+            unused |= {"kernel", "degree"}
+        if cls.mapping in ("cca", "pls"):
+            unused.add("direction")
+        return {k: v for k, v in cls.PARAMS.items() if k not in unused}
 
     def __init__(
         self,
@@ -70,7 +117,7 @@ class ClassicalModel(RetrievalModel):
         seed: int = 0,
     ):
         params = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        params["alphas"] = None if alphas is None else list(alphas)
+        params["alphas"] = list(alphas) if isinstance(alphas, tuple) else alphas  # validated as a list
         super().__init__(**params)
         self._check()
 
@@ -78,12 +125,6 @@ class ClassicalModel(RetrievalModel):
         p, grid = self.params, GRIDS[self.mapping]
         parse_kinds(p["text_features"], TEXT_KINDS, "text representation")
         parse_kinds(p["image_features"], IMAGE_KINDS, "image representation")
-        if p["direction"] is not None and p["direction"] not in DIRECTIONS:
-            raise ModelError(f"direction must be one of {', '.join(DIRECTIONS)}, not '{p['direction']}'")
-        if p["metric"] not in METRICS:
-            raise ModelError(f"metric must be one of {', '.join(METRICS)}, not '{p['metric']}'")
-        if p["kernel"] not in ("rbf", "poly"):
-            raise ModelError(f"kernel must be 'rbf' or 'poly', not '{p['kernel']}'")
         searched = [*GRIDS["ridge"], *GRIDS["kernel-ridge"], *GRIDS["cca"], *GRIDS["pls"]]
         for name in dict.fromkeys(searched):
             if p[name] is not None and name not in grid:
@@ -118,7 +159,7 @@ class ClassicalModel(RetrievalModel):
         self.text_ = self._text_featurizer().fit(train.captions)
         self.image_ = ImageFeaturizer(self.params["image_features"]).fit(train)
         texts, images = self.text_.transform(train.captions), self.image_.transform(train)
-        if val is not None and len(val.captions) and (val.caption_image >= 0).all():
+        if has_scored_val(val):
             held_out = [(self.text_.transform(val.captions), self.image_.transform(val), val.caption_image)]
             splits = [(texts, images, train.caption_image, held_out[0])]
         else:
@@ -132,9 +173,7 @@ class ClassicalModel(RetrievalModel):
     ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, HeldOut]]:
         """k folds over the training images (seeded), each (train texts, images, pairing, held-out)."""
         k = self.params["folds"]
-        if len(images) < 2 * k:
-            raise ModelError(f"{len(images)} training images are too few for {k}-fold cross-validation")
-        fold_of = np.random.default_rng(self.params["seed"]).permutation(len(images)) % k
+        fold_of = fold_of_images(len(images), k, self.params["seed"])
         out = []
         for f in range(k):
             parts = []
