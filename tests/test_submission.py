@@ -88,14 +88,14 @@ def test_ties_keep_image_order(kaggle_mini):
 def test_rows_follow_the_description_number_then_the_name(kaggle_mini):
     """Numbered descriptions in numeric order; others (no number) first, by name."""
     test = kaggle_mini.split("test")
-    renamed = {"0.txt": "b.txt", "1.txt": "a.txt"}
+    renamed = {"0.txt": "b.txt", "2.txt": "a.txt"}
     ids = [
         renamed.get(c, c) if s == "test" else c
         for c, s in zip(kaggle_mini.caption_ids, kaggle_mini.caption_split, strict=True)
     ]
     data = dataclasses.replace(kaggle_mini, caption_ids=ids)
     rows = rank_test_images(truth_at_rank(test, lambda i: 0), data)
-    assert [d for d, _ in rows][:4] == ["a.txt", "b.txt", "2.txt", "3.txt"]
+    assert [d for d, _ in rows][:4] == ["a.txt", "b.txt", "1.txt", "3.txt"]
     assert [d for d, _ in rows][-2:] == ["77.txt", "78.txt"]
 
 
