@@ -202,3 +202,23 @@ def test_submission_errors_name_the_problem(kaggle_model, rsicd_slice_dir, tmp_p
     bad.write_text("Descritpion_ID,Top_20_Image_IDs\n0.txt,1.jpg 2.jpg 1.jpg\n")
     with pytest.raises(DatasetError, match=r"bad.csv:2: expected 20 distinct"):
         read_submission(bad)
+
+
+def test_fusion_with_fixed_weights_adds_its_members_scores(rsicd_slice):
+    """Weights given: no selection, weights normalised, a zero weight drops its member."""
+    train, test = rsicd_slice.split("train"), rsicd_slice.split("test")
+    members = [
+        {"method": "ridge", "alpha": 10.0},
+        {"method": "cca", "n_components": 16, "reg": 0.1, "power": 1.0},
+    ]
+    fused = create_model("fusion", members=members, weights=[3, 1]).fit(train)
+    assert fused.weights_ == [0.75, 0.25] and fused.selection_ == []
+    ridge, cca = fused.members_
+    expected = 0.75 * score_split(ridge, test) + 0.25 * score_split(cca, test)
+    np.testing.assert_allclose(score_split(fused, test), expected, atol=1e-5)
+    only_ridge = create_model("fusion", members=members, weights=[1, 0]).fit(train)
+    assert len(only_ridge.members_) == 1
+    np.testing.assert_allclose(score_split(only_ridge, test), score_split(ridge, test), atol=1e-5)
+    for bad in ([0, 0], [1, -1], [1, "a"]):
+        with pytest.raises(ModelError, match="weights must be non-negative numbers, not all zero"):
+            create_model("fusion", members=members, weights=bad)

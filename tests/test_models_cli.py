@@ -127,3 +127,13 @@ def test_cli_help_lists_commands_without_loading_torch():
         check=True,
     )
     assert imported.stdout.strip() == "False"
+
+
+def test_evaluate_split_all_scores_every_image(ridge_dir, rsicd_slice_dir, rsicd_slice):
+    result = runner.invoke(
+        app, ["evaluate", "-m", str(ridge_dir), "-d", str(rsicd_slice_dir), "--split", "all", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.output)
+    assert (m["n_images"], m["n_queries"]) == (120, len(rsicd_slice.captions))
+    assert m == evaluate(load_model(ridge_dir), rsicd_slice, "all")

@@ -179,3 +179,19 @@ def test_bad_index_paths_are_one_line_errors(tmp_path):
     assert result.exit_code == 2 and "no such index directory" in result.output
     result = runner.invoke(app, ["index", str(tmp_path / "nofolder"), "--out", str(tmp_path / "ix")])
     assert result.exit_code == 2 and "no such folder" in result.output
+
+
+def test_retraining_the_model_in_place_reembeds_every_photo(folder, tmp_path, zero_shot_dir):
+    """The index notices that the model directory it was built with has new contents."""
+    from cbir.models import create_model
+
+    model = shutil.copytree(zero_shot_dir, tmp_path / "model")
+    ix, _ = update_index(folder, tmp_path / "ix", model, progress=False)
+    before = {i: ix.vector(i) for i in ix.ids}
+    ix, report = update_index(folder, tmp_path / "ix", model, progress=False)
+    assert report.unchanged == 10
+    create_model("zero-shot", visual_weight=0.5).fit().save(model)  # retrained, same path
+    ix, report = update_index(folder, tmp_path / "ix", model, progress=False)
+    assert report.unchanged == 0 and len(report.added) + len(report.changed) == 10 and len(ix) == 10
+    assert all(not np.allclose(ix.vector(i), before[i]) for i in ix.ids)
+    assert ix.model.params["visual_weight"] == 0.5

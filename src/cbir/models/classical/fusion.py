@@ -79,6 +79,11 @@ class FusionModel(RetrievalModel):
                 )
         if weights is not None and len(weights) != len(self.params["members"]):
             raise ModelError(f"{len(weights)} weights for {len(self.params['members'])} members")
+        numbers = weights is not None and all(
+            isinstance(w, int | float) and not isinstance(w, bool) and w >= 0 for w in weights
+        )
+        if weights is not None and not (numbers and sum(weights) > 0):
+            raise ModelError(f"fusion: weights must be non-negative numbers, not all zero, not {weights!r}")
 
     def _new_member(self, spec: str | dict[str, Any], train: Dataset, val: Dataset | None) -> RetrievalModel:
         if isinstance(spec, str):
