@@ -111,10 +111,6 @@ class ContrastiveModel(RetrievalModel):
         unknown = sorted((set(views) | set(embed_views)) - set(VIEWS))
         if unknown:
             raise ModelError(f"unknown view(s) {', '.join(unknown)} (known: {', '.join(VIEWS)})")
-        if weights_dtype not in WEIGHT_DTYPES:
-            raise ModelError(
-                f"weights_dtype must be one of {', '.join(WEIGHT_DTYPES)}, not {weights_dtype!r}"
-            )
         if not views or not embed_views:
             raise ModelError("'views' and 'embed_views' each need at least one view (e.g. center)")
         try:
