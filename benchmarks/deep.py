@@ -12,13 +12,12 @@ the original approach's ~65% "within the top 20" on 1,000 images.
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.tables import chosen, config_args, print_table
 from cbir.datasets import load_dataset
 from cbir.evaluation import score_split
 from cbir.metrics import retrieval_metrics
@@ -124,22 +123,14 @@ HEADER = (
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", type=Path, default=RSICD)
-    parser.add_argument("--only", action="append", default=[], help="configuration name prefix")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench-deep.json"))
-    args = parser.parse_args()
+    args = config_args(__doc__, RSICD, Path("runs/bench-deep.json"))
     dataset = load_dataset(args.dataset)
-    chosen = {k: v for k, v in CONFIGS.items() if not args.only or any(k.startswith(o) for o in args.only)}
+    selected = chosen(CONFIGS, args.only)
     results = []
-    for name, (method, params) in chosen.items():
+    for name, (method, params) in selected.items():
         results.append(run(name, method, params, dataset))
         print(row(results[-1]), flush=True)
-    print("\n" + HEADER)
-    for m in results:
-        print(row(m))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    print_table(results, row, HEADER, args.out)
 
 
 if __name__ == "__main__":

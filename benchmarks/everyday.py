@@ -11,12 +11,11 @@ MAP@20, median ranks, model size on disk, training time.
 
 from __future__ import annotations
 
-import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.tables import chosen, config_args, print_table
 from cbir.datasets import load_dataset
 from cbir.evaluation import evaluate
 from cbir.models import create_model, load_model
@@ -92,22 +91,14 @@ HEADER = (
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", type=Path, default=FLICKR8K)
-    parser.add_argument("--only", action="append", default=[], help="configuration name prefix")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench-everyday.json"))
-    args = parser.parse_args()
+    args = config_args(__doc__, FLICKR8K, Path("runs/bench-everyday.json"))
     dataset = load_dataset(args.dataset)
-    chosen = {k: v for k, v in CONFIGS.items() if not args.only or any(k.startswith(o) for o in args.only)}
+    selected = chosen(CONFIGS, args.only)
     results = []
-    for name, params in chosen.items():
+    for name, params in selected.items():
         results.append(run(name, params, dataset))
         print(row(results[-1]), flush=True)
-    print("\n" + HEADER)
-    for r in results:
-        print(row(r))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    print_table(results, row, HEADER, args.out)
 
 
 if __name__ == "__main__":
