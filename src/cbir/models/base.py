@@ -166,6 +166,12 @@ class RetrievalModel:
         from cbir import __version__
 
         arrays = {k: np.ascontiguousarray(v) for k, v in self._arrays().items()}
+        diverged = sorted(k for k, a in arrays.items() if a.dtype.kind == "f" and not np.isfinite(a).all())
+        if diverged:  # evaluation would score such a model as perfect (every score NaN)
+            raise ModelError(
+                f"training {self.method} diverged (NaN/inf in {', '.join(diverged[:3])}"
+                f"{', …' if len(diverged) > 3 else ''}); nothing was saved to {path}"
+            )
         config = {
             "format_version": FORMAT_VERSION,
             "method": self.method,
