@@ -92,7 +92,7 @@ def test_image_search_finds_the_query_image_first(folder, tmp_path, zero_shot_di
         assert ix.search_image(ix.image_path(image_id), k=3)[0].id == image_id
         assert ix.search_similar(image_id, k=3)[0].id == image_id
         upload = ix.search_image(ix.image_path(image_id).read_bytes(), k=3)
-        assert upload[0].id == image_id and upload[0].rank == 0
+        assert upload[0].id == image_id and upload[0].rank == 1
         assert upload[0].score > upload[1].score
     combined = ix.search(text="a photo", image=ix.image_path("4.jpg"), k=10)
     assert combined[0].id == "4.jpg" and len(combined) == 10
@@ -148,7 +148,7 @@ def test_cli_index_search_show(tmp_path, zero_shot_dir):
     result = runner.invoke(app, ["search", caption, "--index", str(index_dir), "-k", "5", "--json"])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
-    assert [r["rank"] for r in rows] == [0, 1, 2, 3, 4] and rows[0]["score"] >= rows[-1]["score"]
+    assert [r["rank"] for r in rows] == [1, 2, 3, 4, 5] and rows[0]["score"] >= rows[-1]["score"]
     assert Path(rows[0]["path"]).is_file()
     floor = (rows[2]["score"] + rows[3]["score"]) / 2  # keeps three of the five
     result = runner.invoke(

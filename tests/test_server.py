@@ -1,6 +1,6 @@
 """`cbir serve`: the HTTP API (every endpoint, good and bad input) and the page, driven in headless Chromium.
 
-The index is real: the 80 COCO photos of cs5785-mini/images_train, indexed with the zero-shot model.
+The index is real: the 80 COCO photos of cs5785-mini/images_train, indexed with the shipped default model.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
@@ -358,3 +359,29 @@ def test_page_search_grid_click_and_errors_in_chromium(browser_page, server_url,
     expect(hits).to_have_count(0)
     page.set_input_files("#upload", files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"hi"}])
     expect(page.locator("#status.error")).to_contain_text("unsupported upload type 'text/plain'")
+
+
+def test_one_score_scale_and_rank_base_everywhere(index, client):
+    """The same query scores the same and ranks from 1 in the Python API, `cbir search --json` and the
+    HTTP API; an image searched for itself scores its vector's length whichever way it is asked."""
+    import json
+
+    from cbir.cli import app
+
+    text = "a dog in a kitchen"
+    api = index.search_text(text, k=3)
+    combined = index.search(text, k=3)
+    cli = json.loads(
+        CliRunner().invoke(app, ["search", text, "--index", str(index.path), "-k", "3", "--json"]).output
+    )
+    http = client.get("/api/search", params={"q": text, "k": 3}).json()["results"]
+    for rows in ([(r.rank, r.score) for r in combined], [(r["rank"], r["score"]) for r in cli],
+                 [(h["rank"], h["score"]) for h in http]):  # fmt: skip
+        assert [rank for rank, _ in rows] == [1, 2, 3]
+        assert [score for _, score in rows] == pytest.approx([r.score for r in api], abs=1e-6)
+    self_scores = [
+        index.search_similar("7.jpg", k=1)[0].score,
+        index.search(image=IMAGES / "7.jpg", k=1)[0].score,
+        client.get("/api/similar/7.jpg", params={"k": 1}).json()["results"][0]["score"],
+    ]
+    assert self_scores == pytest.approx([float(np.linalg.norm(index.vector("7.jpg")))] * 3, abs=1e-4)

@@ -254,7 +254,7 @@ def demo(
             out.print(f'  [bold]"{query}"[/]', highlight=False)
             for r in ix.search_text(query, k=5):
                 out.print(
-                    f"   {r.rank + 1}  {r.score:.3f}  {r.id:28} {captions.get(r.id, '')}", highlight=False
+                    f"   {r.rank}  {r.score:.3f}  {r.id:28} {captions.get(r.id, '')}", highlight=False
                 )
         grid, _, _ = query_figure(ix, DEMO_QUERIES[0], out_dir / "grid.png", k=10)
         out.print(f"  result grid → {grid}", highlight=False)
@@ -290,7 +290,7 @@ def print_results(results, as_json: bool) -> None:
     if not results:
         err.print("no results", highlight=False)
     for r in results:
-        out.print(f"{r.rank + 1:>3}  {r.score:7.4f}  {shown(r.path)}", highlight=False, markup=False)
+        out.print(f"{r.rank:>3}  {r.score:7.4f}  {shown(r.path)}", highlight=False, markup=False)
 
 
 @app.command()

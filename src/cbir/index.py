@@ -68,7 +68,7 @@ class ShardError(IndexFormatError):
 
 @dataclass
 class SearchResult:
-    rank: int  # 0-based
+    rank: int  # 1 = best, as everywhere a rank is shown (CLI, --json, HTTP, page)
     score: float
     id: str  # image path relative to the indexed folder, posix
     path: Path  # absolute path of the image file
@@ -645,16 +645,19 @@ class SearchIndex:
     def search_vector(
         self, query: np.ndarray, k: int = 20, min_score: float | None = None
     ) -> list[SearchResult]:
+        """The k best images for a query vector. Scores are inner products with the query scaled to unit
+        length, the one score scale of every search (text, image, similar, combined; CLI, API, page)."""
         if not len(self) or k <= 0:
             return []
         query = np.asarray(query, dtype=np.float32)
+        query = query / max(float(np.linalg.norm(query)), 1e-12)
         scores, rows = self._index_for(query).search(query[self._prefix_of(query)][None], min(k, len(self)))
         results = []
         for score, row in zip(scores[0], rows[0], strict=True):
             if row < 0 or (min_score is not None and score < min_score):
                 continue
             image_id = self.ids[row]
-            results.append(SearchResult(len(results), float(score), image_id, self.root / image_id))
+            results.append(SearchResult(len(results) + 1, float(score), image_id, self.root / image_id))
         return results
 
     def search_text(self, query: str, k: int = 20, min_score: float | None = None) -> list[SearchResult]:

@@ -82,10 +82,10 @@ def results_grid(
     in green, or shown in an extra cell (with its rank) when it is not among the results."""
     plt = _pyplot()
     cells: list[tuple[Path, str, bool]] = [
-        (r.path, f"#{r.rank + 1}  {r.score:.3f}", r.id == truth) for r in results
+        (r.path, f"#{r.rank}  {r.score:.3f}", r.id == truth) for r in results
     ]
     if truth is not None and truth_path is not None and all(r.id != truth for r in results):
-        label = "ground truth" + (f" (rank {truth_rank + 1})" if truth_rank is not None else "")
+        label = "ground truth" + (f" (rank {truth_rank})" if truth_rank is not None else "")
         cells.append((truth_path, label, True))
     rows = max(1, -(-len(cells) // columns))
     fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.9 * rows + 0.6), squeeze=False)

@@ -197,8 +197,8 @@ def create_app(
         with search_lock:
             found: list[SearchResult] = run(min(offset + k + 1, len(index)))
         hits = [
-            Hit(rank=rank, score=r.score, id=r.id, image=image_url(r.id), thumb=image_url(r.id, "thumbs"))
-            for rank, r in enumerate(found[offset : offset + k], start=offset + 1)
+            Hit(rank=r.rank, score=r.score, id=r.id, image=image_url(r.id), thumb=image_url(r.id, "thumbs"))
+            for r in found[offset : offset + k]
         ]
         return Page(query=query, offset=offset, k=k, more=len(found) > offset + k, results=hits)
 
