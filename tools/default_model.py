@@ -5,8 +5,8 @@
 Trains `contrastive` with PARAMS on Flickr8k train (val for early stopping and the bank temperature),
 saves it, loads it back and scores the stored model on the test split. `config.json` then records the
 data (name, split sizes, a hash of the caption file), the equivalent `cbir train` command and the test
-metrics. The same seed on the same data gives the same weights. The new model replaces the old one
-only once it is complete.
+metrics. The same seed on the same data gives the same weights; the model directory is replaced
+atomically, so an interrupted run leaves the previous model.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,6 @@ from typing import Any
 from cbir.datasets import Dataset, load_dataset
 from cbir.evaluation import evaluate
 from cbir.models import SHIPPED_MODEL_DIR, create_model, load_model
-from cbir.models.base import CONFIG_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 FLICKR8K = Path(os.path.relpath(REPO.parent / "shared" / "datasets" / "flickr8k"))
@@ -55,32 +54,23 @@ def data_record(dataset: Dataset) -> dict[str, Any]:
 
 
 def build(dataset_path: Path, out: Path, seed: int, params: dict[str, Any] = PARAMS) -> dict[str, Any]:
+    """Train, score the stored form of the model on test, then save it with its provenance."""
     dataset = load_dataset(dataset_path)
     model = create_model(METHOD, **params, seed=seed)
     start = time.perf_counter()
     model.fit(dataset.split("train"), dataset.split("val"))
     seconds = time.perf_counter() - start
-    staging = out.with_name(f".{out.name}.new")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save(staging)
-    metrics = evaluate(load_model(staging), dataset, "test")
-    config_file = staging / CONFIG_FILE
-    config = json.loads(config_file.read_text())
-    config["provenance"] = {
+    with tempfile.TemporaryDirectory() as tmp:  # the metrics of the model as it loads (int8 weights)
+        metrics = evaluate(load_model(model.save(Path(tmp) / "model")), dataset, "test")
+    provenance = {
         "data": data_record(dataset),
         "command": "make default-model",
         "equivalent": train_command(dataset_path, Path(os.path.relpath(out, REPO)), params, seed),
         "train_seconds": round(seconds, 1),
         "test_metrics": metrics,
     }
-    config_file.write_text(json.dumps(config, indent=2) + "\n")
-    old = out.with_name(f".{out.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(staging, out)
-    shutil.rmtree(old, ignore_errors=True)
-    return config["provenance"]
+    model.save(out, provenance=provenance)
+    return provenance
 
 
 def main() -> None:

@@ -253,9 +253,7 @@ def demo(
         for query in DEMO_QUERIES:
             out.print(f'  [bold]"{query}"[/]', highlight=False)
             for r in ix.search_text(query, k=5):
-                out.print(
-                    f"   {r.rank}  {r.score:.3f}  {r.id:28} {captions.get(r.id, '')}", highlight=False
-                )
+                out.print(f"   {r.rank}  {r.score:.3f}  {r.id:28} {captions.get(r.id, '')}", highlight=False)
         grid, _, _ = query_figure(ix, DEMO_QUERIES[0], out_dir / "grid.png", k=10)
         out.print(f"  result grid → {grid}", highlight=False)
         out.print(f"[bold]4/4[/] scoring {ix.model_source} on the {len(test.captions)} test captions")

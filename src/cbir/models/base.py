@@ -158,9 +158,10 @@ class RetrievalModel:
     def _restore(self, arrays: dict[str, np.ndarray], state: dict[str, Any]) -> None:
         pass
 
-    def save(self, path: Path | str) -> Path:
+    def save(self, path: Path | str, provenance: dict[str, Any] | None = None) -> Path:
         """Write the model directory atomically: a complete sibling directory is renamed into place,
-        so a crash leaves the previous model (or none), never a half-written one."""
+        so a crash leaves the previous model (or none), never a half-written one. `provenance` (how
+        the model was made: data, command, metrics) is stored as is in config.json."""
         from safetensors.numpy import save_file
 
         from cbir import __version__
@@ -179,6 +180,7 @@ class RetrievalModel:
             "state": self._state(),
             "arrays": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in arrays.items()},
             "cbir_version": __version__,
+            **({"provenance": provenance} if provenance else {}),
         }
         text = json.dumps(config, indent=2, default=_jsonable) + "\n"  # fails before touching the disk
         out = Path(path)
