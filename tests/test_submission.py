@@ -138,7 +138,7 @@ def test_malformed_submissions_name_the_line(tmp_path, content, message, line):
 def test_a_split_that_cannot_be_submitted_is_refused(kaggle_mini):
     test = kaggle_mini.split("test")
     model = truth_at_rank(test, lambda i: 0)
-    no_files = f"{KAGGLE_MINI}: no test descriptions (descriptions_test/N.txt) to rank images for"
+    no_files = f"{kaggle_mini.root}: no test descriptions (descriptions_test/N.txt) to rank images for"
     with pytest.raises(DatasetError) as caught:  # captions not read from N.txt files
         rank_test_images(model, dataclasses.replace(kaggle_mini, caption_ids=None))
     assert str(caught.value) == no_files
