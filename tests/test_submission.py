@@ -158,6 +158,6 @@ def test_a_split_that_cannot_be_submitted_is_refused(kaggle_mini):
         rank_test_images(model, kaggle_mini, k=80)
     assert (
         str(caught.value)
-        == f"{KAGGLE_MINI}: a submission lists 80 images per description; the test split has 79"
+        == f"{kaggle_mini.root}: a submission lists 80 images per description; the test split has 79"
     )
     assert len(rank_test_images(model, kaggle_mini, k=79)[0][1]) == 79

@@ -246,20 +246,24 @@ def update_index(
     if not root.is_dir():
         raise DatasetError("no such folder to index", root)
     index_dir = Path(out).expanduser().resolve()
-    _check_out_folder(index_dir)
+    _check_out_folder(index_dir, another_writer_may_be_starting=True)  # before the lock file goes in
     index_dir.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(index_dir / LOCK_FILE, wait, what=f"the index {index_dir}"):
+        _check_out_folder(index_dir)
         return _update_locked(root, index_dir, model, progress, chunk_size, on_chunk)
 
 
-def _check_out_folder(index_dir: Path) -> None:
+def _check_out_folder(index_dir: Path, another_writer_may_be_starting: bool = False) -> None:
     """Refuse an --out that is neither an index nor empty (hidden entries count): the index sweeps
-    the files it made, so it must never move in with someone else's."""
+    the files it made, so it must never move in with someone else's. Before the lock is held, a
+    writer that is creating the index may have made its folders but not yet its manifest: those
+    names pass then, and the check under the lock decides."""
     if index_dir.exists() and not index_dir.is_dir():
         raise IndexFormatError(f"{index_dir}: exists and is not a folder; choose a new --out folder")
     if not index_dir.is_dir() or (index_dir / MANIFEST).exists():
         return
-    foreign = sorted(p.name for p in index_dir.iterdir() if not _is_ours(p.name))
+    starting = (MANIFEST, SHARDS, MODEL_DIR) if another_writer_may_be_starting else ()
+    foreign = sorted(p.name for p in index_dir.iterdir() if not _is_ours(p.name) and p.name not in starting)
     if foreign:
         shown = ", ".join(foreign[:3]) + (", …" if len(foreign) > 3 else "")
         raise IndexFormatError(
