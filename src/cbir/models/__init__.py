@@ -106,7 +106,7 @@ def load_model(spec: Path | str | None = DEFAULT_MODEL) -> RetrievalModel:
         return _load_dir(path)
     try:
         return _load_dir(path)
-    except Exception as e:  # any damage to the packaged files: say which and how to repair
+    except ModelError as e:  # damage to the packaged files: say which and how to repair
         raise ModelError(
             f"the shipped default model in {path} cannot be loaded ({e}); {REBUILD_SHIPPED}"
         ) from e
