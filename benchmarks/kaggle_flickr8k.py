@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from cbir.datasets import Dataset, load_dataset
+from cbir.demo import link_or_copy
 from cbir.submission import score_submission
 
 FLICKR8K = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "flickr8k"
@@ -40,13 +40,6 @@ NAMED = ("default", "zero-shot")
 SEED = 0
 
 
-def _link(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
 def lay_out(data: Dataset, out: Path, seed: int = SEED) -> Path:
     """Write the Kaggle layout of `data` into `out` (train+val → train, test → shuffled test)."""
     shutil.rmtree(out, ignore_errors=True)
@@ -54,7 +47,7 @@ def lay_out(data: Dataset, out: Path, seed: int = SEED) -> Path:
         (out / folder).mkdir(parents=True)
     train = [i for i, s in enumerate(data.splits) if s in ("train", "val")]
     for n, i in enumerate(train):
-        _link(data.images[i], out / "images_train" / f"{n}.jpg")
+        link_or_copy(data.images[i], out / "images_train" / f"{n}.jpg")
         (out / "descriptions_train" / f"{n}.txt").write_text("\n".join(data.captions_of(i)) + "\n")
         (out / "tags_train" / f"{n}.txt").write_text("")
     test = [i for i, s in enumerate(data.splits) if s == "test"]
@@ -63,7 +56,7 @@ def lay_out(data: Dataset, out: Path, seed: int = SEED) -> Path:
         writer = csv.writer(f)
         writer.writerow(["Descritpion_ID", "Image_ID"])
         for n, i in enumerate(test):
-            _link(data.images[i], out / "images_test" / f"{n}.jpg")
+            link_or_copy(data.images[i], out / "images_test" / f"{n}.jpg")
         for d, n in enumerate(order):
             (out / "descriptions_test" / f"{d}.txt").write_text("\n".join(data.captions_of(test[n])) + "\n")
             writer.writerow([f"{d}.txt", f"{n}.jpg"])

@@ -20,17 +20,20 @@ DEMO_QUERIES = (
 )
 
 
+def link_or_copy(src: Path, dst: Path) -> None:
+    """`dst` becomes the same file as `src`: a hard link where the file system allows, else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 def photo_folder(data: Dataset, folder: Path) -> Path:
-    """The split's photos in one folder, hard-linked where the file system allows, else copied."""
+    """The split's photos in one folder, as a user's photo folder would be."""
     folder.mkdir(parents=True, exist_ok=True)
     for src in data.images:
-        dst = folder / src.name
-        if dst.exists():
-            continue
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copyfile(src, dst)
+        if not (folder / src.name).exists():
+            link_or_copy(src, folder / src.name)
     return folder
 
 
