@@ -200,3 +200,43 @@ def test_contrastive_stored_smaller_ranks_alike(rsicd_slice, tmp_path, dtype, si
     stored = score_split(load_model(tmp_path / dtype), test)
     np.testing.assert_allclose(stored, scores, atol=2e-2)
     assert np.mean(stored.argmax(1) == scores.argmax(1)) >= 0.9
+
+
+def test_contrastive_zero_shot_fusion(flickr8k_slice_dir, tmp_path):
+    """The zero-shot (ConSE) score mixed in: its weight chosen on val as the sweep's best, a fixed weight
+    mixes the two models' scores exactly, and the fused model saves and loads as it ranks."""
+    from cbir.datasets import load_dataset
+    from cbir.metrics import retrieval_metrics
+    from cbir.models.contrastive import ZERO_SHOT_WEIGHTS
+    from cbir.models.zeroshot import ZeroShotModel
+
+    data = load_dataset(flickr8k_slice_dir)
+    train, val, test = (data.split(s) for s in ("train", "val", "test"))
+    quick = {"ensemble": 1, "epochs": 2, "batch_size": 16, "embed_dim": 32, "hidden": 32, "lsa_dim": 16}
+    own = create_model("contrastive", **quick).fit(train, val)
+    chosen = create_model("contrastive", zero_shot_weight=None, **quick).fit(train, val)
+    sweep = chosen.zero_shot_sweep_
+    assert [float(w) for w in sweep] == list(ZERO_SHOT_WEIGHTS)
+    assert sweep["0.0"] == pytest.approx(retrieval_metrics(score_split(own, val), val.caption_image)["mR"])
+    assert sweep[str(chosen.zero_shot_weight_)] == max(sweep.values())
+
+    mixed = create_model("contrastive", zero_shot_weight=0.3, **quick).fit(train, val)
+    zero_shot = score_split(ZeroShotModel(visual_weight=0.0).fit(), test)
+    expected = 0.7 * score_split(own, test) + 0.3 * zero_shot
+    np.testing.assert_allclose(score_split(mixed, test), expected, atol=1e-5)
+    np.testing.assert_allclose(score_split(load_model(mixed.save(tmp_path / "m")), test), expected, atol=1e-5)
+
+
+def test_zero_shot_fusion_needs_photos(kaggle_mini, tmp_path):
+    """Precomputed ResNet features have no ImageNet logits: a fixed weight is refused, null means none."""
+    from cbir.datasets import load_dataset
+    from tests.test_datasets import copy_kaggle, write_feature_csvs
+
+    root = copy_kaggle(tmp_path)
+    write_feature_csvs(root, kaggle_mini, np.random.default_rng(0))
+    train = load_dataset(root).split("train")  # also the val split here: the competition has none
+    quick = {"ensemble": 1, "epochs": 1, "batch_size": 16, "lsa_dim": 16, "image_features": "resnet2048"}
+    with pytest.raises(ModelError, match="zero_shot_weight"):
+        create_model("contrastive", zero_shot_weight=0.3, **quick).fit(train, train)
+    fused = create_model("contrastive", zero_shot_weight=None, **quick).fit(train, train)
+    assert fused.zero_shot_weight_ == 0 and "zero_shot.class_embeddings" not in fused.arrays_

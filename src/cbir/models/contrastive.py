@@ -24,6 +24,9 @@ from cbir.models.classical.text_features import TEXT_KINDS, TextFeaturizer, pars
 from cbir.models.heads import head_forward
 
 BANK_TEMPERATURES = (0.01, 0.02, 0.05)
+# Weights of the zero-shot (ConSE) score tried on val when `zero_shot_weight` is left to the method.
+ZERO_SHOT_MEANING = "share of the zero-shot (ConSE) score mixed in (null: chosen on val)"
+ZERO_SHOT_WEIGHTS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
 # `image_features="auto"` without precomputed features: every EfficientNet output, which together beat
 # the pooled features alone on RSICD (BENCHMARKS.md, deep methods).
 COMPUTED_FEATURES = "effnet-pool+effnet-logits+effnet-stages"
@@ -83,6 +86,7 @@ class ContrastiveModel(RetrievalModel):
         "bank_size": Param("captions and images kept to normalise query scores (0: none)", int, 0),
         "seed": SHARED_PARAMS["seed"],
         "weights_dtype": Param("how saved weights are stored (computed in float32)", choices=WEIGHT_DTYPES),
+        "zero_shot_weight": Param(ZERO_SHOT_MEANING, float, 0, 1, open_high=True, optional=True),
     }
 
     def __init__(
@@ -106,6 +110,7 @@ class ContrastiveModel(RetrievalModel):
         ensemble: int = 2,
         bank_size: int = 2048,
         weights_dtype: str = "float32",
+        zero_shot_weight: float | None = 0.0,
         seed: int = 0,
     ):
         unknown = sorted((set(views) | set(embed_views)) - set(VIEWS))
@@ -137,6 +142,7 @@ class ContrastiveModel(RetrievalModel):
             ensemble=ensemble,
             bank_size=bank_size,
             weights_dtype=weights_dtype,
+            zero_shot_weight=zero_shot_weight,
             seed=seed,
         )
 
@@ -241,6 +247,7 @@ class ContrastiveModel(RetrievalModel):
                 self.bank_temperature_ = self._choose_bank_temperature(
                     val_texts.numpy(), val_images.numpy(), val
                 )
+        self._fit_zero_shot(val if has_val else None)
         return self
 
     def _views(self, which: str) -> list[str]:
@@ -289,21 +296,73 @@ class ContrastiveModel(RetrievalModel):
             np.concatenate([images, i_off, np.ones_like(i_off)], 1),
         )
 
+    def _fit_zero_shot(self, val: Dataset | None) -> None:
+        """Set up the zero-shot part and its weight: given, or the best val mR of ZERO_SHOT_WEIGHTS.
+
+        Fusion needs EfficientNet logits, so precomputed (ResNet) features leave it out."""
+        from cbir.models.zeroshot import ZeroShotModel
+
+        weight = self.params["zero_shot_weight"]
+        self.zero_shot_weight_, self.zero_shot_sweep_ = weight or 0.0, {}
+        if weight == 0.0 or (weight is None and val is None):
+            return
+        if self.representation_.startswith("resnet"):
+            if weight is not None:
+                raise ModelError("zero_shot_weight needs photos (EfficientNet logits), not precomputed ones")
+            return
+        self.arrays_["zero_shot.class_embeddings"] = ZeroShotModel(visual_weight=0.0).fit().class_embeddings_
+        if weight is None:
+            own = self._own_texts(val.captions) @ self._own_images(val).T
+            zero_shot = self._zero_shot_texts(val.captions) @ self._zero_shot_images(val).T
+            for w in ZERO_SHOT_WEIGHTS:
+                mr = retrieval_metrics((1 - w) * own + w * zero_shot, val.caption_image)["mR"]
+                self.zero_shot_sweep_[str(w)] = mr
+            best = max(ZERO_SHOT_WEIGHTS, key=lambda w: self.zero_shot_sweep_[str(w)])
+            self.zero_shot_weight_ = float(best)
+
+    def _zero_shot(self):
+        """The ConSE model over the stored class embeddings (text vectors only: no visual part)."""
+        from cbir.models.zeroshot import ZeroShotModel
+
+        zero_shot = ZeroShotModel(visual_weight=0.0)
+        zero_shot.class_embeddings_ = self.arrays_["zero_shot.class_embeddings"]
+        return zero_shot
+
+    def _zero_shot_texts(self, texts: Sequence[str]) -> np.ndarray:
+        return self._zero_shot().embed_texts(texts)
+
+    def _zero_shot_images(self, images: Dataset) -> np.ndarray:
+        """ConSE vectors of the centre view (what the zero-shot model itself indexes)."""
+        return self._zero_shot().concept_embeddings(image_features(images, "effnet-logits"))
+
+    def _fused(self, own: np.ndarray, zero_shot: np.ndarray) -> np.ndarray:
+        """Own and zero-shot embeddings side by side, weighted so the inner product mixes the scores."""
+        w = self.zero_shot_weight_
+        return np.concatenate([np.sqrt(1 - w) * own, np.sqrt(w) * zero_shot], 1).astype(np.float32)
+
     def _embed(self, x: np.ndarray, side: str) -> np.ndarray:
         """Ensemble members' unit embeddings side by side, scaled so the inner product is their mean."""
         k = self.params["ensemble"]
         parts = [unit_rows(head_forward(self.arrays_, f"m{m}.{side}", x)) for m in range(k)]
         return np.concatenate(parts, 1) / np.sqrt(k)
 
-    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+    def _own_texts(self, texts: Sequence[str]) -> np.ndarray:
         emb = self._embed(self.text_.transform(texts), "text")
         return self._with_bank(emb, np.zeros((0, emb.shape[1]), np.float32))[0]
 
-    def embed_images(self, images: Dataset) -> np.ndarray:
+    def _own_images(self, images: Dataset) -> np.ndarray:
         """The mean embedding over `embed_views` (test-time augmentation; one view by default)."""
         views = self._views("embed_views")
         emb = sum(self._embed(image_features(images, self.representation_, v), "image") for v in views)
         return self._with_bank(np.zeros((0, emb.shape[1]), np.float32), emb / len(views))[1]
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        own = self._own_texts(texts)
+        return self._fused(own, self._zero_shot_texts(texts)) if self.zero_shot_weight_ else own
+
+    def embed_images(self, images: Dataset) -> np.ndarray:
+        own = self._own_images(images)
+        return self._fused(own, self._zero_shot_images(images)) if self.zero_shot_weight_ else own
 
     def _arrays(self) -> dict[str, np.ndarray]:
         return stored_arrays({**self.arrays_, **self.text_.arrays()}, self.params["weights_dtype"])
@@ -314,6 +373,8 @@ class ContrastiveModel(RetrievalModel):
             "text": self.text_.state(),
             "history": self.history_,
             "bank_temperature": self.bank_temperature_,
+            "zero_shot_weight": self.zero_shot_weight_,
+            "zero_shot_sweep": self.zero_shot_sweep_,
         }
 
     def _restore(self, arrays: dict[str, np.ndarray], state: dict[str, Any]) -> None:
@@ -321,6 +382,8 @@ class ContrastiveModel(RetrievalModel):
         self.arrays_ = arrays
         self.representation_, self.history_ = state["representation"], state["history"]
         self.bank_temperature_ = state["bank_temperature"]
+        self.zero_shot_weight_ = state.get("zero_shot_weight", 0.0)  # older models: no fusion
+        self.zero_shot_sweep_ = state.get("zero_shot_sweep", {})
         if "text" not in state:  # saved before caption features were a parameter: MiniLM only
             self.params["text_features"] = "minilm"
         self.text_ = self._text_featurizer()
