@@ -52,6 +52,23 @@ CONFIGS: dict[str, dict] = {
         "bank_size": 1024,
     },
     "int8: 1 head, defaults otherwise": {"weights_dtype": "int8", "ensemble": 1},
+    "int8: 1 head + zero-shot score, weight chosen on val": {
+        "weights_dtype": "int8",
+        "ensemble": 1,
+        "zero_shot_weight": None,
+    },
+    "int8: 1 head + zero-shot score, 30 epochs": {
+        "weights_dtype": "int8",
+        "ensemble": 1,
+        "zero_shot_weight": None,
+        "epochs": 30,
+    },
+    "int8: 1 head + zero-shot score, 45 epochs": {
+        "weights_dtype": "int8",
+        "ensemble": 1,
+        "zero_shot_weight": None,
+        "epochs": 45,
+    },
     "int8: 2 heads, hidden 256, bank 768": {"weights_dtype": "int8", "hidden": 256, "bank_size": 768},
 }
 
@@ -69,7 +86,9 @@ def run(name: str, params: dict, dataset) -> dict:
         model.save(tmp)
         size = directory_mb(Path(tmp))
         stored = load_model(tmp)
-    result = {"name": name, "params": params, "train_s": seconds, "size_mb": size}
+    state = stored._state()
+    chosen_on_val = {k: state[k] for k in ("history", "bank_temperature", "zero_shot_weight") if k in state}
+    result = {"name": name, "params": params, "train_s": seconds, "size_mb": size, "chosen": chosen_on_val}
     result["val"] = evaluate(stored, dataset, "val")
     result["test"] = evaluate(stored, dataset, "test")
     return result

@@ -7,6 +7,7 @@ from cbir.metrics import (
     image_to_text_ranks,
     map_at_20,
     median_rank,
+    mr_standard_error,
     mrr,
     recall_at,
     retrieval_metrics,
@@ -149,3 +150,14 @@ def test_mr_is_the_mean_of_r1_r5_r10_both_ways():
     assert [m[f"t2i_r{k}"] for k in (1, 5, 10, 20)] == pytest.approx([4, 20, 40, 80])
     assert [m[f"i2t_r{k}"] for k in (1, 5, 10, 20)] == pytest.approx([4, 12, 20, 40])
     assert m["mR"] == pytest.approx((4 + 20 + 40 + 4 + 12 + 20) / 6)
+
+
+def test_mr_standard_error_by_hand():
+    """t2i ranks 0, 0, 2, 2 and i2t ranks 0, 0, 0, 1: per-query mean R@1/5/10 hits below; the error is
+    half the root of the two directions' squared standard errors (sample variance over n)."""
+    scores = np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0.9, 0, 0.5, 0.9], [0.9, 0.9, 0, 0.5]])
+    t2i, i2t = np.array([100, 100, 200 / 3, 200 / 3]), np.array([100, 100, 100, 200 / 3])
+    assert retrieval_metrics(scores, range(4))["mR"] == pytest.approx((t2i.mean() + i2t.mean()) / 2)
+    expected = 0.5 * np.sqrt(np.var(t2i, ddof=1) / 4 + np.var(i2t, ddof=1) / 4)
+    assert mr_standard_error(scores, range(4)) == pytest.approx(expected)
+    assert mr_standard_error(np.eye(4), range(4)) == 0.0

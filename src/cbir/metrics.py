@@ -51,6 +51,22 @@ def recall_at(ranks: np.ndarray, k: int) -> float:
     return float(100.0 * (ranks < k).mean()) if len(ranks) else 0.0
 
 
+def mr_standard_error(scores: np.ndarray, caption_image: Sequence[int] | np.ndarray) -> float:
+    """Standard error of mR, captions and images taken as independent samples: val mR differences
+    below it are noise, so model selection may prefer the simpler or more robust model within it.
+
+    mR is the mean of the two directions' per-query hit rates, each query's being its mean R@1/5/10 hit
+    (percent), so the error is half the root of the two means' squared standard errors."""
+    caption_image = np.asarray(caption_image, dtype=np.int64)
+    i2t = image_to_text_ranks(scores, caption_image)
+    per_query = [_mean_hit(text_to_image_ranks(scores, caption_image)), _mean_hit(i2t[i2t >= 0])]
+    return float(0.5 * np.sqrt(sum(np.var(h, ddof=1) / len(h) for h in per_query)))
+
+
+def _mean_hit(ranks: np.ndarray) -> np.ndarray:
+    return 100.0 * np.mean([ranks < k for k in (1, 5, 10)], axis=0)
+
+
 def map_at_20(ranks: np.ndarray) -> float:
     """Kaggle cs5785's MAP@20 with one relevant image: 1/(1+rank) inside the top 20, else 0."""
     ranks = np.asarray(ranks)

@@ -18,7 +18,7 @@ import numpy as np
 
 from cbir.datasets import Dataset
 from cbir.encoders import VIEWS, image_features, resolve_image_representation
-from cbir.metrics import retrieval_metrics
+from cbir.metrics import mr_standard_error, retrieval_metrics
 from cbir.models.base import SHARED_PARAMS, ModelError, Param, RetrievalModel, has_scored_val, unit_rows
 from cbir.models.classical.text_features import TEXT_KINDS, TextFeaturizer, parse_kinds
 from cbir.models.heads import head_forward
@@ -297,7 +297,7 @@ class ContrastiveModel(RetrievalModel):
         )
 
     def _fit_zero_shot(self, val: Dataset | None) -> None:
-        """Set up the zero-shot part and its weight: given, or the best val mR of ZERO_SHOT_WEIGHTS.
+        """Set up the zero-shot part and its weight: given, or chosen on val among ZERO_SHOT_WEIGHTS.
 
         Fusion needs EfficientNet logits, so precomputed (ResNet) features leave it out."""
         from cbir.models.zeroshot import ZeroShotModel
@@ -312,13 +312,21 @@ class ContrastiveModel(RetrievalModel):
             return
         self.arrays_["zero_shot.class_embeddings"] = ZeroShotModel(visual_weight=0.0).fit().class_embeddings_
         if weight is None:
-            own = self._own_texts(val.captions) @ self._own_images(val).T
-            zero_shot = self._zero_shot_texts(val.captions) @ self._zero_shot_images(val).T
-            for w in ZERO_SHOT_WEIGHTS:
-                mr = retrieval_metrics((1 - w) * own + w * zero_shot, val.caption_image)["mR"]
-                self.zero_shot_sweep_[str(w)] = mr
-            best = max(ZERO_SHOT_WEIGHTS, key=lambda w: self.zero_shot_sweep_[str(w)])
-            self.zero_shot_weight_ = float(best)
+            self.zero_shot_weight_ = self._choose_zero_shot_weight(val)
+
+    def _choose_zero_shot_weight(self, val: Dataset) -> float:
+        """The largest weight whose val mR is within one standard error of the best (the one-standard-
+        error rule): val cannot show the words the zero-shot part is there for, so the choice leans to
+        it as far as val cannot tell the difference."""
+        own = self._own_texts(val.captions) @ self._own_images(val).T
+        zero_shot = self._zero_shot_texts(val.captions) @ self._zero_shot_images(val).T
+        mixed = {w: (1 - w) * own + w * zero_shot for w in ZERO_SHOT_WEIGHTS}
+        for w, scores in mixed.items():
+            self.zero_shot_sweep_[str(w)] = retrieval_metrics(scores, val.caption_image)["mR"]
+        best = max(ZERO_SHOT_WEIGHTS, key=lambda w: self.zero_shot_sweep_[str(w)])
+        self.zero_shot_sweep_["standard_error"] = mr_standard_error(mixed[best], val.caption_image)
+        floor = self.zero_shot_sweep_[str(best)] - self.zero_shot_sweep_["standard_error"]
+        return float(max(w for w in ZERO_SHOT_WEIGHTS if self.zero_shot_sweep_[str(w)] >= floor))
 
     def _zero_shot(self):
         """The ConSE model over the stored class embeddings (text vectors only: no visual part)."""
