@@ -15,14 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from cbir.datasets.base import Dataset, DatasetError, LoadReport, read_text
+from cbir.feature_kinds import FEATURE_KINDS, PRECOMPUTED_KINDS
 
 KAGGLE_SPLITS = ("train", "test")
 ANSWERS_FILE = "answers_test.csv"
 # feature name -> (file stem, width)
-FEATURE_FILES = {
-    "resnet1000": ("features_resnet1000", 1000),
-    "resnet2048": ("features_resnet1000intermediate", 2048),
-}
+FEATURE_FILES = {name: (FEATURE_KINDS[name].csv_stem, FEATURE_KINDS[name].dim) for name in PRECOMPUTED_KINDS}
 
 
 def is_kaggle(root: Path) -> bool:

@@ -20,14 +20,22 @@ import numpy as np
 from PIL import Image
 
 from cbir.encoders.cache import FeatureCache, content_key
+from cbir.feature_kinds import (
+    COMPUTED_DIM,
+    EFFNET_LOGITS,
+    EFFNET_POOL,
+    EFFNET_STAGES,
+    FEATURE_KINDS,
+    computed_columns,
+)
 from cbir.imaging import to_rgb
 from cbir.progress import progress_bar
 
 MODEL_ID = "efficientnet-lite0"
 INPUT_SIZE = 224
-POOLED_DIM = 1280
-LOGITS_DIM = 1000
-STAGES_DIM = 16 + 24 + 40 + 80 + 112 + 192 + 320  # channels of the seven stages
+POOLED_DIM = FEATURE_KINDS[EFFNET_POOL].dim
+LOGITS_DIM = FEATURE_KINDS[EFFNET_LOGITS].dim
+STAGES_DIM = FEATURE_KINDS[EFFNET_STAGES].dim  # 16 + 24 + 40 + 80 + 112 + 192 + 320 channels
 # What one cached row holds; part of the cache namespace, so a change of layout never reads stale rows.
 CACHE_LAYOUT = "pool-logits-stages"
 # Deterministic views: the plain one and fixed augmentations (flips, rotations, crops), each cached apart.
@@ -49,10 +57,20 @@ CROP_SHARE = 0.8
 
 @dataclass
 class ImageFeatures:
-    pooled: np.ndarray  # (n, 1280)
-    logits: np.ndarray  # (n, 1000)
-    stages: np.ndarray  # (n, 784)
+    rows: np.ndarray  # (n, COMPUTED_DIM): the computed feature kinds side by side
     failed: dict[int, str] = field(default_factory=dict)  # row -> reason; those rows are zero
+
+    @property
+    def pooled(self) -> np.ndarray:
+        return self.rows[:, computed_columns(EFFNET_POOL)]
+
+    @property
+    def logits(self) -> np.ndarray:
+        return self.rows[:, computed_columns(EFFNET_LOGITS)]
+
+    @property
+    def stages(self) -> np.ndarray:
+        return self.rows[:, computed_columns(EFFNET_STAGES)]
 
     @property
     def ok(self) -> np.ndarray:
@@ -129,7 +147,7 @@ class ImageEncoder:
     ) -> ImageFeatures:
         paths = [Path(p) for p in paths]
         n = len(paths)
-        out = np.zeros((n, POOLED_DIM + LOGITS_DIM + STAGES_DIM), dtype=np.float32)
+        out = np.zeros((n, COMPUTED_DIM), dtype=np.float32)
         failed: dict[int, str] = {}
         cache = (
             FeatureCache.open(f"{MODEL_ID}/{CACHE_LAYOUT}/{view}", self.cache_dir) if self.use_cache else None
@@ -176,8 +194,7 @@ class ImageEncoder:
                         flush()
                 advance(1)
             flush()
-        logits_end = POOLED_DIM + LOGITS_DIM
-        return ImageFeatures(out[:, :POOLED_DIM], out[:, POOLED_DIM:logits_end], out[:, logits_end:], failed)
+        return ImageFeatures(out, failed)
 
     def _forward(self, pixels: np.ndarray) -> np.ndarray:
         import torch

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Self
 import numpy as np
 
 from cbir.datasets import Dataset
+from cbir.feature_kinds import FEATURE_KINDS
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -100,7 +101,7 @@ def _bound(value: float | None, infinite: str) -> str:
 
 # Parameters several methods take, declared once; a method's PARAMS picks them by name.
 SHARED_PARAMS: dict[str, Param] = dict(
-    image_features=Param("image features, '+'-joined (effnet-pool, effnet-logits, ..., auto, tags)", str),
+    image_features=Param(f"image features, '+'-joined ({', '.join(FEATURE_KINDS)}, auto, tags)", str),
     text_features=Param("caption features, '+'-joined (minilm, tfidf, bow, lsa, word2vec, glove)", str),
     use_augmented=Param("also train on the dataset's augmented captions, when it has them", bool),
     batch_size=Param("training pairs per step", int, 2),

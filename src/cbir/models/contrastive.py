@@ -18,6 +18,7 @@ import numpy as np
 
 from cbir.datasets import Dataset
 from cbir.encoders import VIEWS, image_features, resolve_image_representation
+from cbir.feature_kinds import ALL_COMPUTED
 from cbir.metrics import retrieval_metrics
 from cbir.models.base import SHARED_PARAMS, ModelError, Param, RetrievalModel, has_scored_val, unit_rows
 from cbir.models.classical.text_features import TEXT_KINDS, TextFeaturizer, parse_kinds
@@ -26,7 +27,7 @@ from cbir.models.heads import head_forward
 BANK_TEMPERATURES = (0.01, 0.02, 0.05)
 # `image_features="auto"` without precomputed features: every EfficientNet output, which together beat
 # the pooled features alone on RSICD (BENCHMARKS.md, deep methods).
-COMPUTED_FEATURES = "effnet-pool+effnet-logits+effnet-stages"
+COMPUTED_FEATURES = ALL_COMPUTED
 # How weights are stored on disk; the model always computes in float32. float16 halves a model, int8
 # (matrices quantised row by row, vectors in float16) quarters it: the shipped default's size limit.
 WEIGHT_DTYPES = ("float32", "float16", "int8")
