@@ -112,6 +112,15 @@ SHARED_PARAMS: dict[str, Param] = dict(
 )
 
 
+@dataclass
+class ImageEmbedding:
+    """Image files embedded by a model: one vector each, and the files that could not be."""
+
+    vectors: np.ndarray  # (n, d); the rows of failed images are zero
+    keys: list[str]  # SHA-1 of each file's bytes (the feature cache key); "" where unreadable
+    failed: dict[str, str]  # image id -> reason
+
+
 class RetrievalModel:
     """Base class: subclasses set `method` and `PARAMS`, take plain-data keyword parameters, and
     implement `fit`, `embed_texts`, `embed_images`, `_arrays`/`_state` and `_restore`."""
@@ -142,6 +151,22 @@ class RetrievalModel:
 
     def embed_images(self, images: Dataset) -> np.ndarray:
         raise NotImplementedError
+
+    def image_views(self) -> list[str]:
+        """The views of an image `embed_images` reads (test-time augmentation may use several)."""
+        return ["center"]
+
+    def embed(self, images: Dataset, progress: bool = False) -> ImageEmbedding:
+        """The embedding contract for image files: vectors plus the failures (id -> reason), each
+        file read and hashed once for all the views the model needs."""
+        from cbir.encoders import encode_images
+
+        encoded = encode_images(images, self.image_views(), progress)
+        vectors = np.array(self.embed_images(encoded.dataset), dtype=np.float32)
+        vectors[list(encoded.failed)] = 0.0
+        ids = images.image_ids
+        failed = {ids[row]: reason for row, reason in sorted(encoded.failed.items())}
+        return ImageEmbedding(vectors, encoded.keys, failed)
 
     def score(self, text_embeddings: np.ndarray, image_embeddings: np.ndarray) -> np.ndarray:
         """(n_texts, n_images) scores, higher is better."""

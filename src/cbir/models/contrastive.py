@@ -300,9 +300,12 @@ class ContrastiveModel(RetrievalModel):
         emb = self._embed(self.text_.transform(texts), "text")
         return self._with_bank(emb, np.zeros((0, emb.shape[1]), np.float32))[0]
 
+    def image_views(self) -> list[str]:
+        return self._views("embed_views")
+
     def embed_images(self, images: Dataset) -> np.ndarray:
         """The mean embedding over `embed_views` (test-time augmentation; one view by default)."""
-        views = self._views("embed_views")
+        views = self.image_views()
         emb = sum(self._embed(image_features(images, self.representation_, v), "image") for v in views)
         return self._with_bank(np.zeros((0, emb.shape[1]), np.float32), emb / len(views))[1]
 

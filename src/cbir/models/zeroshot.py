@@ -19,8 +19,8 @@ from typing import Any, Self
 import numpy as np
 
 from cbir.datasets import Dataset
-from cbir.encoders import image_features, shared_image_encoder, shared_text_encoder
-from cbir.feature_kinds import EFFNET_POOL, FEATURE_KINDS
+from cbir.encoders import image_features, shared_text_encoder
+from cbir.feature_kinds import EFFNET_LOGITS, EFFNET_POOL, FEATURE_KINDS
 from cbir.models.base import Param, RetrievalModel, unit_rows
 
 # How each ImageNet class is put into words before MiniLM embeds it.
@@ -142,10 +142,9 @@ class ZeroShotModel(RetrievalModel):
         return unit_rows(mixed)
 
     def embed_images(self, images: Dataset) -> np.ndarray:
-        feats = shared_image_encoder().encode(images.images, progress=len(images) > 32)
-        for reason in feats.failed.values():
-            images.report.skip("image not embedded (zero vector)", reason)
-        return self.embed_features(feats.pooled, feats.logits, feats.ok)
+        pooled = image_features(images, EFFNET_POOL, progress=len(images) > 32)
+        logits = image_features(images, EFFNET_LOGITS, progress=len(images) > 32)
+        return self.embed_features(pooled, logits, ok=pooled.any(1))  # unreadable images are zero rows
 
     def embed_features(
         self, pooled: np.ndarray, logits: np.ndarray, ok: np.ndarray | None = None

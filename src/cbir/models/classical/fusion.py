@@ -155,6 +155,9 @@ class FusionModel(RetrievalModel):
             [np.sqrt(w) * m.embed_texts(texts) for w, m in zip(self.weights_, self.members_, strict=True)]
         )
 
+    def image_views(self) -> list[str]:
+        return list(dict.fromkeys(view for m in self.members_ for view in m.image_views()))
+
     def embed_images(self, images: Dataset) -> np.ndarray:
         return np.hstack(
             [np.sqrt(w) * m.embed_images(images) for w, m in zip(self.weights_, self.members_, strict=True)]
