@@ -11,21 +11,23 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Self, TypeVar
 
 import numpy as np
 
-from cbir.datasets import Dataset
+from cbir.datasets import Dataset, DatasetError
 from cbir.feature_kinds import FEATURE_KINDS
+from cbir.progress import progress_bar
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
 # Format 1 (no `format_version` key): config.json + weights. Format 2 adds `format_version` and an
 # `arrays` manifest (name -> shape, dtype) that loading checks the weights file against.
 FORMAT_VERSION = 2
+T = TypeVar("T")
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -42,6 +44,32 @@ def has_scored_val(val: Dataset | None) -> bool:
     """Whether `val` can score candidates (captions, each paired with an image); methods select on it
     when it can, and fall back to k-fold over the training images when it cannot."""
     return val is not None and len(val.captions) > 0 and bool((val.caption_image >= 0).all())
+
+
+def grid_search(
+    candidates: Sequence[T], score: Callable[[T], float], label: str, progress: bool = True
+) -> tuple[T, list[float]]:
+    """The candidate with the highest score (the first of equals) and every candidate's score: the
+    one hyperparameter search of every method, scored on val or k-fold held-out parts."""
+    if not candidates:
+        raise ValueError(f"{label}: no candidates to choose from")
+    scores: list[float] = []
+    with progress_bar(label, len(candidates), enabled=progress and len(candidates) > 1) as advance:
+        for candidate in candidates:
+            scores.append(float(score(candidate)))
+            advance(1, mR=scores[-1])
+    return candidates[int(np.argmax(scores))], scores
+
+
+def require_training_pairs(method: str, train: Dataset) -> None:
+    """Refuse training data with no caption paired with an image: there is nothing to learn from.
+    Every trained method's `fit` calls this, so the Python API refuses as the CLI does."""
+    if not (train.caption_image >= 0).any():
+        raise DatasetError(
+            f"the train split has no captions paired with images ({len(train.images)} images, "
+            f"{len(train.captions)} captions): nothing for {method} to train on",
+            train.root,
+        )
 
 
 def fold_of_images(n_images: int, k: int, seed: int) -> np.ndarray:

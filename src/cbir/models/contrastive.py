@@ -20,7 +20,16 @@ from cbir.datasets import Dataset
 from cbir.encoders import VIEWS, image_features, resolve_image_representation
 from cbir.feature_kinds import ALL_COMPUTED
 from cbir.metrics import retrieval_metrics
-from cbir.models.base import SHARED_PARAMS, ModelError, Param, RetrievalModel, has_scored_val, unit_rows
+from cbir.models.base import (
+    SHARED_PARAMS,
+    ModelError,
+    Param,
+    RetrievalModel,
+    grid_search,
+    has_scored_val,
+    require_training_pairs,
+    unit_rows,
+)
 from cbir.models.classical.text_features import TEXT_KINDS, TextFeaturizer, parse_kinds
 from cbir.models.heads import head_forward
 
@@ -153,6 +162,7 @@ class ContrastiveModel(RetrievalModel):
             train_epochs,
         )
 
+        require_training_pairs(self.method, train)
         p = self.params
         self.representation_ = resolve_image_representation(p["image_features"], train, COMPUTED_FEATURES)
         views = self._views("views")
@@ -259,13 +269,14 @@ class ContrastiveModel(RetrievalModel):
 
     def _choose_bank_temperature(self, val_texts: np.ndarray, val_images: np.ndarray, val: Dataset) -> float:
         """The bank temperature (0 = no normalisation) with the best validation mR."""
-        best, best_score = 0.0, -1.0
-        for temperature in (0.0, *BANK_TEMPERATURES):
+        text_emb, image_emb = self._embed(val_texts, "text"), self._embed(val_images, "image")
+
+        def val_mr(temperature: float) -> float:
             self.bank_temperature_ = temperature
-            t, i = self._with_bank(self._embed(val_texts, "text"), self._embed(val_images, "image"))
-            score = retrieval_metrics(t @ i.T, val.caption_image)["mR"]
-            if score > best_score:
-                best, best_score = temperature, score
+            t, i = self._with_bank(text_emb, image_emb)
+            return retrieval_metrics(t @ i.T, val.caption_image)["mR"]
+
+        best, _ = grid_search([0.0, *BANK_TEMPERATURES], val_mr, "bank temperature", progress=False)
         return best
 
     def _with_bank(self, texts: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
