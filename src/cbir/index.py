@@ -211,19 +211,14 @@ def _vectors_of(
 
 
 def build_index(
-    folder: Path | str,
-    out: Path | str,
-    model: Path | str | None = None,
-    progress: bool = True,
-    chunk_size: int = CHUNK_SIZE,
-    on_chunk: Callable[[int, int], None] | None = None,
+    folder: Path | str, out: Path | str, model: Path | str | None = None, **options: Any
 ) -> SearchIndex:
     """Index every image below `folder` into `out` (created or updated), then open it.
 
     `model` is a model directory from `cbir train` or a model name (`default`, the shipped model, which
-    None also means; `zero-shot`, no training).
+    None also means; `zero-shot`, no training); `options` are those of `update_index`.
     """
-    return update_index(folder, out, model, progress=progress, chunk_size=chunk_size, on_chunk=on_chunk)[0]
+    return update_index(folder, out, model, **options)[0]
 
 
 def update_index(
