@@ -101,7 +101,8 @@ def test_broken_images_are_reported_and_skipped(tmp_path):
     ]
     feats = ImageEncoder(cache_dir=tmp_path / "cache").encode(paths, progress=False)
     assert sorted(feats.failed) == [1, 2, 3]
-    assert "truncated.jpg" in feats.failed[1] and "gone.jpg" in feats.failed[3]
+    assert "not a readable image" in feats.failed[1] and feats.failed[3].startswith("cannot read")
+    assert feats.keys[0] and feats.keys[1] and not feats.keys[3]  # content keys of what could be read
     assert feats.ok.tolist() == [True, False, False, False]
     assert np.abs(feats.pooled[0]).sum() > 0 and not feats.pooled[1:].any()
 
@@ -111,3 +112,19 @@ def test_image_features_prefers_precomputed_only_when_asked(kaggle_mini):
         image_features(kaggle_mini, "resnet2048")
     with pytest.raises(ValueError, match="unknown image representation"):
         image_features(kaggle_mini, "vgg")
+
+
+def test_feature_kind_table_is_what_the_encoder_and_readers_use(kaggle_mini):
+    from cbir.datasets.kaggle import FEATURE_FILES
+    from cbir.feature_kinds import COMPUTED_DIM, COMPUTED_KINDS, FEATURE_KINDS, computed_columns
+
+    # the computed kinds tile the encoder's row exactly, in table order
+    assert [computed_columns(k).start for k in COMPUTED_KINDS] == [0, POOLED_DIM, POOLED_DIM + LOGITS_DIM]
+    assert computed_columns(COMPUTED_KINDS[-1]).stop == COMPUTED_DIM == POOLED_DIM + LOGITS_DIM + STAGES_DIM
+    assert set(FEATURE_FILES) | set(COMPUTED_KINDS) == set(FEATURE_KINDS)
+    rows = image_features(kaggle_mini.subset([0, 1]), "+".join(COMPUTED_KINDS), progress=False)
+    assert rows.shape == (2, COMPUTED_DIM)
+    np.testing.assert_array_equal(
+        image_features(kaggle_mini.subset([0, 1]), "effnet-logits", progress=False),
+        rows[:, POOLED_DIM:-STAGES_DIM],
+    )

@@ -196,3 +196,60 @@ def test_retraining_the_model_in_place_reembeds_every_photo(folder, tmp_path, ze
     assert report.unchanged == 0 and len(report.added) + len(report.changed) == 10 and len(ix) == 10
     assert all(not np.allclose(ix.vector(i), before[i]) for i in ix.ids)
     assert ix.model.params["visual_weight"] == 0.5
+
+
+def test_indexing_reads_and_hashes_each_file_once(folder, tmp_path, zero_shot_dir, monkeypatch):
+    """The embedding contract: one call returns vectors and failures, each file read and hashed once
+    (not hashed by the scan, then read by the encoder, then again by the model)."""
+    import cbir.encoders.image as image_module
+    import cbir.index as index_module
+
+    (folder / "broken.jpg").write_bytes(b"not a jpeg at all")
+    reads: list[str] = []
+    hashes: list[str] = []
+    read_image_file, content_key, file_hash = (
+        image_module.read_image_file,
+        image_module.content_key,
+        index_module.file_hash,
+    )
+
+    def counted_read(path):
+        reads.append(Path(path).name)
+        return read_image_file(path)
+
+    def counted_key(data):
+        hashes.append(data[:16])
+        return content_key(data)
+
+    def counted_file_hash(path):
+        if Path(path).resolve().is_relative_to(folder.resolve()):
+            reads.append(Path(path).name)
+        return file_hash(path)
+
+    monkeypatch.setattr(image_module, "read_image_file", counted_read)
+    monkeypatch.setattr(image_module, "content_key", counted_key)
+    monkeypatch.setattr(index_module, "file_hash", counted_file_hash)
+    ix, report = update_index(folder, tmp_path / "ix", zero_shot_dir, progress=False)
+    assert len(ix) == 10 and list(report.failed) == ["broken.jpg"]
+    assert sorted(reads) == sorted(p.name for p in folder.rglob("*.jpg")) and len(hashes) == 11
+    entries = json.loads((tmp_path / "ix" / MANIFEST).read_text())["entries"]
+    assert {e["sha1"] for e in entries} == {file_hash(folder / e["id"]) for e in entries}
+    # a touched file is read once to learn it did not change, and keeps its vector
+    reads.clear()
+    os.utime(folder / "4.jpg")
+    _, report = update_index(folder, tmp_path / "ix", zero_shot_dir, progress=False)
+    assert reads == ["4.jpg"] and report.unchanged == 10 and not report.changed
+
+
+def test_model_embed_returns_vectors_and_failures(folder, zero_shot_dir):
+    from cbir.datasets import Dataset
+    from cbir.models import load_model
+
+    (folder / "broken.jpg").write_bytes(b"not a jpeg at all")
+    data = Dataset.from_paths([folder / "4.jpg", folder / "broken.jpg"], folder)
+    embedding = load_model(zero_shot_dir).embed(data)
+    assert (
+        list(embedding.failed) == ["broken.jpg"] and "not a readable image" in embedding.failed["broken.jpg"]
+    )
+    assert embedding.vectors[0].any() and not embedding.vectors[1].any()
+    assert len(data.report) == 0  # failures are returned, not written into the dataset

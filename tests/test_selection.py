@@ -1,12 +1,14 @@
-"""The helpers every method's model selection shares: is there a usable val split, which fold."""
+"""The helpers every method's model selection shares: is there a usable val split, which fold, the
+grid search."""
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
 
 from cbir.models import ModelError
-from cbir.models.base import fold_of_images, has_scored_val
+from cbir.models.base import fold_of_images, grid_search, has_scored_val
 
 
 def test_val_split_is_used_only_when_it_can_score(rsicd_slice):
@@ -28,3 +30,47 @@ def test_folds_are_seeded_balanced_and_refused_when_too_small():
     assert len(set(fold_of_images(6, 3, seed=0).tolist())) == 3
     with pytest.raises(ModelError, match="5 training images are too few for 3-fold cross-validation"):
         fold_of_images(5, 3, seed=0)
+
+
+def test_grid_search_returns_the_best_candidate_the_first_of_equals_and_every_score():
+    seen = []
+
+    def score(c):
+        seen.append(c)
+        return -abs(c - 4)
+
+    best, scores = grid_search([1, 3, 4, 5, 4.0], score, "test", progress=False)
+    assert best == 4 and type(best) is int  # the first of the two best, not the last
+    assert scores == [-3.0, -1.0, 0.0, -1.0, 0.0] and seen == [1, 3, 4, 5, 4.0]
+    assert grid_search(["only"], lambda c: 0.5, "test", progress=False) == ("only", [0.5])
+    with pytest.raises(ValueError, match="no candidates"):
+        grid_search([], lambda c: 0.0, "test", progress=False)
+
+
+@pytest.mark.parametrize(
+    "method, params",
+    [
+        ("ridge", {}),
+        ("kernel-ridge", {}),
+        ("cca", {}),
+        ("pls", {}),
+        ("fusion", {"members": [{"method": "ridge"}, {"method": "cca"}]}),
+        ("autoencoder", {}),
+        ("contrastive", {}),
+    ],
+)
+def test_fit_refuses_training_data_without_captioned_images(rsicd_slice, method, params):
+    """The Python API refuses, as the CLI does, before any feature is computed."""
+    from cbir.datasets import DatasetError
+    from cbir.models import create_model
+
+    train = rsicd_slice.split("train")
+    no_captions = dataclasses.replace(
+        train, captions=[], caption_image=np.zeros(0, np.int64), caption_split=None
+    )
+    unpaired = dataclasses.replace(train, caption_image=np.full(len(train.captions), -1), caption_split=None)
+    for data in (no_captions, unpaired):
+        with pytest.raises(
+            DatasetError, match=re.escape(f"{data.root}: the train split has no captions paired with images")
+        ):
+            create_model(method, **params).fit(data)

@@ -69,19 +69,10 @@ def parse_params(pairs: list[str]) -> dict[str, object]:
     return params
 
 
-def fit_checked(model, data, dataset: Path) -> None:
-    """Fit on the train split (val for model selection), refusing a train split with no caption paired
-    with an image: there is nothing to learn from. (A diverged model is refused when it is saved.)"""
-    from cbir.datasets import DatasetError
-
-    train = data.split("train")
-    if not (train.caption_image >= 0).any():
-        raise DatasetError(
-            f"the train split has no captions paired with images ({len(train.images)} images, "
-            f"{len(train.captions)} captions): nothing to train on",
-            dataset,
-        )
-    model.fit(train, data.split("val") if "val" in data.splits else None)
+def fit_on_splits(model, data) -> None:
+    """Fit on the train split, the val split (when there is one) for model selection. The method
+    refuses training data it cannot learn from; a diverged model is refused when it is saved."""
+    model.fit(data.split("train"), data.split("val") if "val" in data.splits else None)
 
 
 METRIC_ROWS = [
@@ -130,7 +121,7 @@ def train(
         model = create_model(method, **params)
         data = open_dataset(dataset)
         start = time.perf_counter()
-        fit_checked(model, data, dataset)
+        fit_on_splits(model, data)
         model.save(out_dir)
     except user_errors() as e:
         fail(str(e))

@@ -211,19 +211,14 @@ def _vectors_of(
 
 
 def build_index(
-    folder: Path | str,
-    out: Path | str,
-    model: Path | str | None = None,
-    progress: bool = True,
-    chunk_size: int = CHUNK_SIZE,
-    on_chunk: Callable[[int, int], None] | None = None,
+    folder: Path | str, out: Path | str, model: Path | str | None = None, **options: Any
 ) -> SearchIndex:
     """Index every image below `folder` into `out` (created or updated), then open it.
 
     `model` is a model directory from `cbir train` or a model name (`default`, the shipped model, which
-    None also means; `zero-shot`, no training).
+    None also means; `zero-shot`, no training); `options` are those of `update_index`.
     """
-    return update_index(folder, out, model, progress=progress, chunk_size=chunk_size, on_chunk=on_chunk)[0]
+    return update_index(folder, out, model, **options)[0]
 
 
 def update_index(
@@ -318,13 +313,14 @@ def _scan(
     old_failed: dict[str, dict[str, Any]],
     redo: set[str],
     report: IndexReport,
-) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], list[tuple[str, Path, os.stat_result, str]]]:
-    """What is on disk now, against what the index holds: (kept entries, kept failures, to embed)."""
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], list[Todo]]:
+    """What is on disk now, against what the index holds: (kept entries, kept failures, to embed).
+    Only file sizes and times are read here: a file to embed is read (and hashed) once, by `embed`."""
     from cbir.datasets import list_images
 
     entries: dict[str, dict[str, Any]] = {}
     failed: dict[str, dict[str, Any]] = {}
-    todo: list[tuple[str, Path, os.stat_result, str]] = []
+    todo: list[Todo] = []
     for path in list_images(root):
         image_id = path.relative_to(root).as_posix()
         try:
@@ -342,19 +338,62 @@ def _scan(
                 failed[image_id] = old
                 report.failed[image_id] = old["reason"]
             continue
-        try:
-            digest = file_hash(path)
-        except OSError as e:
-            report.failed[image_id] = f"cannot read: {e.strerror or e}"
-            continue
-        if old and old["sha1"] == digest and image_id in old_entries:  # touched, not changed
-            entries[image_id] = {**old, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-            report.unchanged += 1
-            continue
-        (report.changed if old else report.repaired if image_id in redo else report.added).append(image_id)
-        todo.append((image_id, path, st, digest))
-    report.removed = sorted(set(old_entries) - set(entries) - {t[0] for t in todo})
+        if old and image_id in old_entries:
+            entries[image_id] = old  # still served until its new content is embedded
+        todo.append(Todo(image_id, path, st, old, image_id in redo))
+    report.removed = sorted(set(old_entries) - set(entries) - {t.image_id for t in todo})
     return entries, failed, todo
+
+
+@dataclass
+class Todo:
+    """A file to embed: new, changed size or time (`old`: its entry or failure), or in a damaged shard."""
+
+    image_id: str
+    path: Path
+    stat: os.stat_result
+    old: dict[str, Any] | None
+    repair: bool
+
+    def entry(self, digest: str) -> dict[str, Any]:
+        """What a rerun compares to decide whether the file changed."""
+        return {
+            "id": self.image_id,
+            "size": self.stat.st_size,
+            "mtime_ns": self.stat.st_mtime_ns,
+            "sha1": digest,
+        }
+
+
+def _embed_chunk(
+    loaded: Any,
+    root: Path,
+    chunk: Sequence[Todo],
+    entries: dict[str, dict[str, Any]],
+    failed: dict[str, dict[str, Any]],
+    report: IndexReport,
+) -> tuple[list[tuple[Todo, str]], np.ndarray]:
+    """Embed one chunk (each file read and hashed once) and record what it found; (the files to
+    write with their content keys, their vectors). A file only touched (same content) keeps its entry."""
+    from cbir.datasets import Dataset
+
+    data = Dataset.from_paths([t.path for t in chunk], root)
+    embedding = loaded.embed(data)
+    keep = []
+    for row, (t, key) in enumerate(zip(chunk, embedding.keys, strict=True)):
+        stat_entry = t.entry(key)
+        reason = embedding.failed.get(data.image_ids[row])
+        if reason is not None:
+            failed[t.image_id] = {**stat_entry, "reason": reason}
+            entries.pop(t.image_id, None)
+            report.failed[t.image_id] = reason
+        elif t.old is not None and t.old["sha1"] == key and "shard" in t.old:  # touched, not changed
+            entries[t.image_id] = {**t.old, "size": t.stat.st_size, "mtime_ns": t.stat.st_mtime_ns}
+            report.unchanged += 1
+        else:
+            (report.changed if t.old else report.repaired if t.repair else report.added).append(t.image_id)
+            keep.append(row)
+    return [(chunk[row], embedding.keys[row]) for row in keep], embedding.vectors[keep]
 
 
 def _update_locked(
@@ -366,8 +405,6 @@ def _update_locked(
     on_chunk: Callable[[int, int], None] | None,
 ) -> tuple[SearchIndex, IndexReport]:
     """`update_index` once it holds the lock."""
-    from cbir.datasets import Dataset
-    from cbir.encoders import shared_image_encoder
     from cbir.models import load_model
     from cbir.progress import progress_bar
 
@@ -412,26 +449,17 @@ def _update_locked(
 
     if todo:
         loaded = load_model(index_dir / MODEL_DIR)
-        encoder = shared_image_encoder()
         with progress_bar("indexing images", len(todo), enabled=progress) as advance:
             for start in range(0, len(todo), chunk_size):
                 chunk = todo[start : start + chunk_size]
-                feats = encoder.encode([p for _, p, _, _ in chunk], progress=False)
-                ok = [c for i, c in enumerate(chunk) if i not in feats.failed]
-                for i, reason in feats.failed.items():
-                    image_id, _, st, digest = chunk[i]
-                    reason = reason.split(": ", 1)[-1]
-                    failed[image_id] = {**_stat_entry(image_id, st, digest), "reason": reason}
-                    entries.pop(image_id, None)
-                    report.failed[image_id] = reason
+                ok, vectors = _embed_chunk(loaded, root, chunk, entries, failed, report)
                 if ok:
-                    vectors = loaded.embed_images(Dataset.from_paths([p for _, p, _, _ in ok], root))
                     manifest_dim = int(vectors.shape[1])
                     name = f"{uuid.uuid4().hex}.npy"
                     checksums[name] = _write_npy_atomic(index_dir / SHARDS / name, vectors)
-                    for row, (image_id, _, st, digest) in enumerate(ok):
-                        failed.pop(image_id, None)
-                        entries[image_id] = {**_stat_entry(image_id, st, digest), "shard": name, "row": row}
+                    for row, (t, key) in enumerate(ok):
+                        failed.pop(t.image_id, None)
+                        entries[t.image_id] = {**t.entry(key), "shard": name, "row": row}
                 commit()
                 advance(len(chunk))
                 if on_chunk is not None:
@@ -443,11 +471,6 @@ def _update_locked(
     for listed in (report.added, report.changed, report.repaired):  # a file that failed was not added
         listed[:] = [i for i in listed if i not in report.failed]
     return SearchIndex.open(index_dir), report
-
-
-def _stat_entry(image_id: str, st: os.stat_result, digest: str) -> dict[str, Any]:
-    """What a rerun compares to decide whether a file changed."""
-    return {"id": image_id, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha1": digest}
 
 
 def _is_compact(index_dir: Path, entries: Sequence[dict[str, Any]]) -> bool:
@@ -639,11 +662,11 @@ class SearchIndex:
                 path = Path(image).expanduser()
                 if not path.is_file():
                     raise FileNotFoundError(f"{path}: no such image file")
-            data = Dataset.from_paths([path])
-            vector = self.model.embed_images(data)[0]
-            if len(data.report):
-                raise ValueError(data.report.skipped[0].replace(str(path), str(image)[:200]))
-        return vector
+            embedding = self.model.embed(Dataset.from_paths([path]))
+        for reason in embedding.failed.values():
+            shown = "the uploaded image" if isinstance(image, bytes | bytearray) else path
+            raise ValueError(f"{shown}: {reason}")
+        return embedding.vectors[0]
 
     # Searches ---------------------------------------------------------------------------------
     def search_vector(

@@ -6,6 +6,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -153,6 +154,43 @@ class Dataset:
         images = [Path(p).resolve() for p in paths]
         base = Path(root).resolve() if root is not None else (images[0].parent if images else Path("."))
         return cls(root=base, format="paths", images=images, splits=[""] * len(images))
+
+
+@dataclass
+class DatasetParts:
+    """What a reader collects, image by image and caption by caption; `build` makes the Dataset."""
+
+    report: LoadReport = field(default_factory=LoadReport)
+    images: list[Path] = field(default_factory=list)
+    splits: list[str] = field(default_factory=list)
+    tags: list[list[str]] = field(default_factory=list)
+    captions: list[str] = field(default_factory=list)
+    caption_image: list[int] = field(default_factory=list)
+
+    def add_image(self, path: Path, split: str, tags: list[str] | None = None) -> int:
+        """Append an image; its index, for the captions that describe it."""
+        self.images.append(path)
+        self.splits.append(split)
+        self.tags.append(tags or [])
+        return len(self.images) - 1
+
+    def add_caption(self, text: str, image: int) -> None:
+        self.captions.append(text)
+        self.caption_image.append(image)
+
+    def build(self, root: Path, format: str, **extra: Any) -> Dataset:
+        """The Dataset; tags only when some image has them, `extra` fields as given."""
+        return Dataset(
+            root=root,
+            format=format,
+            images=self.images,
+            splits=self.splits,
+            captions=self.captions,
+            caption_image=np.array(self.caption_image, dtype=np.int64),
+            tags=self.tags if any(self.tags) else None,
+            report=self.report,
+            **extra,
+        )
 
 
 def hash_split(key: str, val_share: float = 0.1, test_share: float = 0.1) -> str:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
-from cbir.datasets.base import Dataset, DatasetError, LoadReport, read_text
+from cbir.datasets.base import Dataset, DatasetError, DatasetParts, read_text
 
 
 def find_caption_files(root: Path) -> list[Path]:
@@ -34,11 +32,8 @@ def read_coco(root: Path) -> Dataset:
     files = find_caption_files(root)
     if not files:
         raise DatasetError("no captions_*.json here or in annotations/", root)
-    report = LoadReport()
-    images: list[Path] = []
-    splits: list[str] = []
-    captions: list[str] = []
-    caption_image: list[int] = []
+    parts = DatasetParts()
+    report = parts.report
     for path in files:
         try:
             doc = json.loads(read_text(path))
@@ -57,9 +52,7 @@ def read_coco(root: Path) -> Dataset:
             if not file.exists():
                 report.skip(f"images[{k}]: image file missing", file)
                 continue
-            index_of[im["id"]] = len(images)
-            images.append(file)
-            splits.append(split)
+            index_of[im["id"]] = parts.add_image(file, split)
         for k, ann in enumerate(doc["annotations"]):
             text = str(ann.get("caption", "")).strip()
             if ann.get("image_id") not in index_of:
@@ -67,14 +60,5 @@ def read_coco(root: Path) -> Dataset:
             elif not text:
                 report.skip(f"annotations[{k}]: empty caption", path)
             else:
-                captions.append(text)
-                caption_image.append(index_of[ann["image_id"]])
-    return Dataset(
-        root=root,
-        format="coco",
-        images=images,
-        splits=splits,
-        captions=captions,
-        caption_image=np.array(caption_image, dtype=np.int64),
-        report=report,
-    )
+                parts.add_caption(text, index_of[ann["image_id"]])
+    return parts.build(root, "coco")

@@ -6,9 +6,7 @@ import csv
 import io
 from pathlib import Path
 
-import numpy as np
-
-from cbir.datasets.base import Dataset, DatasetError, LoadReport, hash_split, read_text
+from cbir.datasets.base import Dataset, DatasetError, DatasetParts, hash_split, read_text
 
 CSV_NAMES = ("captions.txt", "captions.csv")
 
@@ -25,11 +23,8 @@ def read_csv_captions(root: Path) -> Dataset:
     if path is None:
         raise DatasetError(f"no {' or '.join(CSV_NAMES)} here", root)
     img_dirs = [d for d in (root / "Images", root / "images", root) if d.is_dir()]
-    report = LoadReport()
-    images: list[Path] = []
-    splits: list[str] = []
-    captions: list[str] = []
-    caption_image: list[int] = []
+    parts = DatasetParts()
+    report = parts.report
     index_of: dict[str, int] = {}
     rows = csv.reader(io.StringIO(read_text(path)))
     next_line = 1  # a quoted field may span lines: count where each row starts
@@ -54,22 +49,11 @@ def read_csv_captions(root: Path) -> Dataset:
                 report.skip(f"image '{name}' not found", path, lineno)
                 index_of[name] = -1
             else:
-                index_of[name] = len(images)
-                images.append(file)
-                splits.append(hash_split(name))
+                index_of[name] = parts.add_image(file, hash_split(name))
         if index_of[name] < 0:
             continue
         if not text:
             report.skip("empty caption", path, lineno)
             continue
-        captions.append(text)
-        caption_image.append(index_of[name])
-    return Dataset(
-        root=root,
-        format="csv",
-        images=images,
-        splits=splits,
-        captions=captions,
-        caption_image=np.array(caption_image, dtype=np.int64),
-        report=report,
-    )
+        parts.add_caption(text, index_of[name])
+    return parts.build(root, "csv")

@@ -14,15 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from cbir.datasets.base import Dataset, DatasetError, LoadReport, read_text
+from cbir.datasets.base import Dataset, DatasetError, DatasetParts, read_text
+from cbir.feature_kinds import FEATURE_KINDS, PRECOMPUTED_KINDS
 
 KAGGLE_SPLITS = ("train", "test")
 ANSWERS_FILE = "answers_test.csv"
 # feature name -> (file stem, width)
-FEATURE_FILES = {
-    "resnet1000": ("features_resnet1000", 1000),
-    "resnet2048": ("features_resnet1000intermediate", 2048),
-}
+FEATURE_FILES = {name: (FEATURE_KINDS[name].csv_stem, FEATURE_KINDS[name].dim) for name in PRECOMPUTED_KINDS}
 
 
 def is_kaggle(root: Path) -> bool:
@@ -66,12 +64,8 @@ def read_feature_csv(path: Path, width: int, row_of: dict[str, int]) -> np.ndarr
 
 
 def read_kaggle(root: Path) -> Dataset:
-    report = LoadReport()
-    images: list[Path] = []
-    splits: list[str] = []
-    tags: list[list[str]] = []
-    captions: list[str] = []
-    caption_image: list[int] = []
+    parts = DatasetParts()
+    report, images = parts.report, parts.images
     caption_ids: list[str] = []
     caption_split: list[str] = []
     features: dict[str, list[np.ndarray]] = {}
@@ -84,11 +78,8 @@ def read_kaggle(root: Path) -> Dataset:
         first = len(images)
         by_number: dict[int, int] = {}
         for p in _numbered(img_dir, ".jpg"):
-            by_number[int(p.stem)] = len(images)
-            images.append(p)
-            splits.append(split)
             tag_file = root / f"tags_{split}" / f"{p.stem}.txt"
-            tags.append(_lines(tag_file) if tag_file.exists() else [])
+            by_number[int(p.stem)] = parts.add_image(p, split, _lines(tag_file) if tag_file.exists() else [])
         desc_dir = root / f"descriptions_{split}"
         if desc_dir.is_dir():
             for d in _numbered(desc_dir, ".txt"):
@@ -98,9 +89,7 @@ def read_kaggle(root: Path) -> Dataset:
                     continue
                 if split == "test":
                     # One query per file; its image is unknown unless the answers say.
-                    img = by_number.get(answers.get(d.name, -1), -1)
-                    captions.append(" ".join(lines))
-                    caption_image.append(img)
+                    parts.add_caption(" ".join(lines), by_number.get(answers.get(d.name, -1), -1))
                     caption_ids.append(d.name)
                     caption_split.append(split)
                     continue
@@ -108,8 +97,7 @@ def read_kaggle(root: Path) -> Dataset:
                     report.skip(f"no image {d.stem}.jpg in {img_dir.name}", d)
                     continue
                 for k, line in enumerate(lines):
-                    captions.append(line)
-                    caption_image.append(by_number[int(d.stem)])
+                    parts.add_caption(line, by_number[int(d.stem)])
                     caption_ids.append(f"{d.name}#{k}")
                     caption_split.append(split)
         row_of = {images[i].relative_to(root).as_posix(): i - first for i in range(first, len(images))}
@@ -124,18 +112,12 @@ def read_kaggle(root: Path) -> Dataset:
     for name, files in missing_for.items():
         if name in features:
             raise DatasetError(f"{name} features exist for another split but this file is missing", files[0])
-    return Dataset(
-        root=root,
-        format="kaggle",
-        images=images,
-        splits=splits,
-        captions=captions,
-        caption_image=np.array(caption_image, dtype=np.int64),
+    return parts.build(
+        root,
+        "kaggle",
         caption_ids=caption_ids,
         caption_split=caption_split,
-        tags=tags,
         features={k: np.concatenate(v) for k, v in features.items()},
-        report=report,
     )
 
 

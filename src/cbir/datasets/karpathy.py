@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cbir.datasets.base import Dataset, DatasetError, LoadReport, read_text
+from cbir.datasets.base import Dataset, DatasetError, DatasetParts, read_text
 
 SPLIT_ALIASES = {"restval": "train"}
 KNOWN_SPLITS = ("train", "val", "test", "restval")
@@ -61,12 +61,8 @@ def read_karpathy(root: Path) -> Dataset:
         raise DatasetError(f"malformed JSON: {e.msg}", path, e.lineno) from e
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
         raise DatasetError("expected an object with an 'images' list (Karpathy format)", path)
-    report = LoadReport()
-    images: list[Path] = []
-    splits: list[str] = []
-    tags: list[list[str]] = []
-    captions: list[str] = []
-    caption_image: list[int] = []
+    parts = DatasetParts()
+    report = parts.report
     augmented: list[bool] = []
     unknown_splits: Counter[str] = Counter()
     for k, entry in enumerate(doc["images"]):
@@ -83,26 +79,12 @@ def read_karpathy(root: Path) -> Dataset:
         sents = [s for s in entry.get("sentences") or [] if str(s.get("raw", "")).strip()]
         if not sents:
             report.skip(f"{where}: no captions; kept as an uncaptioned image", file)
-        idx = len(images)
-        images.append(file)
-        splits.append(split)
-        tags.append([str(t) for t in entry.get("tags") or []])
+        idx = parts.add_image(file, split, [str(t) for t in entry.get("tags") or []])
         for s in sents:
-            captions.append(str(s["raw"]).strip())
-            caption_image.append(idx)
+            parts.add_caption(str(s["raw"]).strip(), idx)
             augmented.append(bool(s.get("augmented", False)))
     for split, n in sorted(unknown_splits.items()):
         report.skip(
             f"split '{split}' ({n} image(s)) is none of {', '.join(KNOWN_SPLITS)}; kept under that name", path
         )
-    return Dataset(
-        root=root,
-        format="karpathy",
-        images=images,
-        splits=splits,
-        captions=captions,
-        caption_image=np.array(caption_image, dtype=np.int64),
-        augmented=np.array(augmented, dtype=bool),
-        tags=tags if any(tags) else None,
-        report=report,
-    )
+    return parts.build(root, "karpathy", augmented=np.array(augmented, dtype=bool))

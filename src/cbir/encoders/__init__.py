@@ -3,6 +3,9 @@ image representation, computed by EfficientNet-Lite0 or read from the dataset's 
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -10,18 +13,16 @@ import numpy as np
 from cbir.encoders.cache import FeatureCache, default_cache_dir
 from cbir.encoders.image import VIEWS, ImageEncoder, ImageFeatures
 from cbir.encoders.text import TextEncoder
+from cbir.feature_kinds import (
+    AUTO_PRECOMPUTED,
+    DEFAULT_COMPUTED,
+    FEATURE_KINDS,
+    check_kinds,
+    computed_columns,
+)
 
 if TYPE_CHECKING:
     from cbir.datasets import Dataset
-
-# name -> (dimension, source): "effnet" kinds are computed; the others come with the dataset.
-IMAGE_REPRESENTATIONS = {
-    "effnet-pool": 1280,
-    "effnet-logits": 1000,
-    "effnet-stages": 784,
-    "resnet2048": 2048,
-    "resnet1000": 1000,
-}
 
 _shared: dict[str, object] = {}
 
@@ -35,58 +36,96 @@ def shared_text_encoder() -> TextEncoder:
     return _shared.setdefault("text", TextEncoder())  # type: ignore[return-value]
 
 
-def resolve_image_representation(name: str, dataset: Dataset, computed: str = "effnet-pool") -> str:
+def resolve_image_representation(name: str, dataset: Dataset, computed: str = DEFAULT_COMPUTED) -> str:
     """`auto` = the dataset's precomputed ResNet pool5 features when it has them, else `computed`."""
     if name != "auto":
         return name
-    return "resnet2048" if "resnet2048" in dataset.features else computed
+    return AUTO_PRECOMPUTED if AUTO_PRECOMPUTED in dataset.features else computed
+
+
+@dataclass
+class EncodedImages:
+    """A dataset's image files encoded: the dataset with the computed features of each view attached
+    (where `image_features` finds them), the content key of each file, and the files that failed."""
+
+    dataset: Dataset
+    keys: list[str]  # SHA-1 of each file's bytes; "" where it could not be read
+    failed: dict[int, str]  # image row -> reason; its features are zero
+
+
+class UnreadableImagesWarning(UserWarning):
+    """Images that `image_features` could not read, so they are zero rows (training, evaluation)."""
+
+
+def computed_features_key(view: str) -> str:
+    """Where a dataset holds the computed features of one view, beside its precomputed kinds."""
+    return f"effnet@{view}"
+
+
+def encode_images(
+    dataset: Dataset, views: Sequence[str] = ("center",), progress: bool = True
+) -> EncodedImages:
+    """Every view of each image file from one read and one hash of it; the failures are returned,
+    not reported anywhere."""
+    feats = shared_image_encoder().encode(dataset.images, views, progress)
+    attached = {computed_features_key(view): rows for view, rows in feats.views.items()}
+    return EncodedImages(
+        replace(dataset, features={**dataset.features, **attached}), feats.keys, feats.failed
+    )
+
+
+def _computed_rows(dataset: Dataset, view: str, progress: bool) -> np.ndarray:
+    """The dataset's computed features of `view`: attached by `encode_images`, or encoded now and
+    kept on the dataset (so training reads each file once), with a warning naming unreadable files."""
+    key = computed_features_key(view)
+    if key not in dataset.features:
+        encoded = encode_images(dataset, (view,), progress)
+        if encoded.failed:
+            shown = "; ".join(
+                f"{dataset.images[i]}: {reason}" for i, reason in list(encoded.failed.items())[:5]
+            )
+            more = f" (and {len(encoded.failed) - 5} more)" if len(encoded.failed) > 5 else ""
+            warnings.warn(
+                f"{len(encoded.failed)} image(s) not embedded (zero vectors): {shown}{more}",
+                UnreadableImagesWarning,
+                stacklevel=3,
+            )
+        dataset.features[key] = encoded.dataset.features[key]
+    return dataset.features[key]
 
 
 def image_features(
-    dataset: Dataset, kind: str = "effnet-pool", view: str = "center", progress: bool = True
+    dataset: Dataset, kind: str = DEFAULT_COMPUTED, view: str = "center", progress: bool = True
 ) -> np.ndarray:
     """(n_images, d) float32 features of one representation, or of several joined by '+' side by side
-    (`effnet-pool+effnet-logits`: one network pass serves all effnet kinds); failed images get zero
-    rows (reported)."""
+    (`effnet-pool+effnet-logits`: one network pass serves all computed kinds); unreadable images get
+    zero rows."""
     kinds = kind.split("+")
-    unknown = [k for k in kinds if k not in IMAGE_REPRESENTATIONS]
-    if unknown:
-        raise ValueError(
-            f"unknown image representation '{unknown[0]}' (known: {', '.join(IMAGE_REPRESENTATIONS)})"
-        )
-    computed = None
+    check_kinds(kinds)
     blocks = []
     for k in kinds:
-        if k.startswith("resnet"):
-            if k not in dataset.features:
-                raise ValueError(
-                    f"{k} features are precomputed CSVs that {dataset.root} does not have; "
-                    "use an effnet-* representation for this data"
-                )
+        if FEATURE_KINDS[k].computed:
+            blocks.append(_computed_rows(dataset, view, progress)[:, computed_columns(k)])
+        elif k in dataset.features:
             blocks.append(dataset.features[k])
-            continue
-        if computed is None:
-            computed = shared_image_encoder().encode(dataset.images, view=view, progress=progress)
-            for reason in computed.failed.values():
-                dataset.report.skip("image not embedded (zero vector)", reason)
-        blocks.append(
-            {
-                "effnet-pool": computed.pooled,
-                "effnet-logits": computed.logits,
-                "effnet-stages": computed.stages,
-            }[k]
-        )
+        else:
+            raise ValueError(
+                f"{k} features are precomputed CSVs that {dataset.root} does not have; "
+                "use an effnet-* representation for this data"
+            )
     return blocks[0] if len(blocks) == 1 else np.concatenate(blocks, 1)
 
 
 __all__ = [
-    "IMAGE_REPRESENTATIONS",
+    "EncodedImages",
+    "UnreadableImagesWarning",
     "VIEWS",
     "FeatureCache",
     "ImageEncoder",
     "ImageFeatures",
     "TextEncoder",
     "default_cache_dir",
+    "encode_images",
     "image_features",
     "resolve_image_representation",
     "shared_image_encoder",

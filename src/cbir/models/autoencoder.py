@@ -19,7 +19,15 @@ import numpy as np
 from cbir.datasets import Dataset
 from cbir.encoders import image_features, resolve_image_representation
 from cbir.metrics import retrieval_metrics
-from cbir.models.base import SHARED_PARAMS, ModelError, Param, RetrievalModel, has_scored_val, unit_rows
+from cbir.models.base import (
+    SHARED_PARAMS,
+    ModelError,
+    Param,
+    RetrievalModel,
+    has_scored_val,
+    require_training_pairs,
+    unit_rows,
+)
 from cbir.models.heads import bag_of_words, head_forward, words
 
 LOSSES = ("mse", "triplet")
@@ -100,6 +108,7 @@ class AutoencoderModel(RetrievalModel):
 
         from cbir.models.torch_training import CaptionSampler, arrays_of, seed_everything
 
+        require_training_pairs(self.method, train)
         p = self.params
         rng = seed_everything(p["seed"])
         self.representation_ = resolve_image_representation(p["image_features"], train)

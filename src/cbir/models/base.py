@@ -11,20 +11,23 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Self, TypeVar
 
 import numpy as np
 
-from cbir.datasets import Dataset
+from cbir.datasets import Dataset, DatasetError
+from cbir.feature_kinds import FEATURE_KINDS
+from cbir.progress import progress_bar
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
 # Format 1 (no `format_version` key): config.json + weights. Format 2 adds `format_version` and an
 # `arrays` manifest (name -> shape, dtype) that loading checks the weights file against.
 FORMAT_VERSION = 2
+T = TypeVar("T")
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -41,6 +44,32 @@ def has_scored_val(val: Dataset | None) -> bool:
     """Whether `val` can score candidates (captions, each paired with an image); methods select on it
     when it can, and fall back to k-fold over the training images when it cannot."""
     return val is not None and len(val.captions) > 0 and bool((val.caption_image >= 0).all())
+
+
+def grid_search(
+    candidates: Sequence[T], score: Callable[[T], float], label: str, progress: bool = True
+) -> tuple[T, list[float]]:
+    """The candidate with the highest score (the first of equals) and every candidate's score: the
+    one hyperparameter search of every method, scored on val or k-fold held-out parts."""
+    if not candidates:
+        raise ValueError(f"{label}: no candidates to choose from")
+    scores: list[float] = []
+    with progress_bar(label, len(candidates), enabled=progress and len(candidates) > 1) as advance:
+        for candidate in candidates:
+            scores.append(float(score(candidate)))
+            advance(1, mR=scores[-1])
+    return candidates[int(np.argmax(scores))], scores
+
+
+def require_training_pairs(method: str, train: Dataset) -> None:
+    """Refuse training data with no caption paired with an image: there is nothing to learn from.
+    Every trained method's `fit` calls this, so the Python API refuses as the CLI does."""
+    if not (train.caption_image >= 0).any():
+        raise DatasetError(
+            f"the train split has no captions paired with images ({len(train.images)} images, "
+            f"{len(train.captions)} captions): nothing for {method} to train on",
+            train.root,
+        )
 
 
 def fold_of_images(n_images: int, k: int, seed: int) -> np.ndarray:
@@ -100,7 +129,7 @@ def _bound(value: float | None, infinite: str) -> str:
 
 # Parameters several methods take, declared once; a method's PARAMS picks them by name.
 SHARED_PARAMS: dict[str, Param] = dict(
-    image_features=Param("image features, '+'-joined (effnet-pool, effnet-logits, ..., auto, tags)", str),
+    image_features=Param(f"image features, '+'-joined ({', '.join(FEATURE_KINDS)}, auto, tags)", str),
     text_features=Param("caption features, '+'-joined (minilm, tfidf, bow, lsa, word2vec, glove)", str),
     use_augmented=Param("also train on the dataset's augmented captions, when it has them", bool),
     batch_size=Param("training pairs per step", int, 2),
@@ -109,6 +138,15 @@ SHARED_PARAMS: dict[str, Param] = dict(
     patience=Param("epochs without a better val mR before training stops", int, 1),
     seed=Param("random seed (initialisation, shuffling, folds)", int),
 )
+
+
+@dataclass
+class ImageEmbedding:
+    """Image files embedded by a model: one vector each, and the files that could not be."""
+
+    vectors: np.ndarray  # (n, d); the rows of failed images are zero
+    keys: list[str]  # SHA-1 of each file's bytes (the feature cache key); "" where unreadable
+    failed: dict[str, str]  # image id -> reason
 
 
 class RetrievalModel:
@@ -141,6 +179,22 @@ class RetrievalModel:
 
     def embed_images(self, images: Dataset) -> np.ndarray:
         raise NotImplementedError
+
+    def image_views(self) -> list[str]:
+        """The views of an image `embed_images` reads (test-time augmentation may use several)."""
+        return ["center"]
+
+    def embed(self, images: Dataset, progress: bool = False) -> ImageEmbedding:
+        """The embedding contract for image files: vectors plus the failures (id -> reason), each
+        file read and hashed once for all the views the model needs."""
+        from cbir.encoders import encode_images
+
+        encoded = encode_images(images, self.image_views(), progress)
+        vectors = np.array(self.embed_images(encoded.dataset), dtype=np.float32)
+        vectors[list(encoded.failed)] = 0.0
+        ids = images.image_ids
+        failed = {ids[row]: reason for row, reason in sorted(encoded.failed.items())}
+        return ImageEmbedding(vectors, encoded.keys, failed)
 
     def score(self, text_embeddings: np.ndarray, image_embeddings: np.ndarray) -> np.ndarray:
         """(n_texts, n_images) scores, higher is better."""

@@ -18,8 +18,18 @@ import numpy as np
 
 from cbir.datasets import Dataset
 from cbir.encoders import VIEWS, image_features, resolve_image_representation
+from cbir.feature_kinds import ALL_COMPUTED
 from cbir.metrics import mr_standard_error, retrieval_metrics
-from cbir.models.base import SHARED_PARAMS, ModelError, Param, RetrievalModel, has_scored_val, unit_rows
+from cbir.models.base import (
+    SHARED_PARAMS,
+    ModelError,
+    Param,
+    RetrievalModel,
+    grid_search,
+    has_scored_val,
+    require_training_pairs,
+    unit_rows,
+)
 from cbir.models.classical.text_features import TEXT_KINDS, TextFeaturizer, parse_kinds
 from cbir.models.heads import head_forward
 
@@ -29,7 +39,7 @@ ZERO_SHOT_MEANING = "share of the zero-shot (ConSE) score mixed in (null: chosen
 ZERO_SHOT_WEIGHTS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
 # `image_features="auto"` without precomputed features: every EfficientNet output, which together beat
 # the pooled features alone on RSICD (BENCHMARKS.md, deep methods).
-COMPUTED_FEATURES = "effnet-pool+effnet-logits+effnet-stages"
+COMPUTED_FEATURES = ALL_COMPUTED
 # How weights are stored on disk; the model always computes in float32. float16 halves a model, int8
 # (matrices quantised row by row, vectors in float16) quarters it: the shipped default's size limit.
 WEIGHT_DTYPES = ("float32", "float16", "int8")
@@ -158,6 +168,7 @@ class ContrastiveModel(RetrievalModel):
             train_epochs,
         )
 
+        require_training_pairs(self.method, train)
         p = self.params
         self.representation_ = resolve_image_representation(p["image_features"], train, COMPUTED_FEATURES)
         views = self._views("views")
@@ -265,13 +276,14 @@ class ContrastiveModel(RetrievalModel):
 
     def _choose_bank_temperature(self, val_texts: np.ndarray, val_images: np.ndarray, val: Dataset) -> float:
         """The bank temperature (0 = no normalisation) with the best validation mR."""
-        best, best_score = 0.0, -1.0
-        for temperature in (0.0, *BANK_TEMPERATURES):
+        text_emb, image_emb = self._embed(val_texts, "text"), self._embed(val_images, "image")
+
+        def val_mr(temperature: float) -> float:
             self.bank_temperature_ = temperature
-            t, i = self._with_bank(self._embed(val_texts, "text"), self._embed(val_images, "image"))
-            score = retrieval_metrics(t @ i.T, val.caption_image)["mR"]
-            if score > best_score:
-                best, best_score = temperature, score
+            t, i = self._with_bank(text_emb, image_emb)
+            return retrieval_metrics(t @ i.T, val.caption_image)["mR"]
+
+        best, _ = grid_search([0.0, *BANK_TEMPERATURES], val_mr, "bank temperature", progress=False)
         return best
 
     def _with_bank(self, texts: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -320,13 +332,15 @@ class ContrastiveModel(RetrievalModel):
         it as far as val cannot tell the difference."""
         own = self._own_texts(val.captions) @ self._own_images(val).T
         zero_shot = self._zero_shot_texts(val.captions) @ self._zero_shot_images(val).T
-        mixed = {w: (1 - w) * own + w * zero_shot for w in ZERO_SHOT_WEIGHTS}
-        for w, scores in mixed.items():
-            self.zero_shot_sweep_[str(w)] = retrieval_metrics(scores, val.caption_image)["mR"]
-        best = max(ZERO_SHOT_WEIGHTS, key=lambda w: self.zero_shot_sweep_[str(w)])
-        self.zero_shot_sweep_["standard_error"] = mr_standard_error(mixed[best], val.caption_image)
-        floor = self.zero_shot_sweep_[str(best)] - self.zero_shot_sweep_["standard_error"]
-        return float(max(w for w in ZERO_SHOT_WEIGHTS if self.zero_shot_sweep_[str(w)] >= floor))
+
+        def val_mr(w: float) -> float:
+            return retrieval_metrics((1 - w) * own + w * zero_shot, val.caption_image)["mR"]
+
+        best, scores = grid_search(ZERO_SHOT_WEIGHTS, val_mr, "zero-shot weight", progress=False)
+        error = mr_standard_error((1 - best) * own + best * zero_shot, val.caption_image)
+        val_mrs = dict(zip(ZERO_SHOT_WEIGHTS, scores, strict=True))
+        self.zero_shot_sweep_ = {**{str(w): mr for w, mr in val_mrs.items()}, "standard_error": error}
+        return float(max(w for w, mr in val_mrs.items() if mr >= max(scores) - error))
 
     def _zero_shot(self):
         """The ConSE model over the stored class embeddings (text vectors only: no visual part)."""
@@ -357,6 +371,11 @@ class ContrastiveModel(RetrievalModel):
     def _own_texts(self, texts: Sequence[str]) -> np.ndarray:
         emb = self._embed(self.text_.transform(texts), "text")
         return self._with_bank(emb, np.zeros((0, emb.shape[1]), np.float32))[0]
+
+    def image_views(self) -> list[str]:
+        """`embed_views`, and the centre view that the zero-shot part reads when it is mixed in."""
+        views = self._views("embed_views")
+        return views + ["center"] if self.zero_shot_weight_ and "center" not in views else views
 
     def _own_images(self, images: Dataset) -> np.ndarray:
         """The mean embedding over `embed_views` (test-time augmentation; one view by default)."""

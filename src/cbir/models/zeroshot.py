@@ -19,7 +19,8 @@ from typing import Any, Self
 import numpy as np
 
 from cbir.datasets import Dataset
-from cbir.encoders import image_features, shared_image_encoder, shared_text_encoder
+from cbir.encoders import image_features, shared_text_encoder
+from cbir.feature_kinds import EFFNET_LOGITS, EFFNET_POOL, FEATURE_KINDS
 from cbir.models.base import Param, RetrievalModel, unit_rows
 
 # How each ImageNet class is put into words before MiniLM embeds it.
@@ -108,12 +109,13 @@ class ZeroShotModel(RetrievalModel):
         self.class_embeddings_ = unit_rows(sums)
         self.visual_mean_ = np.zeros(0, dtype=np.float32)
         if train is not None and len(train):
-            self.visual_mean_ = unit_rows(image_features(train, "effnet-pool")).mean(0)
+            self.visual_mean_ = unit_rows(image_features(train, EFFNET_POOL)).mean(0)
         return self
 
     @property
     def dim(self) -> int:
-        return self.class_embeddings_.shape[1] + (1280 if self.params["visual_weight"] > 0 else 0)
+        visual = FEATURE_KINDS[EFFNET_POOL].dim if self.params["visual_weight"] > 0 else 0
+        return self.class_embeddings_.shape[1] + visual
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         emb = shared_text_encoder().encode(texts, progress=len(texts) > 256)
@@ -140,10 +142,9 @@ class ZeroShotModel(RetrievalModel):
         return unit_rows(mixed)
 
     def embed_images(self, images: Dataset) -> np.ndarray:
-        feats = shared_image_encoder().encode(images.images, progress=len(images) > 32)
-        for reason in feats.failed.values():
-            images.report.skip("image not embedded (zero vector)", reason)
-        return self.embed_features(feats.pooled, feats.logits, feats.ok)
+        pooled = image_features(images, EFFNET_POOL, progress=len(images) > 32)
+        logits = image_features(images, EFFNET_LOGITS, progress=len(images) > 32)
+        return self.embed_features(pooled, logits, ok=pooled.any(1))  # unreadable images are zero rows
 
     def embed_features(
         self, pooled: np.ndarray, logits: np.ndarray, ok: np.ndarray | None = None

@@ -18,8 +18,15 @@ import numpy as np
 from cbir.datasets import Dataset
 from cbir.metrics import retrieval_metrics
 from cbir.models import RetrievalModel, create_model, load_model, method_class
-from cbir.models.base import SHARED_PARAMS, ModelError, Param, fold_of_images, has_scored_val
-from cbir.progress import progress_bar
+from cbir.models.base import (
+    SHARED_PARAMS,
+    ModelError,
+    Param,
+    fold_of_images,
+    grid_search,
+    has_scored_val,
+    require_training_pairs,
+)
 
 
 def simplex_grid(n: int, step: float) -> list[tuple[float, ...]]:
@@ -94,6 +101,7 @@ class FusionModel(RetrievalModel):
         return create_model(config.pop("method"), **config).fit(train, val)
 
     def fit(self, train: Dataset, val: Dataset | None = None) -> Self:
+        require_training_pairs(self.method, train)
         specs = self.params["members"]
         self.members_ = [self._new_member(s, train, val) for s in specs]
         if self.params["weights"] is not None:
@@ -139,21 +147,25 @@ class FusionModel(RetrievalModel):
     def _choose_weights(self, train: Dataset, val: Dataset | None) -> np.ndarray:
         parts = self._held_out_scores(train, val)
         grid = simplex_grid(len(self.members_), self.params["step"])
-        results = np.zeros(len(grid))
-        with progress_bar("fusion: choosing weights", len(grid)) as advance:
-            for i, w in enumerate(grid):
-                for scores, pairing in parts:
-                    fused = sum(wi * s for wi, s in zip(w, scores, strict=True) if wi > 0)
-                    results[i] += retrieval_metrics(fused, pairing)["mR"] / len(parts)
-                advance(1)
-        best = int(np.argmax(results))
-        self.selection_ = [{"weights": list(w), "mR": float(r)} for w, r in zip(grid, results, strict=True)]
-        return np.asarray(grid[best], dtype=np.float64)
+
+        def held_out_mr(w: tuple[float, ...]) -> float:
+            total = 0.0
+            for scores, pairing in parts:
+                fused = sum(wi * s for wi, s in zip(w, scores, strict=True) if wi > 0)
+                total += retrieval_metrics(fused, pairing)["mR"]
+            return total / len(parts)
+
+        best, results = grid_search(grid, held_out_mr, "fusion: choosing weights")
+        self.selection_ = [{"weights": list(w), "mR": r} for w, r in zip(grid, results, strict=True)]
+        return np.asarray(best, dtype=np.float64)
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         return np.hstack(
             [np.sqrt(w) * m.embed_texts(texts) for w, m in zip(self.weights_, self.members_, strict=True)]
         )
+
+    def image_views(self) -> list[str]:
+        return list(dict.fromkeys(view for m in self.members_ for view in m.image_views()))
 
     def embed_images(self, images: Dataset) -> np.ndarray:
         return np.hstack(

@@ -1,10 +1,9 @@
 """Image representations for the classical models: encoder features and object tags, standardised.
 
-Kinds (joined with `+`): `effnet-pool`, `effnet-logits` (EfficientNet-Lite0, computed and cached),
-`resnet2048`, `resnet1000` (the Kaggle layout's precomputed CSVs), `auto` (the CSV pool5 features
-when the dataset has them, else `effnet-pool`) and `tags` (bag of the image's tag words, as the
-cs5785 competitors used them; images without tags get zeros). Every column is standardised with
-the training images' mean and spread.
+Kinds (joined with `+`): the feature kinds of `cbir.feature_kinds`, `auto` (the precomputed pool5
+features when the dataset has them, else the computed pooled features) and `tags` (bag of the
+image's tag words, as the cs5785 competitors used them; images without tags get zeros). Every column
+is standardised with the training images' mean and spread.
 """
 
 from __future__ import annotations
@@ -14,10 +13,11 @@ from typing import Any
 import numpy as np
 
 from cbir.datasets import Dataset
-from cbir.encoders import IMAGE_REPRESENTATIONS, image_features, resolve_image_representation
+from cbir.encoders import image_features, resolve_image_representation
+from cbir.feature_kinds import FEATURE_KINDS
 from cbir.models.classical.text_features import parse_kinds, words
 
-IMAGE_KINDS = (*IMAGE_REPRESENTATIONS, "auto", "tags")
+IMAGE_KINDS = (*FEATURE_KINDS, "auto", "tags")
 
 
 class ImageFeaturizer:

@@ -21,7 +21,9 @@ from cbir.models.base import (
     Param,
     RetrievalModel,
     fold_of_images,
+    grid_search,
     has_scored_val,
+    require_training_pairs,
     unit_rows,
 )
 from cbir.models.classical.image_representation import IMAGE_KINDS, ImageFeaturizer
@@ -33,7 +35,6 @@ from cbir.models.classical.mappings import (
     median_sq_distance,
 )
 from cbir.models.classical.text_features import TEXT_KINDS, TextFeaturizer, parse_kinds
-from cbir.progress import progress_bar
 
 DIRECTIONS = ("text-to-image", "image-to-text")
 METRICS = ("cosine", "euclidean")
@@ -156,6 +157,7 @@ class ClassicalModel(RetrievalModel):
         )
 
     def fit(self, train: Dataset, val: Dataset | None = None) -> Self:
+        require_training_pairs(self.method, train)
         self.text_ = self._text_featurizer().fit(train.captions)
         self.image_ = ImageFeaturizer(self.params["image_features"]).fit(train)
         texts, images = self.text_.transform(train.captions), self.image_.transform(train)
@@ -232,19 +234,19 @@ class ClassicalModel(RetrievalModel):
         candidates = self._candidates(self._pairs(texts, images, caption_image)[0])
         if len(candidates) == 1:
             return candidates[0]
-        scores = np.zeros(len(candidates))
-        with progress_bar(
-            f"{self.method}: choosing hyperparameters", len(candidates) * len(splits)
-        ) as advance:
-            for tr_texts, tr_images, tr_pairing, (ho_texts, ho_images, ho_pairing) in splits:
-                pairs, memo = self._pairs(tr_texts, tr_images, tr_pairing), {}
-                for i, hp in enumerate(candidates):
-                    mapping = self._fit_map(*pairs, hp, memo)
-                    text_emb, image_emb = self._embed(mapping, ho_texts, ho_images)
-                    scores[i] += retrieval_metrics(text_emb @ image_emb.T, ho_pairing)["mR"] / len(splits)
-                    advance(1, mR=float(scores[i]))
-        self.selection_ = [{**hp, "mR": float(s)} for hp, s in zip(candidates, scores, strict=True)]
-        return candidates[int(np.argmax(scores))]
+        # per split: its training pairs and a memo of CCA/PLS decompositions shared by the candidates
+        parts = [(self._pairs(*split[:3]), {}, split[3]) for split in splits]
+
+        def held_out_mr(hp: dict[str, Any]) -> float:
+            total = 0.0
+            for pairs, memo, (ho_texts, ho_images, ho_pairing) in parts:
+                text_emb, image_emb = self._embed(self._fit_map(*pairs, hp, memo), ho_texts, ho_images)
+                total += retrieval_metrics(text_emb @ image_emb.T, ho_pairing)["mR"]
+            return total / len(parts)
+
+        best, scores = grid_search(candidates, held_out_mr, f"{self.method}: choosing hyperparameters")
+        self.selection_ = [{**hp, "mR": s} for hp, s in zip(candidates, scores, strict=True)]
+        return best
 
     # ---- embedding -----------------------------------------------------------------------------
     def _embed(

@@ -1,0 +1,56 @@
+"""The image feature kinds, defined once: every other module looks names, widths and sources up here.
+
+A kind is either computed from the image file by the packaged EfficientNet-Lite0 (`effnet-*`, one
+network pass gives all of them, side by side in this order) or precomputed and shipped with the data
+(`resnet*`, the Kaggle layout's CSV files). Models name kinds in their `image_features` parameter,
+joined with `+`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FeatureKind:
+    dim: int
+    meaning: str
+    csv_stem: str | None = None  # precomputed: the stem of its CSV files; None: computed from the image
+
+    @property
+    def computed(self) -> bool:
+        return self.csv_stem is None
+
+
+EFFNET_POOL = "effnet-pool"
+EFFNET_LOGITS = "effnet-logits"
+EFFNET_STAGES = "effnet-stages"
+FEATURE_KINDS: dict[str, FeatureKind] = {
+    EFFNET_POOL: FeatureKind(1280, "EfficientNet-Lite0 pooled features (computed, cached)"),
+    EFFNET_LOGITS: FeatureKind(1000, "EfficientNet-Lite0 ImageNet class logits (computed, cached)"),
+    EFFNET_STAGES: FeatureKind(784, "mean of each of EfficientNet-Lite0's seven stages (computed, cached)"),
+    "resnet1000": FeatureKind(1000, "ResNet class logits (Kaggle layout CSVs)", "features_resnet1000"),
+    "resnet2048": FeatureKind(2048, "ResNet pool5 (Kaggle layout CSVs)", "features_resnet1000intermediate"),
+}
+COMPUTED_KINDS = tuple(name for name, kind in FEATURE_KINDS.items() if kind.computed)
+PRECOMPUTED_KINDS = tuple(name for name, kind in FEATURE_KINDS.items() if not kind.computed)
+COMPUTED_DIM = sum(FEATURE_KINDS[name].dim for name in COMPUTED_KINDS)  # one encoder row
+DEFAULT_COMPUTED = EFFNET_POOL  # what `auto` means on data without precomputed features
+ALL_COMPUTED = "+".join(COMPUTED_KINDS)
+AUTO_PRECOMPUTED = "resnet2048"  # what `auto` means on data that has it
+
+
+def computed_columns(name: str) -> slice:
+    """Where a computed kind lies in the encoder's row (the computed kinds side by side)."""
+    start = 0
+    for other in COMPUTED_KINDS:
+        if other == name:
+            return slice(start, start + FEATURE_KINDS[name].dim)
+        start += FEATURE_KINDS[other].dim
+    raise KeyError(name)
+
+
+def check_kinds(names: list[str]) -> None:
+    unknown = [k for k in names if k not in FEATURE_KINDS]
+    if unknown:
+        raise ValueError(f"unknown image representation '{unknown[0]}' (known: {', '.join(FEATURE_KINDS)})")
