@@ -137,3 +137,13 @@ def test_evaluate_split_all_scores_every_image(ridge_dir, rsicd_slice_dir, rsicd
     m = json.loads(result.output)
     assert (m["n_images"], m["n_queries"]) == (120, len(rsicd_slice.captions))
     assert m == evaluate(load_model(ridge_dir), rsicd_slice, "all")
+
+
+def test_progress_bars_go_to_stderr_so_json_output_parses(monkeypatch, capfd):
+    from cbir.progress import progress_bar
+
+    monkeypatch.delenv("CBIR_NO_PROGRESS", raising=False)
+    with progress_bar("image features", 3) as advance:
+        advance(3)
+    out, err = capfd.readouterr()
+    assert out == "" and "image features" in err

@@ -1,4 +1,4 @@
-"""One progress bar for all long work (rich), silenced with CBIR_NO_PROGRESS=1."""
+"""One progress bar for all long work (rich, on stderr), silenced with CBIR_NO_PROGRESS=1."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ def progress_bar(description: str, total: int | None, enabled: bool = True) -> I
     if not (enabled and progress_enabled()):
         yield lambda n=1, **fields: None
         return
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = [
@@ -26,7 +27,7 @@ def progress_bar(description: str, total: int | None, enabled: bool = True) -> I
         TimeElapsedColumn(),
         TextColumn("{task.fields[info]}"),
     ]
-    with Progress(*columns, transient=False) as bar:
+    with Progress(*columns, transient=False, console=Console(stderr=True)) as bar:  # stdout stays for --json
         task = bar.add_task(description, total=total, info="")
 
         def advance(n: int = 1, **fields: object) -> None:
