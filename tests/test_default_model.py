@@ -24,6 +24,7 @@ runner = CliRunner()
 def test_shipped_model_loads_small_and_records_how_it_was_made():
     model = load_model("default")
     assert model.method == "contrastive"
+    assert 0 < model.zero_shot_weight_ <= 0.5  # the zero-shot part, at the weight chosen on val, loads
     size = sum(f.stat().st_size for f in SHIPPED_MODEL_DIR.iterdir())
     assert size <= 10 * 2**20, f"shipped model is {size / 2**20:.1f} MB"
     provenance = json.loads((SHIPPED_MODEL_DIR / "config.json").read_text())["provenance"]
