@@ -28,11 +28,14 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cbir.lockfile import exclusive_lock
+
+if TYPE_CHECKING:
+    from cbir.filters import Filters
 
 MANIFEST = "index.json"
 SHARDS = "shards"
@@ -332,7 +335,7 @@ def _scan(
         old = None if image_id in redo else old_entries.get(image_id) or old_failed.get(image_id)
         if old and old["size"] == st.st_size and old["mtime_ns"] == st.st_mtime_ns:
             if image_id in old_entries:
-                entries[image_id] = old
+                entries[image_id] = _with_meta(old, path)
                 report.unchanged += 1
             else:
                 failed[image_id] = old
@@ -388,7 +391,9 @@ def _embed_chunk(
             entries.pop(t.image_id, None)
             report.failed[t.image_id] = reason
         elif t.old is not None and t.old["sha1"] == key and "shard" in t.old:  # touched, not changed
-            entries[t.image_id] = {**t.old, "size": t.stat.st_size, "mtime_ns": t.stat.st_mtime_ns}
+            entries[t.image_id] = _with_meta(
+                {**t.old, "size": t.stat.st_size, "mtime_ns": t.stat.st_mtime_ns}, t.path
+            )
             report.unchanged += 1
         else:
             (report.changed if t.old else report.repaired if t.repair else report.added).append(t.image_id)
@@ -459,7 +464,7 @@ def _update_locked(
                     checksums[name] = _write_npy_atomic(index_dir / SHARDS / name, vectors)
                     for row, (t, key) in enumerate(ok):
                         failed.pop(t.image_id, None)
-                        entries[t.image_id] = {**t.entry(key), "shard": name, "row": row}
+                        entries[t.image_id] = _with_meta({**t.entry(key), "shard": name, "row": row}, t.path)
                 commit()
                 advance(len(chunk))
                 if on_chunk is not None:
@@ -471,6 +476,14 @@ def _update_locked(
     for listed in (report.added, report.changed, report.repaired):  # a file that failed was not added
         listed[:] = [i for i in listed if i not in report.failed]
     return SearchIndex.open(index_dir), report
+
+
+def _with_meta(entry: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The entry with the photo's capture date and camera (for filters), read once per file version:
+    entries of indexes written before they were recorded get them on the next run."""
+    from cbir.filters import photo_metadata
+
+    return entry if "meta" in entry else {**entry, "meta": photo_metadata(path)}
 
 
 def _is_compact(index_dir: Path, entries: Sequence[dict[str, Any]]) -> bool:
@@ -551,6 +564,9 @@ class SearchIndex:
         self.ids: list[str] = [e["id"] for e in manifest["entries"]]
         self.failed: dict[str, str] = {f["id"]: f["reason"] for f in manifest.get("failed", [])}
         self._indexed_stat = {e["id"]: (e["size"], e["mtime_ns"]) for e in manifest["entries"]}
+        # For filters: EXIF capture date and camera (None in indexes written before they were recorded).
+        self.meta: list[dict[str, Any] | None] = [e.get("meta") for e in manifest["entries"]]
+        self.mtimes_ns: list[int] = [e["mtime_ns"] for e in manifest["entries"]]
         self._row = {image_id: i for i, image_id in enumerate(self.ids)}
         self.vectors = (
             _vectors_of(path, manifest["entries"], _checksums_to_verify(path, manifest))
@@ -701,6 +717,27 @@ class SearchIndex:
         if image_id not in self._row:
             raise KeyError(image_id)
         return self.search_vector(self.vector(image_id), k, min_score)
+
+    def find(
+        self,
+        query: str | Sequence[str] | None = None,
+        *,
+        image: Path | str | bytes | None = None,
+        more_like: Sequence[str] = (),
+        less_like: Sequence[str] = (),
+        filters: Filters | None = None,
+        k: int = 20,
+        offset: int = 0,
+        min_score: float | None = None,
+        allow_files: bool = True,
+    ) -> list[SearchResult]:
+        """A steered search: query arithmetic (`"a dog" + "beach" - "people"`, `snow:0.5`, `img:PATH`,
+        `id:IMAGE_ID`; see `cbir.query`), relevance feedback (ids of photos marked good / bad),
+        filters applied before ranking, and results `offset+1 … offset+k`."""
+        from cbir.steer import search_page, steered_vector
+
+        vector = steered_vector(self, query, image, more_like, less_like, allow_files=allow_files)
+        return search_page(self, vector, filters, k, offset, min_score)
 
     def search(
         self,

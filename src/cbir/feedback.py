@@ -1,0 +1,43 @@
+"""Relevance feedback: photos marked good or bad move the query towards or away from them (Rocchio).
+
+In the joint space a query (text, photos, or both) and the indexed photos are comparable vectors, so
+the refined query is `alpha * q + beta * mean(good) - gamma * mean(bad)`, each vector scaled to unit
+length first. The weights were tuned on RSICD val by `benchmarks/feedback.py` (see BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from cbir.query import unit
+
+
+@dataclass(frozen=True)
+class Rocchio:
+    alpha: float = 1.0  # the original query
+    beta: float = 1.0  # the mean of the photos marked good
+    gamma: float = 0.5  # the mean of the photos marked bad
+
+    def refine(self, query: np.ndarray | None, good: np.ndarray, bad: np.ndarray) -> np.ndarray:
+        """The refined query vector; `query` may be None (feedback alone), `good`/`bad` may have 0 rows."""
+        parts = []
+        if query is not None:
+            parts.append(self.alpha * unit(query))
+        if len(good):
+            parts.append(self.beta * _mean_direction(good))
+        if len(bad):
+            parts.append(-self.gamma * _mean_direction(bad))
+        if not parts or (query is None and not len(good)):
+            raise ValueError("feedback needs a query or at least one photo marked good (--more-like)")
+        return np.sum(parts, axis=0).astype(np.float32)
+
+
+def _mean_direction(vectors: np.ndarray) -> np.ndarray:
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return (vectors / norms).mean(axis=0)
+
+
+DEFAULT_FEEDBACK = Rocchio()

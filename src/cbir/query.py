@@ -1,0 +1,114 @@
+"""Query arithmetic: `a dog + on the beach - people`, weighted terms (`snow:0.5`), example photos.
+
+One grammar for the CLI, the Python API and the HTTP API. A query is a list of terms joined by `+` and
+`-` standing on their own (surrounded by spaces, or at the start), so `well-lit` and `t-shirt` stay
+words. A term is
+
+  `TEXT`            words, optionally in double quotes (`"on the beach"`)
+  `img:PATH`        an example photo file (CLI and Python only: the server refuses paths)
+  `id:IMAGE_ID`     an indexed photo, by its id (its path relative to the indexed folder)
+
+each optionally followed by `:WEIGHT` (a positive number; 1 when absent). The query vector is the
+weighted sum of the terms' unit vectors, `-` terms subtracted: a plain sentence gives the same vector
+as before this grammar existed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+OPERATORS = ("+", "-")
+KINDS = ("text", "img", "id")
+# `:WEIGHT` at the end of a term: anything that starts like a number is taken as a weight (and must be one).
+WEIGHT_SUFFIX = re.compile(r":([-+]?[0-9.][^:\s]*)$")
+OPERATOR_SPLIT = re.compile(r"(?:^|\s)([+-])(?=\s|$)")
+
+
+class QueryError(ValueError):
+    """A query that cannot be parsed; the message quotes the offending part and shows the grammar."""
+
+
+HELP = 'e.g. "a dog" + "on the beach" - "people", "snow":0.5, img:photo.jpg, id:trip/0.jpg'
+
+
+@dataclass(frozen=True)
+class Term:
+    kind: str  # "text", "img" (a file path) or "id" (an indexed photo)
+    value: str
+    weight: float = 1.0  # negative for a `-` term
+
+    def __str__(self) -> str:
+        sign = "-" if self.weight < 0 else "+"
+        prefix = "" if self.kind == "text" else f"{self.kind}:"
+        return f"{sign} {prefix}{self.value}:{abs(self.weight):g}"
+
+
+def parse_query(query: str | Sequence[str]) -> list[Term]:
+    """The terms of a query string, or of command-line words (joined by spaces first)."""
+    text = query if isinstance(query, str) else " ".join(query)
+    if not text.strip():
+        raise QueryError(f"empty query ({HELP})")
+    pieces = OPERATOR_SPLIT.split(text)  # [term, op, term, op, term, ...]
+    if not pieces[0].strip():
+        pieces = pieces[1:]  # a leading operator: "- people + dogs"
+    else:
+        pieces = ["+", *pieces]
+    terms = [_term(pieces[i + 1], sign=-1.0 if pieces[i] == "-" else 1.0) for i in range(0, len(pieces), 2)]
+    if not any(t.weight > 0 for t in terms):
+        raise QueryError(
+            f"'{text}': a query needs at least one term to look for, not only `-` terms ({HELP})"
+        )
+    return terms
+
+
+def _term(raw: str, sign: float) -> Term:
+    word = raw.strip()
+    if not word:
+        raise QueryError(f"an operator with nothing after it ({HELP})")
+    weight = 1.0
+    match = WEIGHT_SUFFIX.search(word)
+    if match:
+        try:
+            weight = float(match.group(1))
+        except ValueError:
+            raise QueryError(f"'{word}': the weight '{match.group(1)}' is not a number ({HELP})") from None
+        if not weight > 0 or not np.isfinite(weight):
+            raise QueryError(f"'{word}': a weight must be a positive number; use `-` to subtract ({HELP})")
+        word = word[: match.start()].strip()
+    kind, _, rest = word.partition(":")
+    if kind in KINDS[1:]:
+        word = rest.strip()
+    else:
+        kind = "text"
+    word = _unquote(word)
+    if not word:
+        raise QueryError(f"'{raw.strip()}': an empty term ({HELP})")
+    return Term(kind, word, sign * weight)
+
+
+def _unquote(word: str) -> str:
+    if len(word) >= 2 and word[0] == word[-1] and word[0] in "\"'":
+        return word[1:-1].strip()
+    if word.count('"') % 2:
+        raise QueryError(f"'{word}': unbalanced double quote ({HELP})")
+    return word
+
+
+def unit(vector: np.ndarray) -> np.ndarray:
+    vector = np.asarray(vector, dtype=np.float32)
+    return vector / max(float(np.linalg.norm(vector)), 1e-12)
+
+
+def combine(terms: Sequence[Term], embed: Callable[[Term], np.ndarray]) -> np.ndarray:
+    """The query vector: the weighted sum of each term's unit vector."""
+    return sum(t.weight * unit(embed(t)) for t in terms)
+
+
+def image_term(path: Path | str) -> Term:
+    """An `img:` term for a file given apart from the query (`--image FILE`)."""
+    return Term("img", str(path))
