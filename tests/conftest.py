@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ FLICKR8K = SHARED / "flickr8k"
 # Features computed by tests are cached inside the repo (ignored by git): reruns are fast.
 os.environ.setdefault("CBIR_CACHE_DIR", str(REPO / ".cache" / "test-features"))
 os.environ["CBIR_NO_PROGRESS"] = "1"
+# `cbir index` remembers the last index in a data folder: a throwaway one, never the user's.
+os.environ.setdefault("CBIR_DATA_DIR", tempfile.mkdtemp(prefix="cbir-test-data-"))
 
 
 def pytest_collection_modifyitems(config, items):

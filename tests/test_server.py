@@ -333,7 +333,7 @@ def test_page_search_grid_click_and_errors_in_chromium(browser_page, server_url,
 
     # Click a photo: the page searches by that image, which ranks itself first.
     clicked = expected[2]
-    hits.nth(2).locator("button").click()
+    hits.nth(2).locator("button.photo").click()
     expect(page.locator("#status")).to_have_text(f"24 results for photos like {clicked}, best first.")
     expect(page.locator("#query-image")).to_be_visible()
     similar = [r.id for r in index.search_similar(clicked, k=24)]
@@ -385,3 +385,74 @@ def test_one_score_scale_and_rank_base_everywhere(index, client):
         client.get("/api/similar/7.jpg", params={"k": 1}).json()["results"][0]["score"],
     ]
     assert self_scores == pytest.approx([float(np.linalg.norm(index.vector("7.jpg")))] * 3, abs=1e-4)
+
+
+# ---- steering (issue 14): query arithmetic, feedback and filters through /api/search and the page -----
+
+
+def test_search_api_takes_arithmetic_feedback_and_filters(client, index):
+    q = '"a dog" + snow:0.5 - people'
+    page = client.get("/api/search", params={"q": q, "k": 5}).json()
+    assert ids_of(page) == [r.id for r in index.find(q, k=5)]
+    plain = [r.id for r in index.find("a plate of food", k=20)]
+    params = {"q": "a plate of food", "k": 5, "more_like": [plain[12], plain[15]], "less_like": plain[0]}
+    steered = client.get("/api/search", params=params).json()
+    expected = index.find("a plate of food", more_like=plain[12:16:3], less_like=plain[:1], k=5)
+    assert ids_of(steered) == [r.id for r in expected] and plain[0] not in ids_of(steered)
+    similar = client.get("/api/search", params={"q": f"id:{plain[3]}", "k": 1}).json()
+    assert ids_of(similar) == [plain[3]]
+    # Filters narrow before ranking: every photo here was modified after 2000, none after 2100.
+    assert (
+        len(client.get("/api/search", params={"q": "a dog", "after": "2000-01-01"}).json()["results"]) == 20
+    )
+    assert client.get("/api/search", params={"q": "a dog", "after": "2100-01-01"}).json()["results"] == []
+    assert client.get("/api/search", params={"q": "a dog", "folder": "nowhere"}).json()["results"] == []
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"q": "a dog + + snow"}, "an operator with nothing after it"),
+        ({"q": "img:/etc/passwd"}, "file paths are not accepted"),
+        ({"q": "a dog", "more_like": "nope.jpg"}, "no image 'nope.jpg' in this index"),
+        ({"q": "a dog", "before": "soon"}, "'soon' is not a date"),
+    ],
+)
+def test_bad_steering_is_422_with_a_reason(client, params, message):
+    response = client.get("/api/search", params=params)
+    assert response.status_code == 422 and message in response.json()["detail"]
+
+
+def test_page_feedback_and_filters_in_chromium(browser_page, server_url, index):
+    from playwright.sync_api import expect
+
+    page = browser_page
+    query = "a plate of food on a table"
+    page.goto(server_url)
+    page.fill("#query", query)
+    page.press("#query", "Enter")
+    hits = page.locator("#results .hit")
+    expect(hits).to_have_count(24)
+    before = hits.locator(".caption a").all_inner_texts()
+    good, bad = before[20], before[0]
+    hits.nth(20).locator("button.mark.good").click()
+    hits.nth(0).locator("button.mark.bad").click()
+    expect(page.locator("#rerank")).to_have_text("Re-rank with 2 marked")
+    page.click("#rerank")
+    expect(page.locator("#status")).to_have_text(
+        f"24 results for “{query}” re-ranked by 2 marked photos, best first."
+    )
+    expected = [r.id for r in index.find(query, more_like=[good], less_like=[bad], k=24)]
+    assert hits.locator(".caption a").all_inner_texts() == expected
+    assert hits.locator(".caption a").all_inner_texts().index(good) < 3
+    expect(hits.nth(expected.index(good))).to_have_attribute("data-mark", "good")
+    if os.environ.get("CBIR_WRITE_SCREENSHOT"):
+        page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete)")
+        save_screenshot(page.screenshot(), REPO / "docs" / "web-feedback.png")
+
+    # A filter that no photo passes empties the grid and says so.
+    page.click("#filters summary")
+    page.fill("#filter-after", "2100-01-01")
+    page.locator("#filter-after").dispatch_event("change")
+    expect(page.locator("#status")).to_contain_text("No photos found")
+    expect(hits).to_have_count(0)

@@ -8,6 +8,7 @@ outside the index can be reached.
 from __future__ import annotations
 
 import io
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -24,9 +25,11 @@ from pydantic import BaseModel
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from cbir import __version__
+from cbir.filters import Filters
 from cbir.index import SearchIndex, SearchResult
 
 STATIC = Path(__file__).parent / "static"
+log = logging.getLogger(__name__)
 MAX_QUERY_CHARS = 300
 MAX_K = 100
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
@@ -155,11 +158,14 @@ def create_app(
     max_upload_bytes: int = MAX_UPLOAD_BYTES,
     thumb_size: int = THUMB_SIZE,
     allowed_hosts: Sequence[str] | None = None,
+    watch: float | None = None,
 ) -> FastAPI:
     """A FastAPI app over one index. A path is opened (and its encoders warmed up) here, once.
 
     `allowed_hosts` are the Host header values answered (others get 400: DNS rebinding against a
     server on localhost); None answers any, for embedding the app behind a proxy that checks.
+    `watch` (seconds) follows the indexed folder: new, changed and deleted photos are indexed and
+    searchable within about that time (`app.state.watcher`; stop it with `.stop()`).
     """
     if not isinstance(index, SearchIndex):
         index = SearchIndex.open(index)
@@ -175,6 +181,20 @@ def create_app(
         max_body_size=max_upload_bytes + MULTIPART_OVERHEAD,  # refused (413) before it is parsed
     )
     app.state.index = index
+
+    def publish(updated: SearchIndex) -> None:
+        """Swap in a newer snapshot of the index (from the watcher), between two searches."""
+        nonlocal index
+        warm_up(updated)
+        with search_lock:
+            index = app.state.index = updated
+
+    app.state.watcher = None
+    if watch:
+        from cbir.library import Watcher
+
+        app.state.watcher = Watcher(index, publish, watch, lambda e: log.warning("cbir watch: %s", e))
+        app.state.watcher.start()
     if allowed_hosts is not None:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
     unframed_docs = {app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url}
@@ -213,14 +233,41 @@ def create_app(
 
     @app.get("/api/search", response_model=Page)
     def search_text(
-        q: Annotated[str, Query(min_length=1, max_length=MAX_QUERY_CHARS, description="What to look for.")],
+        q: Annotated[
+            str,
+            Query(
+                min_length=1,
+                max_length=MAX_QUERY_CHARS,
+                description='What to look for: a sentence, or terms joined by + and - ("a dog" + beach - '
+                "people), weighted as snow:0.5, indexed photos as id:IMAGE_ID.",
+            ),
+        ],
         k: PageSize = 20,
         offset: Offset = 0,
+        more_like: Annotated[list[str], Query(description="Ids of photos marked good (feedback).")] = [],  # noqa: B006
+        less_like: Annotated[list[str], Query(description="Ids of photos marked bad (feedback).")] = [],  # noqa: B006
+        folder: Annotated[str | None, Query(description="Only photos below this folder (relative).")] = None,
+        after: Annotated[str | None, Query(description="Only photos taken (else modified) on/after.")] = None,
+        before: Annotated[str | None, Query(description="Only photos taken (else modified) before.")] = None,
+        camera: Annotated[
+            str | None, Query(description="Only photos whose EXIF camera contains this.")
+        ] = None,
     ) -> Page:
-        """Images ranked by how well they match the sentence `q`."""
+        """Images ranked by how well they match `q`, refined by feedback, among photos the filters pass."""
         if not q.strip():
             raise HTTPException(422, "q: the query is blank")
-        return page({"text": q}, offset, k, lambda n: index.search_text(q, k=n))
+        try:
+            filters = Filters.parse(folder, after, before, camera)
+            return page(
+                {"text": q},
+                offset,
+                k,
+                lambda n: index.find(
+                    q, more_like=more_like, less_like=less_like, filters=filters, k=n, allow_files=False
+                ),
+            )
+        except ValueError as e:  # a malformed query or filter, an unknown id: the message says which
+            raise HTTPException(422, str(e)) from e
 
     @app.get("/api/similar/{image_id:path}", response_model=Page)
     def search_similar(image_id: ImageId, k: PageSize = 20, offset: Offset = 0) -> Page:

@@ -1,14 +1,39 @@
 // The search page: one query at a time (text, an indexed photo, or an uploaded photo), results in a
 // grid, "More results" for the next page. The URL holds text and photo queries (?q= / ?similar=),
-// so they can be bookmarked and the back button works.
+// so they can be bookmarked and the back button works. Text and photo queries can be steered: mark
+// results good or bad (the thumbs under each photo), then "Re-rank"; filters narrow the photos first.
 "use strict";
 
 const PAGE = 24;
 const $ = (id) => document.getElementById(id);
-let current = null; // {kind: "text" | "similar" | "upload", value, file, offset}
+let current = null; // {kind: "text" | "similar" | "upload", value, file, offset, more, less, filters}
 let latest = 0; // number of the newest request; answers to older ones are dropped
+const marks = new Map(); // image id -> "good" | "bad", for the next re-rank
+const FILTERS = ["folder", "after", "before", "camera"];
 
 const encodeId = (id) => id.split("/").map(encodeURIComponent).join("/");
+
+function readFilters() {
+  const filters = {};
+  for (const name of FILTERS) {
+    const value = $(`filter-${name}`).value.trim();
+    if (value) filters[name] = value;
+  }
+  return filters;
+}
+
+// Feedback and filters go through /api/search, where a photo query is the term id:IMAGE_ID.
+function steeredUrl(query, page) {
+  const params = new URLSearchParams();
+  params.set("q", query.kind === "similar" ? `id:${query.value}` : query.value);
+  for (const id of query.more || []) params.append("more_like", id);
+  for (const id of query.less || []) params.append("less_like", id);
+  for (const [name, value] of Object.entries(query.filters || {})) params.set(name, value);
+  return `/api/search?${params}&${page}`;
+}
+
+const isSteered = (query) =>
+  (query.more || []).length + (query.less || []).length + Object.keys(query.filters || {}).length > 0;
 
 async function api(url, options) {
   let response;
@@ -27,6 +52,7 @@ async function api(url, options) {
 
 function fetchPage(query, offset) {
   const page = `k=${PAGE}&offset=${offset}`;
+  if (query.kind !== "upload" && isSteered(query)) return api(steeredUrl(query, page));
   if (query.kind === "text") return api(`/api/search?q=${encodeURIComponent(query.value)}&${page}`);
   if (query.kind === "similar") return api(`/api/similar/${encodeId(query.value)}?${page}`);
   const form = new FormData();
@@ -40,9 +66,37 @@ function setStatus(text, isError = false) {
 }
 
 function describe(query) {
-  if (query.kind === "text") return `“${query.value}”`;
-  if (query.kind === "similar") return `photos like ${query.value}`;
+  const marked = (query.more || []).length + (query.less || []).length;
+  const steer = marked ? ` re-ranked by ${marked} marked photo${marked === 1 ? "" : "s"}` : "";
+  if (query.kind === "text") return `“${query.value}”${steer}`;
+  if (query.kind === "similar") return `photos like ${query.value}${steer}`;
   return `photos like your upload ${query.value}`;
+}
+
+function updateRerank() {
+  const button = $("rerank");
+  button.hidden = marks.size === 0;
+  button.textContent = `Re-rank with ${marks.size} marked`;
+}
+
+function markButton(hit, item, verdict) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = `mark ${verdict}`;
+  button.textContent = verdict === "good" ? "👍" : "👎";
+  button.title = verdict === "good" ? "More like this" : "Less like this";
+  button.setAttribute("aria-label", `${button.title}: ${hit.id}`);
+  button.setAttribute("aria-pressed", String(marks.get(hit.id) === verdict));
+  button.addEventListener("click", () => {
+    if (marks.get(hit.id) === verdict) marks.delete(hit.id);
+    else marks.set(hit.id, verdict);
+    item.dataset.mark = marks.get(hit.id) || "";
+    for (const b of item.querySelectorAll(".mark")) {
+      b.setAttribute("aria-pressed", String(marks.get(hit.id) === (b.classList.contains("good") ? "good" : "bad")));
+    }
+    updateRerank();
+  });
+  return button;
 }
 
 function showQueryImage(query) {
@@ -65,6 +119,7 @@ function hitElement(hit) {
   item.className = "hit";
   const button = document.createElement("button");
   button.type = "button";
+  button.className = "photo";
   button.title = `Find photos like ${hit.id}`;
   button.addEventListener("click", () => search({ kind: "similar", value: hit.id }));
   const img = document.createElement("img");
@@ -81,6 +136,13 @@ function hitElement(hit) {
   link.title = "Open the full image";
   caption.append(`#${hit.rank} · ${hit.score.toFixed(3)} · `, link);
   item.append(button, caption);
+  if (current === null || current.kind !== "upload") {
+    const feedback = document.createElement("div");
+    feedback.className = "feedback";
+    feedback.append(markButton(hit, item, "good"), markButton(hit, item, "bad"));
+    item.dataset.mark = marks.get(hit.id) || "";
+    item.append(feedback);
+  }
   return item;
 }
 
@@ -92,6 +154,7 @@ async function load(query, offset) {
     $("results").replaceChildren();
     more.hidden = true;
     showQueryImage(query);
+    current = { ...query, offset: 0 };
   }
   setStatus(offset === 0 ? `Searching for ${describe(query)}…` : "Loading more…");
   try {
@@ -120,7 +183,10 @@ function urlOf(query) {
   return "/";
 }
 
-function search(query, { push = true } = {}) {
+function search(query, { push = true, keepMarks = false } = {}) {
+  if (!keepMarks) marks.clear();
+  updateRerank();
+  if (query.kind !== "upload") query = { filters: readFilters(), ...query };
   if (query.kind === "text") $("query").value = query.value;
   if (push) history.pushState(null, "", urlOf(query));
   window.scrollTo(0, 0);
@@ -151,6 +217,21 @@ $("upload").addEventListener("change", () => {
 });
 
 $("more").addEventListener("click", () => current && load(current, current.offset));
+
+// Re-rank: the current query with every photo marked so far (marks stay, so rounds add up).
+$("rerank").addEventListener("click", () => {
+  if (!current) return;
+  const pick = (verdict) => [...marks].filter(([, v]) => v === verdict).map(([id]) => id);
+  const { kind, value } = current;
+  search({ kind, value, more: pick("good"), less: pick("bad") }, { push: false, keepMarks: true });
+});
+
+$("filters").addEventListener("change", () => {
+  if (current && current.kind !== "upload") {
+    const { kind, value, more, less } = current;
+    search({ kind, value, more, less, filters: readFilters() }, { push: false, keepMarks: true });
+  }
+});
 
 window.addEventListener("popstate", () => {
   const query = fromUrl();
