@@ -285,7 +285,15 @@ def print_results(results, as_json: bool) -> None:
 @app.command()
 def index(
     folder: Annotated[Path, typer.Argument(help="Folder of photos (searched recursively).")],
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Index directory to create or update.")],
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Index directory to create or update (default: FOLDER/.cbir, or a per-folder directory "
+            "under ~/.local/share/cbir when FOLDER is not writable).",
+        ),
+    ] = None,
     model: Annotated[
         str,
         typer.Option(
@@ -301,12 +309,23 @@ def index(
 ) -> None:
     """Embed every photo below FOLDER into an index; reruns embed only new or changed files."""
     from cbir.index import update_index
+    from cbir.library import default_index_dir, remember
 
     start = time.perf_counter()
+    target = out_dir or default_index_dir(folder)
+    if model == "zero-shot" and not (target / "index.json").exists():
+        err.print(
+            "[dim]first zero-shot index here: preparing its vocabulary (the 1,000 ImageNet class names, "
+            "embedded once and cached, so later indexes skip this)[/]",
+            highlight=False,
+        )
     try:
-        ix, report = update_index(folder, out_dir, model, wait=wait)
+        ix, report = update_index(folder, target, model, wait=wait)
+        remember(ix.path)
     except search_errors() as e:
         fail(str(e))
+    if not len(ix) and not report.failed:
+        err.print(f"[yellow]note:[/] found no photos below {shown(ix.root)}", highlight=False)
     out.print(
         f"indexed {len(ix)} images of {shown(ix.root)} in {time.perf_counter() - start:.1f}s "
         f"→ {shown(ix.path)} "
@@ -329,27 +348,121 @@ def index(
             err.print(f"  … and {len(report.failed) - REPORT_LINES} more", highlight=False)
 
 
+QueryArg = Annotated[
+    list[str] | None,
+    typer.Argument(
+        help='What to look for: words, or arithmetic of terms: "a dog" + "on the beach" - people, '
+        "weights as snow:0.5, example photos as img:FILE, indexed photos as id:IMAGE_ID.",
+        show_default=False,
+    ),
+]
+OptionalIndexOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--index",
+        "-i",
+        help="Index directory (default: the index of this folder or one above it, else the last built).",
+    ),
+]
+
+
+def resolve_index(index_dir: Path | None) -> Path:
+    """--index, else the default index found from the current folder (said on stderr)."""
+    from cbir.library import find_index
+
+    if index_dir is not None:
+        return index_dir
+    found = find_index()
+    err.print(f"[dim]index: {shown(found)}[/]", highlight=False)
+    return found
+
+
+def open_search_index(index_dir: Path | None, update: bool):
+    """The index to search; with `update`, brought up to date with its folder first."""
+    from cbir.index import SearchIndex
+    from cbir.library import refresh
+
+    path = resolve_index(index_dir)
+    if not update:
+        return SearchIndex.open(path)
+    ix, report = refresh(path)
+    changes = len(report.added) + len(report.changed) + len(report.removed)
+    err.print(f"[dim]updated: {changes} change(s) in {shown(ix.root)}[/]", highlight=False)
+    return ix
+
+
+def print_steered(results, as_json: bool, paths: bool) -> None:
+    if paths:
+        for r in results:
+            print(shown(r.path))
+        return
+    print_results(results, as_json)
+
+
 @app.command()
 def search(
-    index_dir: IndexOpt,
-    text: Annotated[str | None, typer.Argument(help="What to look for, in words.")] = None,
+    text: QueryArg = None,
+    index_dir: OptionalIndexOpt = None,
     image: Annotated[Path | None, typer.Option("--image", help="Query by example: an image file.")] = None,
     k: Annotated[int, typer.Option("-k", help="How many results.")] = 20,
     min_score: Annotated[
         float | None, typer.Option("--min-score", help="Drop results scoring below.")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
+    more_like: Annotated[
+        list[str], typer.Option("--more-like", help="Id of a good result: rank more like it (repeatable).")
+    ] = [],  # noqa: B006
+    less_like: Annotated[
+        list[str], typer.Option("--less-like", help="Id of a bad result: rank less like it (repeatable).")
+    ] = [],  # noqa: B006
+    folder: Annotated[
+        str | None,
+        typer.Option(help="Only photos in this folder (relative to the indexed one, or absolute)."),
+    ] = None,
+    after: Annotated[
+        str | None, typer.Option(help="Only photos taken (EXIF) or else modified on or after this date.")
+    ] = None,
+    before: Annotated[
+        str | None, typer.Option(help="Only photos taken or modified before this date.")
+    ] = None,
+    camera: Annotated[
+        str | None, typer.Option(help="Only photos whose EXIF camera make/model contains this text.")
+    ] = None,
+    offset: Annotated[int, typer.Option(help="Skip this many results (paging: --offset 20 -k 20).")] = 0,
+    paths: Annotated[bool, typer.Option("--paths", help="Print bare paths, one a line (for pipes).")] = False,
+    open_top: Annotated[
+        bool, typer.Option("--open", help="Open the top result in the system image viewer.")
+    ] = False,
+    update: Annotated[
+        bool, typer.Option("--update", help="Index new and changed photos of the folder before searching.")
+    ] = False,
 ) -> None:
     """Search an index by sentence, by example image (--image), or both: rank, score, path."""
-    from cbir.index import SearchIndex
+    from cbir.filters import Filters
+    from cbir.viewer import open_in_viewer
 
-    if text is None and image is None:
+    if not text and image is None and not more_like:
         fail('give a text query, --image FILE, or both (e.g. cbir search "a dog on a couch" --index IX)')
+    if k < 0 or offset < 0:
+        fail("-k and --offset must not be negative")
     try:
-        results = SearchIndex.open(index_dir).search(text, image, k=k, min_score=min_score)
+        filters = Filters.parse(folder, after, before, camera)
+        ix = open_search_index(index_dir, update)
+        results = ix.find(
+            text,
+            image=image,
+            more_like=more_like,
+            less_like=less_like,
+            filters=filters,
+            k=k,
+            offset=offset,
+            min_score=min_score,
+        )
+        print_steered(results, as_json, paths)
+        if open_top and results:
+            open_in_viewer(results[0].path)
     except search_errors() as e:
         fail(str(e))
-    print_results(results, as_json)
 
 
 @app.command()
@@ -403,7 +516,7 @@ def host_names(host: str) -> list[str]:
 
 @app.command()
 def serve(
-    index_dir: IndexOpt,
+    index_dir: OptionalIndexOpt = None,
     host: Annotated[str, typer.Option(help="Address to listen on; the default is this machine only.")] = (
         "127.0.0.1"
     ),
@@ -416,14 +529,21 @@ def serve(
             "the names of the address listened on are answered.",
         ),
     ] = [],  # noqa: B006
+    watch: Annotated[
+        bool, typer.Option("--watch", help="Follow the folder: index new and changed photos as they appear.")
+    ] = False,
 ) -> None:
     """Serve the search page and its HTTP API (OpenAPI docs at /docs) until Ctrl-C."""
     import uvicorn
 
+    from cbir.library import WATCH_INTERVAL
     from cbir.server import create_app
 
     try:
-        web = create_app(index_dir, allowed_hosts=[*host_names(host), *allow_host])
+        index_dir = resolve_index(index_dir)
+        web = create_app(
+            index_dir, allowed_hosts=[*host_names(host), *allow_host], watch=WATCH_INTERVAL if watch else None
+        )
     except search_errors() as e:
         fail(str(e))
     if host not in LOOPBACK:
@@ -431,7 +551,8 @@ def serve(
             f"[yellow]note:[/] listening on {host}: anyone who can reach it can search and view the images"
         )
     out.print(
-        f"serving {len(web.state.index)} images from {index_dir} at http://{host}:{port}/ (API docs: /docs)",
+        f"serving {len(web.state.index)} images from {index_dir} at http://{host}:{port}/ (API docs: /docs)"
+        + (f"; watching {shown(web.state.index.root)} for new photos" if watch else ""),
         highlight=False,
         soft_wrap=True,
     )
