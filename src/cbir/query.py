@@ -24,8 +24,8 @@ import numpy as np
 
 OPERATORS = ("+", "-")
 KINDS = ("text", "img", "id")
-# `:WEIGHT` at the end of a term: anything that starts like a number is taken as a weight (and must be one).
-WEIGHT_SUFFIX = re.compile(r":([-+]?[0-9.][^:\s]*)$")
+# `:WEIGHT` at the end of a term: a number (`id:15.jpg` is a photo, `id:15.jpg:2` one weighted 2).
+WEIGHT_SUFFIX = re.compile(r":([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)$")
 OPERATOR_SPLIT = re.compile(r"(?:^|\s)([+-])(?=\s|$)")
 
 
@@ -73,10 +73,7 @@ def _term(raw: str, sign: float) -> Term:
     weight = 1.0
     match = WEIGHT_SUFFIX.search(word)
     if match:
-        try:
-            weight = float(match.group(1))
-        except ValueError:
-            raise QueryError(f"'{word}': the weight '{match.group(1)}' is not a number ({HELP})") from None
+        weight = float(match.group(1))
         if not weight > 0 or not np.isfinite(weight):
             raise QueryError(f"'{word}': a weight must be a positive number; use `-` to subtract ({HELP})")
         word = word[: match.start()].strip()

@@ -75,9 +75,13 @@ def steered_vector(
     vector = embed_terms(index, terms, image, allow_files) if terms else None
     if not more_like and not less_like:
         return vector  # type: ignore[return-value]
-    good = np.array([index.vector(known_id(index, i)) for i in more_like]).reshape(len(more_like), -1)
-    bad = np.array([index.vector(known_id(index, i)) for i in less_like]).reshape(len(less_like), -1)
-    return feedback.refine(vector, good, bad)
+    return feedback.refine(vector, vectors_of(index, more_like), vectors_of(index, less_like))
+
+
+def vectors_of(index: SearchIndex, ids: Sequence[str]) -> np.ndarray:
+    """The indexed vectors of the photos marked, one row each (0 rows when none is)."""
+    rows = [index.vector(known_id(index, i)) for i in ids]
+    return np.stack(rows) if rows else np.zeros((0, index.vectors.shape[1]), dtype=np.float32)
 
 
 def rank_rows(
