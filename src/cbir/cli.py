@@ -324,8 +324,6 @@ def index(
         remember(ix.path)
     except search_errors() as e:
         fail(str(e))
-    if not len(ix) and not report.failed:
-        err.print(f"[yellow]note:[/] found no photos below {shown(ix.root)}", highlight=False)
     out.print(
         f"indexed {len(ix)} images of {shown(ix.root)} in {time.perf_counter() - start:.1f}s "
         f"→ {shown(ix.path)} "
@@ -334,6 +332,8 @@ def index(
         highlight=False,
         soft_wrap=True,
     )
+    if not len(ix) and not report.failed:
+        err.print(f"[yellow]note:[/] found no photos below {shown(ix.root)}", highlight=False)
     for problem in report.damaged.values():
         err.print(f"[yellow]note:[/] {problem}: rebuilt", highlight=False, markup=False)
     if report.repaired:
