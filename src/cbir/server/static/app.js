@@ -1,7 +1,7 @@
 // The search page: one query at a time (text, an indexed photo, or an uploaded photo), results in a
 // grid, "More results" for the next page. The URL holds text and photo queries (?q= / ?similar=),
 // so they can be bookmarked and the back button works. Text and photo queries can be steered: mark
-// results good or bad (the thumbs under each photo), then "Re-rank"; filters narrow the photos first.
+// results good or bad (the buttons under each photo), then "Re-rank"; filters narrow the photos first.
 "use strict";
 
 const PAGE = 24;
@@ -83,7 +83,7 @@ function markButton(hit, item, verdict) {
   const button = document.createElement("button");
   button.type = "button";
   button.className = `mark ${verdict}`;
-  button.textContent = verdict === "good" ? "👍" : "👎";
+  button.textContent = verdict === "good" ? "good" : "bad";
   button.title = verdict === "good" ? "More like this" : "Less like this";
   button.setAttribute("aria-label", `${button.title}: ${hit.id}`);
   button.setAttribute("aria-pressed", String(marks.get(hit.id) === verdict));
