@@ -2,7 +2,8 @@
 
 In the joint space a query (text, photos, or both) and the indexed photos are comparable vectors, so
 the refined query is `alpha * q + beta * mean(good) - gamma * mean(bad)`, each vector scaled to unit
-length first. The weights were tuned on RSICD val by `benchmarks/feedback.py` (see BENCHMARKS.md).
+length first. `benchmarks/feedback.py` measures the gain with simulated users on RSICD and tunes the
+weights on its val split (see BENCHMARKS.md).
 """
 
 from __future__ import annotations
