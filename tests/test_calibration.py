@@ -41,7 +41,7 @@ def trained(rsicd_slice_dir, tmp_path_factory):
         app, ["train", "-d", str(rsicd_slice_dir), "--method", "ridge", "--out", str(root / "ridge")]
     )
     assert result.exit_code == 0, result.output
-    assert "calibrated scores on rsicd-slice val" in result.output
+    assert f"calibrated scores on {rsicd_slice_dir.name} val (" in result.output
     return root / "ridge", result.output
 
 

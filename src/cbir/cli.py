@@ -167,10 +167,11 @@ def calibrate(
         if target is None:
             raise ValueError("the zero-shot model has no directory to store a calibration in; save one with "
                              "`cbir train --method zero-shot` and calibrate that")  # fmt: skip
+        loaded = load_model(model)  # a model that does not load fails before the dataset is read
         data = open_dataset(dataset)
         if split not in data.splits:
             raise ValueError(f"{dataset} has no {split} split (it has: {', '.join(data.splits)})")
-        calibration = fit_calibration(load_model(model), data.split(split), split)
+        calibration = fit_calibration(loaded, data.split(split), split)
         write_calibration(target, calibration)
     except user_errors() as e:
         fail(str(e))

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from cbir.models.base import RetrievalModel
 
 TOP_QUERY_WORDS = 3
+WORD_PROMPT = "a photo of {}"  # words are embedded in a short caption, as the models were trained on
 MIN_SHARE = 0.05  # a query word is shown when it carries at least this share of the score
 TOP_CLASSES = 3
 TOP_WORDS = 5
@@ -72,7 +73,10 @@ class Explanation:
 
 
 def query_words(text: str) -> list[str]:
-    return WORD.findall(text)[:MAX_QUERY_WORDS]
+    """The words of a query that can carry meaning: stop words ("a", "on", "the") are never left out."""
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    return [w for w in WORD.findall(text) if w.lower() not in ENGLISH_STOP_WORDS][:MAX_QUERY_WORDS]
 
 
 def word_contributions(
@@ -87,7 +91,7 @@ def word_contributions(
         return [[] for _ in range(len(images))]
     if len(words) == 1:
         return [[(words[0], 1.0)] for _ in range(len(images))]
-    variants = [" ".join(words[:i] + words[i + 1 :]) for i in range(len(words))]
+    variants = [_without(text, word) for word in words]
     queries = unit_rows(embed_words(model, [text, *variants]))
     similarities = np.asarray(images, dtype=np.float32) @ queries.T  # as a search scores them
     drops = np.clip(similarities[:, :1] - similarities[:, 1:], 0, None)
@@ -97,6 +101,12 @@ def word_contributions(
         order = [i for i in np.argsort(-row, kind="stable")[:top] if row[i] >= MIN_SHARE]
         out.append([(words[i], float(row[i])) for i in order])
     return out
+
+
+def _without(text: str, word: str) -> str:
+    """The query with one occurrence of `word` taken out (its other words as they were)."""
+    head, _, tail = text.partition(word)
+    return " ".join((head + tail).split())
 
 
 def embed_words(model: RetrievalModel, texts: list[str]) -> np.ndarray:
@@ -158,7 +168,8 @@ def vocabulary_vectors(model: RetrievalModel) -> np.ndarray:
 
     with _vocabulary_lock:
         if id(model) not in _vocabulary_vectors:
-            _vocabulary_vectors[id(model)] = unit_rows(embed_words(model, list(vocabulary())))
+            phrases = [WORD_PROMPT.format(w) for w in vocabulary()]
+            _vocabulary_vectors[id(model)] = unit_rows(embed_words(model, phrases))
         return _vocabulary_vectors[id(model)]
 
 
