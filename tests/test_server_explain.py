@@ -3,6 +3,7 @@ while it loads, explanations in the API and on the page, and the empty index on 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +16,7 @@ from tests.test_server import free_port
 # The fixtures of the server tests: the same real index (80 COCO photos, shipped default model).
 index, client, browser_page = served.index, served.client, served.browser_page
 
+EXPLAIN_SCREENSHOT = served.REPO / "docs" / "web-explain.png"
 QUERIES = ["a dog", "a plate of food", "a red bus", "people on a beach", "a cat on a bed", "a train"]
 
 
@@ -163,7 +165,7 @@ def test_page_explanations_and_empty_index_in_chromium(browser_page, index, tmp_
         page.fill("#query", "a plate of food on a table")
         page.press("#query", "Enter")
         hits = page.locator("#results .hit")
-        expect(hits).to_have_count(24)
+        expect(hits).to_have_count(24, timeout=180_000)  # the first explanation embeds the vocabulary
         why = hits.first.locator(".why")
         expect(why).to_contain_text("sees ")
         expected = index.search_text("a plate of food on a table", k=1)
@@ -172,6 +174,9 @@ def test_page_explanations_and_empty_index_in_chromium(browser_page, index, tmp_
         line = explain(index, expected, "a plate of food on a table")[0].line()
         expect(why).to_have_text(line)
         assert line in hits.first.locator("button").get_attribute("title")
+        page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete)")
+        shot = EXPLAIN_SCREENSHOT if os.environ.get("CBIR_WRITE_SCREENSHOT") else tmp_path / "explain.png"
+        served.save_screenshot(page.screenshot(), shot)
         page.uncheck("#explain")  # searches again, without explanations
         expect(hits.first.locator(".why")).to_have_count(0)
     finally:
