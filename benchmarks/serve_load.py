@@ -1,12 +1,18 @@
-"""Load test of `cbir serve`: concurrent clients against a real index, on loopback, for a bounded time.
+"""Load test of `cbir serve`: concurrent clients against an index, on loopback, for a bounded time.
 
-    python benchmarks/serve_load.py [--index runs/rsicd-index] [--clients 50] [--seconds 30]
+    python benchmarks/serve_load.py [--index runs/rsicd-index | --synthetic 10000] [--clients 50]
+                                    [--seconds 30] [--baseline REV]
 
-Builds the index when it is missing (every RSICD image, 10,921 aerial photos, zero-shot model; image
-features come from the cache), starts `cbir serve` in a subprocess on 127.0.0.1 and a free port, then
-runs the clients: each sends one request after another, cycling through a text search (an RSICD test
-caption, each client its own), a search by an indexed image and a thumbnail. Prints throughput and
-latency per kind of request and in all; exits 1 when any request failed.
+The index is a real one (`--index`; built when missing from every RSICD image, 10,921 aerial photos,
+image features from the cache), or `--synthetic N`: N small generated JPEGs with random unit vectors
+of the shipped default model's dimension, written straight into an index (no network pass; the
+search work per query is the same as for real vectors). Starts `cbir serve` in a subprocess on
+127.0.0.1 and a free port, then runs the clients: each sends one request after another, cycling
+through a text search (an RSICD test caption, each client its own), a search by an indexed image and
+a thumbnail. With `--baseline REV` the same load runs first against the server of git revision REV
+(its `src/`, extracted to a temporary folder), then against this checkout's, and the ratio of their
+request rates is printed. Prints throughput and latency per kind of request and in all; exits 1 when
+any request failed.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -37,7 +44,52 @@ def build_if_missing(index_dir: Path) -> None:
 
     if not index_dir.exists():
         print(f"building {index_dir} over {RSICD / 'images'} (zero-shot model)", flush=True)
-        build_index(RSICD / "images", index_dir)
+        build_index(RSICD / "images", index_dir, "zero-shot")
+
+
+def synthetic_index(index_dir: Path, n: int, model: Path, seed: int = 0) -> None:
+    """An index of `n` generated photos (64x64 JPEGs of random colours) and random unit vectors, in the
+    index format of `cbir.index` (written with its own helpers), embedded by no model: built in
+    seconds. `model` is copied in as the index's model (the one that embeds text queries)."""
+    from PIL import Image
+
+    from cbir import index as ix
+
+    if (index_dir / ix.MANIFEST).exists():
+        return
+    print(f"writing a synthetic index of {n} photos to {index_dir}", flush=True)
+    rng = np.random.default_rng(seed)
+    photos = index_dir.parent / f"{index_dir.name}-photos"
+    photos.mkdir(parents=True, exist_ok=True)
+    (index_dir / ix.SHARDS).mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i in range(n):
+        path = photos / f"{i // 1000:02d}" / f"photo{i:05d}.jpg"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((64, 64)).save(path)
+        image_id = path.relative_to(photos).as_posix()
+        entries.append({**ix._stat_entry(image_id, path.stat(), ix.file_hash(path)), "row": i})
+    source, fingerprint = ix._install_model(index_dir, model)
+    from cbir.models import load_model
+
+    dim = int(load_model(index_dir / ix.MODEL_DIR).embed_texts(["a photo"]).shape[1])
+    vectors = rng.standard_normal((n, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    shard = "synthetic.npy"
+    checksum = ix._write_npy_atomic(index_dir / ix.SHARDS / shard, vectors)
+    manifest = {
+        "format": ix.FORMAT, "version": ix.VERSION, "root": str(photos.resolve()), "model_source": source,
+        "model_fingerprint": fingerprint, "dim": dim, "shards": {shard: checksum},
+        "entries": [{**e, "shard": shard} for e in entries], "failed": [],
+    }  # fmt: skip
+    ix._write_json_atomic(index_dir / ix.MANIFEST, manifest)
+
+
+def baseline_source(rev: str, into: Path) -> Path:
+    """The `src/` folder of git revision `rev`, extracted under `into`: today's server to compare with."""
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "src"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into / "src"
 
 
 def free_port() -> int:
@@ -46,8 +98,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(index_dir: Path, port: int) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+def start_server(index_dir: Path, port: int, src: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(src)}
     command = ["serve", "--index", str(index_dir), "--port", str(port)]
     return subprocess.Popen([sys.executable, "-m", "cbir.cli", *command], env=env)
 
@@ -61,9 +113,12 @@ async def wait_until_up(base: str, server: subprocess.Popen, timeout: float = 30
             if server.poll() is not None:
                 raise SystemExit(f"the server exited with status {server.returncode}")
             try:
-                return (await client.get("/api/health")).json()["images"]
+                health = (await client.get("/api/health")).json()
+                if health["status"] == "ok":  # a server that loads in the background says "loading"
+                    return health["images"]
             except httpx.TransportError:
-                await asyncio.sleep(0.5)
+                pass
+            await asyncio.sleep(0.5)
     raise SystemExit(f"the server did not answer within {timeout:.0f}s")
 
 
@@ -98,6 +153,8 @@ def report(log: list, seconds: float) -> list[dict]:
     rows = []
     for kind in ("text search", "similar search", "thumbnail", "all"):
         part = [(t, ok) for k, t, ok in log if kind in ("all", k)]
+        if not part:  # a run too short for every kind of request to finish once
+            continue
         ms = np.array([t for t, _ in part]) * 1000
         rows.append(
             {
@@ -112,11 +169,11 @@ def report(log: list, seconds: float) -> list[dict]:
     return rows
 
 
-async def load_test(index_dir: Path, clients: int, seconds: float, plans: list) -> dict:
-    """One server, `clients` clients for `seconds`: the report rows."""
+async def load_test(index_dir: Path, clients: int, seconds: float, plans: list, src: Path) -> dict:
+    """One server (the code of `src`), `clients` clients for `seconds`: the report rows."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    server = start_server(index_dir, port)
+    server = start_server(index_dir, port, src)
     try:
         n_images = await wait_until_up(base, server)
         print(
@@ -130,7 +187,11 @@ async def load_test(index_dir: Path, clients: int, seconds: float, plans: list) 
         elapsed = time.monotonic() - start  # includes the requests in flight at the deadline
     finally:
         server.terminate()
-        server.wait(30)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:  # still draining its queue of abandoned requests
+            server.kill()
+            server.wait()
     rows = report(log, elapsed)
     print(f"\n{'requests':15} {'count':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
     for r in rows:
@@ -144,9 +205,11 @@ async def load_test(index_dir: Path, clients: int, seconds: float, plans: list) 
 
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--index", type=Path, default=REPO / "runs" / "rsicd-index")
+    parser.add_argument("--index", type=Path, help="A real index (default: RSICD, built when missing).")
+    parser.add_argument("--synthetic", type=int, help="Use a synthetic index of this many photos instead.")
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--baseline", help="Also load the server of this git revision first, and compare.")
     parser.add_argument("--json", type=Path, help="Also write the results here.")
     args = parser.parse_args()
     if not (1 <= args.clients <= MAX_CLIENTS and 0 < args.seconds <= MAX_SECONDS):
@@ -155,15 +218,33 @@ async def main() -> int:
     from cbir.datasets import load_dataset
     from cbir.index import SearchIndex
 
-    build_if_missing(args.index)
-    ids = SearchIndex.open(args.index).ids
-    captions = sorted(set(load_dataset(RSICD).split("test").captions))
-    plans = [request_plan(ids, captions, c) for c in range(args.clients)]
-    print(f"{platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
-    result = await load_test(args.index, args.clients, args.seconds, plans)
+    with tempfile.TemporaryDirectory() as tmp:
+        sources = {"this checkout": REPO / "src"}
+        if args.baseline:
+            sources = {f"baseline {args.baseline}": baseline_source(args.baseline, Path(tmp)), **sources}
+        if args.synthetic:
+            index_dir = args.index or REPO / "runs" / f"serve-synthetic-{args.synthetic}"
+            # the first server's shipped model: one that every compared revision can read
+            synthetic_index(index_dir, args.synthetic, next(iter(sources.values())) / "cbir/models/default")
+        else:
+            index_dir = args.index or REPO / "runs" / "rsicd-index"
+            build_if_missing(index_dir)
+        ids = SearchIndex.open(index_dir).ids
+        captions = sorted(set(load_dataset(RSICD).split("test").captions))
+        plans = [request_plan(ids, captions, c) for c in range(args.clients)]
+        print(
+            f"{platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True
+        )
+        results = {}
+        for name, src in sources.items():
+            print(f"== {name} ({src})", flush=True)
+            results[name] = await load_test(index_dir, args.clients, args.seconds, plans, src)
+    rates = [r["rows"][-1]["req/s"] for r in results.values()]
+    if len(rates) == 2:
+        print(f"request rate, this checkout / baseline: {rates[1] / rates[0]:.2f}x", flush=True)
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
-    return 1 if result["rows"][-1]["errors"] else 0
+        args.json.write_text(json.dumps(results, indent=2))
+    return 1 if any(r["rows"][-1]["errors"] for r in results.values()) else 0
 
 
 if __name__ == "__main__":

@@ -57,7 +57,9 @@ def jpeg_bytes(image_id: str) -> bytes:
 
 def test_health_counts_the_indexed_images(client, index):
     assert len(index) == 80
-    assert client.get("/api/health").json() == {"status": "ok", "images": 80}
+    assert client.get("/api/health").json() == {
+        "status": "ok", "images": 80, "loading": False, "calibrated": True, "detail": None,
+    }  # fmt: skip
 
 
 def test_text_search_returns_the_index_ranking_with_links(client, index):
@@ -363,7 +365,8 @@ def test_page_search_grid_click_and_errors_in_chromium(browser_page, server_url,
 
 def test_one_score_scale_and_rank_base_everywhere(index, client):
     """The same query scores the same and ranks from 1 in the Python API, `cbir search --json` and the
-    HTTP API; an image searched for itself scores its vector's length whichever way it is asked."""
+    HTTP API; an image searched for itself scores the same whichever way it is asked: the calibrated
+    chance of a match at its vector's length, near 1."""
     import json
 
     from cbir.cli import app
@@ -384,7 +387,10 @@ def test_one_score_scale_and_rank_base_everywhere(index, client):
         index.search(image=IMAGES / "7.jpg", k=1)[0].score,
         client.get("/api/similar/7.jpg", params={"k": 1}).json()["results"][0]["score"],
     ]
-    assert self_scores == pytest.approx([float(np.linalg.norm(index.vector("7.jpg")))] * 3, abs=1e-4)
+    from cbir.calibration import match_scores
+
+    own = float(match_scores(index.model, [float(np.linalg.norm(index.vector("7.jpg")))])[0])
+    assert self_scores == pytest.approx([own] * 3, abs=1e-4) and own > 0.99
 
 
 # ---- steering (issue 14): query arithmetic, feedback and filters through /api/search and the page -----

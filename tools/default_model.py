@@ -3,10 +3,11 @@
     python tools/default_model.py [--dataset ../shared/datasets/flickr8k] [--out src/cbir/models/default]
 
 Trains `contrastive` with PARAMS on Flickr8k train (val for early stopping and the bank temperature),
-saves it, loads it back and scores the stored model on the test split. `config.json` then records the
-data (name, split sizes, a hash of the caption file), the equivalent `cbir train` command and the test
-metrics. The same seed on the same data gives the same weights; the model directory is replaced
-atomically, so an interrupted run leaves the previous model.
+calibrates its scores on val (cbir.calibration), saves it, loads it back and scores the stored model
+on the test split. `config.json` then records the data (name, split sizes, a hash of the caption
+file), the equivalent `cbir train` command and the test metrics. The same seed on the same data
+gives the same weights; the model directory is replaced atomically, so an interrupted run leaves
+the previous model.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cbir.calibration import calibrate_if_possible
 from cbir.datasets import Dataset, load_dataset
 from cbir.evaluation import evaluate
 from cbir.models import SHIPPED_MODEL_DIR, create_model, load_model
@@ -61,6 +63,7 @@ def build(dataset_path: Path, out: Path, seed: int, params: dict[str, Any] = PAR
     start = time.perf_counter()
     model.fit(dataset.split("train"), dataset.split("val"))
     seconds = time.perf_counter() - start
+    calibrate_if_possible(model, dataset.split("val"))  # scores as P(match), as `cbir train` does
     with tempfile.TemporaryDirectory() as tmp:  # the metrics of the model as it loads (int8 weights)
         metrics = evaluate(load_model(model.save(Path(tmp) / "model")), dataset, "test")
     provenance = {

@@ -71,8 +71,13 @@ def parse_params(pairs: list[str]) -> dict[str, object]:
 
 def fit_on_splits(model, data) -> None:
     """Fit on the train split, the val split (when there is one) for model selection. The method
-    refuses training data it cannot learn from; a diverged model is refused when it is saved."""
-    model.fit(data.split("train"), data.split("val") if "val" in data.splits else None)
+    refuses training data it cannot learn from; a diverged model is refused when it is saved. A val
+    split with captions also calibrates the model's scores (cbir.calibration)."""
+    from cbir.calibration import calibrate_if_possible
+
+    val = data.split("val") if "val" in data.splits else None
+    model.fit(data.split("train"), val)
+    calibrate_if_possible(model, val)
 
 
 METRIC_ROWS = [
@@ -126,6 +131,52 @@ def train(
     except user_errors() as e:
         fail(str(e))
     out.print(f"trained [bold]{method}[/] in {time.perf_counter() - start:.1f}s → {out_dir}", highlight=False)
+    print_calibration(model.calibration)
+
+
+def print_calibration(calibration) -> None:
+    if calibration is None:
+        err.print(
+            "[yellow]note:[/] no val split with captions: scores stay raw similarities (add a calibration "
+            "with `cbir calibrate`)",
+            highlight=False,
+        )
+        return
+    c = calibration
+    out.print(
+        f"calibrated scores on {c.dataset} {c.split} ({c.positives} matching, {c.negatives} non-matching "
+        f"pairs): P(match) = 0.5 at similarity {-c.intercept / c.slope:.3f}",
+        highlight=False,
+    )
+
+
+@app.command()
+def calibrate(
+    model: ModelOpt,
+    dataset: DatasetOpt,
+    split: Annotated[str, typer.Option(help="Held-out captioned split to fit on.")] = "val",
+) -> None:
+    """Add score calibration to an existing model directory: scores become P(match), so --min-score
+    0.5 means even odds on every model. Only config.json changes; indexes re-embed on their next run."""
+    from cbir.calibration import calibrate as fit_calibration
+    from cbir.models import load_model, model_dir
+    from cbir.models.base import write_calibration
+
+    try:
+        target = model_dir(model)
+        if target is None:
+            raise ValueError("the zero-shot model has no directory to store a calibration in; save one with "
+                             "`cbir train --method zero-shot` and calibrate that")  # fmt: skip
+        loaded = load_model(model)  # a model that does not load fails before the dataset is read
+        data = open_dataset(dataset)
+        if split not in data.splits:
+            raise ValueError(f"{dataset} has no {split} split (it has: {', '.join(data.splits)})")
+        calibration = fit_calibration(loaded, data.split(split), split)
+        write_calibration(target, calibration)
+    except user_errors() as e:
+        fail(str(e))
+    print_calibration(calibration)
+    out.print(f"→ {target}", highlight=False)
 
 
 @app.command()
@@ -272,14 +323,26 @@ def shown(path: Path | str) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def print_results(results, as_json: bool) -> None:
+def print_results(results, as_json: bool, calibrated: bool = True, explanations=None) -> None:
+    """Rank, score and path per result (and its explanation, a line below, when given)."""
+    if not calibrated:
+        err.print(
+            "[yellow]note:[/] this index's model has no score calibration: scores are raw similarities, not "
+            "P(match) (add one with `cbir calibrate`, then rerun `cbir index`)",
+            highlight=False,
+        )
     if as_json:
-        print(json.dumps([r.to_dict() for r in results], indent=2))
+        rows = [r.to_dict() for r in results]
+        for row, why in zip(rows, explanations or [], strict=False):
+            row["explanation"] = why.to_dict()
+        print(json.dumps(rows, indent=2))
         return
     if not results:
         err.print("no results", highlight=False)
-    for r in results:
+    for i, r in enumerate(results):
         out.print(f"{r.rank:>3}  {r.score:7.4f}  {shown(r.path)}", highlight=False, markup=False)
+        if explanations:
+            out.print(f"     {explanations[i].line()}", highlight=False, markup=False)
 
 
 @app.command()
@@ -391,12 +454,12 @@ def open_search_index(index_dir: Path | None, update: bool):
     return ix
 
 
-def print_steered(results, as_json: bool, paths: bool) -> None:
+def print_steered(results, as_json: bool, paths: bool, calibrated: bool = True, explanations=None) -> None:
     if paths:
         for r in results:
             print(shown(r.path))
         return
-    print_results(results, as_json)
+    print_results(results, as_json, calibrated, explanations)
 
 
 @app.command()
@@ -406,7 +469,8 @@ def search(
     image: Annotated[Path | None, typer.Option("--image", help="Query by example: an image file.")] = None,
     k: Annotated[int, typer.Option("-k", help="How many results.")] = 20,
     min_score: Annotated[
-        float | None, typer.Option("--min-score", help="Drop results scoring below.")
+        float | None,
+        typer.Option("--min-score", help="Drop results scoring below (0.5: even odds of a match)."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
     more_like: Annotated[
@@ -436,9 +500,17 @@ def search(
     update: Annotated[
         bool, typer.Option("--update", help="Index new and changed photos of the folder before searching.")
     ] = False,
+    explain: Annotated[
+        bool,
+        typer.Option(
+            "--explain", help="Say why each photo matched: query words that carried it, what the photo shows."
+        ),
+    ] = False,
 ) -> None:
     """Search an index by sentence, by example image (--image), or both: rank, score, path."""
+    from cbir.explain import explain as explain_results
     from cbir.filters import Filters
+    from cbir.query import query_words
     from cbir.viewer import open_in_viewer
 
     if not text and image is None and not more_like:
@@ -458,7 +530,8 @@ def search(
             offset=offset,
             min_score=min_score,
         )
-        print_steered(results, as_json, paths)
+        explanations = explain_results(ix, results, query_words(text)) if explain else None
+        print_steered(results, as_json, paths, ix.calibrated, explanations)
         if open_top and results:
             open_in_viewer(results[0].path)
     except search_errors() as e:
@@ -536,13 +609,26 @@ def serve(
     """Serve the search page and its HTTP API (OpenAPI docs at /docs) until Ctrl-C."""
     import uvicorn
 
+    from cbir.index import read_manifest
     from cbir.library import WATCH_INTERVAL
     from cbir.server import create_app
 
+    url = f"http://{host}:{port}/"
     try:
         index_dir = resolve_index(index_dir)
+        read_manifest(index_dir.expanduser().resolve())  # a wrong --index fails now, not on a thread
+        err.print(f"loading {shown(index_dir)} and its model; {url} answers meanwhile", highlight=False)
         web = create_app(
-            index_dir, allowed_hosts=[*host_names(host), *allow_host], watch=WATCH_INTERVAL if watch else None
+            index_dir,
+            allowed_hosts=[*host_names(host), *allow_host],
+            watch=WATCH_INTERVAL if watch else None,
+            load_in_background=True,
+            on_ready=lambda ix: out.print(
+                f"serving {len(ix)} images from {shown(index_dir)} at {url} (API docs: /docs)"
+                + (f"; watching {shown(ix.root)} for new photos" if watch else ""),
+                highlight=False,
+                soft_wrap=True,
+            ),
         )
     except search_errors() as e:
         fail(str(e))
@@ -550,12 +636,6 @@ def serve(
         err.print(
             f"[yellow]note:[/] listening on {host}: anyone who can reach it can search and view the images"
         )
-    out.print(
-        f"serving {len(web.state.index)} images from {index_dir} at http://{host}:{port}/ (API docs: /docs)"
-        + (f"; watching {shown(web.state.index.root)} for new photos" if watch else ""),
-        highlight=False,
-        soft_wrap=True,
-    )
     uvicorn.run(web, host=host, port=port, log_level="warning")
 
 

@@ -72,9 +72,10 @@ class ShardError(IndexFormatError):
 @dataclass
 class SearchResult:
     rank: int  # 1 = best, as everywhere a rank is shown (CLI, --json, HTTP, page)
-    score: float
+    score: float  # P(match) for a calibrated model (cbir.calibration), else the similarity
     id: str  # image path relative to the indexed folder, posix
     path: Path  # absolute path of the image file
+    similarity: float | None = None  # the raw inner product of the unit query and the image vector
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "path": str(self.path)}
@@ -658,13 +659,17 @@ class SearchIndex:
 
     # Query embeddings -----------------------------------------------------------------------
     def embed_text(self, text: str) -> np.ndarray:
+        return self.embed_texts([text])[0]
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Query sentences' vectors, in one batch."""
         from threadpoolctl import threadpool_limits
 
-        if not text.strip():
+        if not all(t.strip() for t in texts):
             raise ValueError("empty text query")
-        # One short sentence: BLAS threads cost far more than they save (10x on a busy machine).
+        # Short sentences: BLAS threads cost far more than they save (10x on a busy machine).
         with threadpool_limits(1, user_api="blas"):
-            return self.model.embed_texts([text])[0]
+            return self.model.embed_texts(list(texts))
 
     def embed_image(self, image: Path | str | bytes) -> np.ndarray:
         """A query image's vector: a file path, or raw bytes of an uploaded file."""
@@ -688,20 +693,49 @@ class SearchIndex:
     def search_vector(
         self, query: np.ndarray, k: int = 20, min_score: float | None = None
     ) -> list[SearchResult]:
-        """The k best images for a query vector. Scores are inner products with the query scaled to unit
-        length, the one score scale of every search (text, image, similar, combined; CLI, API, page)."""
+        """The k best images for a query vector. Scores are the model's calibrated P(match) of the inner
+        product with the query scaled to unit length (the similarity itself for an uncalibrated model): the
+        one score scale of every search (text, image, similar, combined; CLI, API, page)."""
+        return self.search_vectors(np.asarray(query, dtype=np.float32)[None], k, min_score)[0]
+
+    def search_vectors(
+        self, queries: np.ndarray, k: int = 20, min_score: float | None = None
+    ) -> list[list[SearchResult]]:
+        """`search_vector` for a batch of query rows at once: one FAISS call per group of queries that
+        share a scored prefix (the server batches concurrent requests through this)."""
+        from cbir.calibration import match_scores
+
+        queries = np.asarray(queries, dtype=np.float32)
         if not len(self) or k <= 0:
-            return []
-        query = np.asarray(query, dtype=np.float32)
-        query = query / max(float(np.linalg.norm(query)), 1e-12)
-        scores, rows = self._index_for(query).search(query[self._prefix_of(query)][None], min(k, len(self)))
+            return [[] for _ in range(len(queries))]
+        queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+        groups: dict[int, list[int]] = {}
+        for i, query in enumerate(queries):
+            groups.setdefault(self._prefix_of(query).stop, []).append(i)
+        found: list[list[SearchResult]] = [[] for _ in range(len(queries))]
+        for end, members in groups.items():
+            index = self._index_for(queries[members[0]])
+            similarities, rows = index.search(np.ascontiguousarray(queries[members, :end]), min(k, len(self)))
+            for i, raw, id_row in zip(members, similarities, rows, strict=True):
+                found[i] = self._results(match_scores(self.model, raw), raw, id_row, min_score)
+        return found
+
+    def _results(
+        self, scores: np.ndarray, similarities: np.ndarray, rows: np.ndarray, min_score: float | None
+    ) -> list[SearchResult]:
         results = []
-        for score, row in zip(scores[0], rows[0], strict=True):
+        for score, similarity, row in zip(scores, similarities, rows, strict=True):
             if row < 0 or (min_score is not None and score < min_score):
                 continue
             image_id = self.ids[row]
-            results.append(SearchResult(len(results) + 1, float(score), image_id, self.root / image_id))
+            path = self.root / image_id
+            results.append(SearchResult(len(results) + 1, float(score), image_id, path, float(similarity)))
         return results
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether scores are P(match) (the model carries a calibration) rather than raw similarities."""
+        return self.model.calibration is not None
 
     def search_text(self, query: str, k: int = 20, min_score: float | None = None) -> list[SearchResult]:
         return self.search_vector(self.embed_text(query), k, min_score)

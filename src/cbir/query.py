@@ -66,6 +66,20 @@ def parse_query(query: str | Sequence[str]) -> list[Term]:
     return terms
 
 
+def is_plain(terms: Sequence[Term]) -> bool:
+    """One sentence looked for at weight 1: a search that needs no arithmetic."""
+    return len(terms) == 1 and terms[0].kind == "text" and terms[0].weight == 1.0
+
+
+def query_words(query: str | Sequence[str] | None) -> str | None:
+    """The words of a query's text terms that look for something (not `-` ones): what an
+    explanation weighs. None when there are none (an example photo, feedback only)."""
+    if not query or (isinstance(query, str) and not query.strip()):
+        return None
+    words = [t.value for t in parse_query(query) if t.kind == "text" and t.weight > 0]
+    return " ".join(words) or None
+
+
 def _term(raw: str, sign: float) -> Term:
     word = raw.strip()
     if not word:

@@ -87,20 +87,16 @@ def vectors_of(index: SearchIndex, ids: Sequence[str]) -> np.ndarray:
 def rank_rows(
     index: SearchIndex, vector: np.ndarray, rows: np.ndarray, n: int, min_score: float | None
 ) -> list[SearchResult]:
-    """The n best of the given index rows, exactly (a filtered search): ranks from 1, as everywhere."""
-    from cbir.index import SearchResult
+    """The n best of the given index rows, exactly (a filtered search), scored and ranked as every
+    search is (P(match) for a calibrated model, ranks from 1)."""
+    from cbir.calibration import match_scores
 
-    scores = np.asarray(index.vectors[rows], dtype=np.float32) @ unit(vector)
+    similarities = np.asarray(index.vectors[rows], dtype=np.float32) @ unit(vector)
     n = min(n, len(rows))
-    best = np.argpartition(-scores, n - 1)[:n] if 0 < n < len(rows) else np.arange(len(rows))
-    best = best[np.argsort(-scores[best], kind="stable")][:n]
-    results = []
-    for i in best:
-        if min_score is not None and scores[i] < min_score:
-            break
-        image_id = index.ids[rows[i]]
-        results.append(SearchResult(len(results) + 1, float(scores[i]), image_id, index.root / image_id))
-    return results
+    best = np.argpartition(-similarities, n - 1)[:n] if 0 < n < len(rows) else np.arange(len(rows))
+    best = best[np.argsort(-similarities[best], kind="stable")][:n]
+    chosen = similarities[best]
+    return index._results(match_scores(index.model, chosen), chosen, rows[best], min_score)
 
 
 def search_page(

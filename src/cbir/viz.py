@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,7 +15,9 @@ if TYPE_CHECKING:
 TRUTH_COLOR = "#1a9850"
 QUERY_COLOR = "#d73027"
 THUMB = 256
-MAP_THUMBS = 150  # up to this many images are drawn as thumbnails on the map, dots beyond
+MAP_POINTS = 5000  # larger indexes are drawn as a sample of this many dots (the top results always in)
+MAP_SAMPLE_THUMBS = 40  # thumbnails of images outside the top results on the map, a seeded sample
+NAME_CHARS = 26  # file names under thumbnails are shortened to this many characters
 
 
 def _pyplot():
@@ -37,6 +40,15 @@ def thumbnail(path: Path, size: int = THUMB) -> np.ndarray:
             return np.asarray(ImageOps.fit(to_rgb(im, size), (size, size)))
     except Exception:  # a missing or broken file still gets its cell, marked by the grey square
         return np.full((size, size, 3), 200, dtype=np.uint8)
+
+
+def short_name(image_id: str, limit: int = NAME_CHARS) -> str:
+    """The file name of an image id, shortened in the middle to fit under a thumbnail."""
+    name = os.fsencode(Path(image_id).name).decode("utf-8", "backslashreplace")  # as the CLI shows it
+    if len(name) <= limit:
+        return name
+    keep = limit - 1
+    return name[: keep - keep // 2] + "…" + name[-(keep // 2) :]
 
 
 def _normalise(text: str) -> str:
@@ -88,12 +100,13 @@ def results_grid(
         label = "ground truth" + (f" (rank {truth_rank})" if truth_rank is not None else "")
         cells.append((truth_path, label, True))
     rows = max(1, -(-len(cells) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.9 * rows + 0.6), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 3.1 * rows + 0.6), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (path, label, is_truth) in zip(axes.flat, cells, strict=False):
         ax.imshow(thumbnail(path))
         ax.set_title(label, fontsize=10, color=TRUTH_COLOR if is_truth else "black")
+        ax.text(0.5, -0.03, short_name(path.name), transform=ax.transAxes, ha="center", va="top", fontsize=8)
         if is_truth:
             ax.axis("on")
             ax.set_xticks([])
@@ -128,45 +141,54 @@ def query_figure(
     return path, results, truth
 
 
+def map_rows(n: int, top: Sequence[int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(rows drawn as dots, rows drawn as thumbnails): every row up to `MAP_POINTS`, else a seeded
+    sample that always keeps the top results; thumbnails for the top results and a sample of the rest."""
+    rng = np.random.default_rng(seed)
+    top = np.asarray(list(top), dtype=np.int64)
+    rest = np.setdiff1d(np.arange(n), top)
+    if n > MAP_POINTS:
+        rest = np.sort(rng.choice(rest, MAP_POINTS - len(top), replace=False))
+    sampled = rng.choice(rest, min(MAP_SAMPLE_THUMBS, len(rest)), replace=False)
+    return np.union1d(rest, top), np.concatenate([np.sort(sampled), top])
+
+
 def embedding_map_figure(
     index: SearchIndex, query: str, out: Path | str, highlight: Sequence[str] = (), seed: int = 0
 ) -> Path:
-    """PCA of the indexed image vectors to 2-D with the text query placed by the same projection;
-    the query's top results are ringed. Large indexes are subsampled to 5,000 points."""
+    """PCA of the indexed image vectors to 2-D with the text query placed by the same projection. The
+    query's top results are drawn as ringed thumbnails with their rank, a sample of the other images as
+    small thumbnails, the rest as dots (a sample of `MAP_POINTS` for large indexes): readable at 10k."""
     from sklearn.decomposition import PCA
 
     plt = _pyplot()
-    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 
-    rng = np.random.default_rng(seed)
-    rows = np.arange(len(index))
-    if len(rows) > 5000:
-        rows = np.sort(rng.choice(rows, 5000, replace=False))
+    top = [index.ids.index(i) for i in highlight if i in index]
+    rows, thumbs = map_rows(len(index), top, seed)
     vectors = np.asarray(index.vectors[rows], dtype=np.float32)
     query_vec = index.embed_text(query)
     pca = PCA(n_components=2, random_state=seed).fit(np.vstack([vectors, query_vec]))
-    xy, q = pca.transform(vectors), pca.transform(query_vec[None])[0]
-    fig, ax = plt.subplots(figsize=(9, 8))
-    ax.scatter(xy[:, 0], xy[:, 1], s=8, c="#888888", alpha=0.5, label="images")
-    if len(rows) <= MAP_THUMBS:
-        for (x, y), row in zip(xy, rows, strict=True):
-            box = OffsetImage(thumbnail(index.root / index.ids[row], 64), zoom=0.5)
-            ax.add_artist(AnnotationBbox(box, (x, y), frameon=False))
-    marked = [i for i, row in enumerate(rows) if index.ids[row] in set(highlight)]
-    ax.scatter(
-        xy[marked, 0],
-        xy[marked, 1],
-        s=500,
-        facecolors="none",
-        edgecolors=QUERY_COLOR,
-        linewidths=2,
-        label="top results",
-        zorder=6,
+    position = dict(zip(rows.tolist(), pca.transform(vectors), strict=True))
+    q = pca.transform(query_vec[None])[0]
+    fig, ax = plt.subplots(figsize=(11, 10))
+    xy = np.array([position[r] for r in rows])
+    ax.scatter(xy[:, 0], xy[:, 1], s=4 if len(rows) > 1000 else 10, c="#999999", alpha=0.4, label="images")
+    for row in thumbs:
+        rank = top.index(row) + 1 if row in top else None
+        _thumb_on_map(ax, index, row, position[row], rank)
+    ax.scatter([q[0]], [q[1]], marker="*", s=600, c=QUERY_COLOR, edgecolors="black", label="query", zorder=9)
+    label = {"boxstyle": "round", "fc": "white", "alpha": 0.8}
+    ax.annotate(
+        f"“{query}”", q, xytext=(10, 10), textcoords="offset points", fontsize=12, color=QUERY_COLOR,
+        zorder=9, bbox=label,
+    )  # fmt: skip
+    shown = f"{len(rows)} of {len(index)}" if len(rows) < len(index) else f"{len(index)}"
+    ax.set_title(
+        f"{shown} images of {index.root.name} (PCA of their vectors), the query, its top {len(top)} "
+        f"results (red, ranked) and a sample of the others",
+        fontsize=11,
     )
-    ax.scatter([q[0]], [q[1]], marker="*", s=500, c=QUERY_COLOR, edgecolors="black", label="query", zorder=5)
-    ax.annotate(f"“{query}”", q, xytext=(8, 8), textcoords="offset points", fontsize=11, color=QUERY_COLOR)
-    ax.set_title(f"{len(index)} images of {index.root.name}, PCA of their vectors, and the query")
-    ax.legend(loc="best")
+    ax.legend(loc="lower right")
     ax.set_xticks([])
     ax.set_yticks([])
     fig.tight_layout()
@@ -175,3 +197,16 @@ def embedding_map_figure(
     fig.savefig(out, dpi=80)
     plt.close(fig)
     return out
+
+
+def _thumb_on_map(ax, index: SearchIndex, row: int, xy: np.ndarray, rank: int | None) -> None:
+    """One image on the map: a top result large, framed in red with its rank; a sampled one small."""
+    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+
+    size, zoom = (96, 0.55) if rank else (64, 0.45)
+    box = OffsetImage(thumbnail(index.root / index.ids[row], size), zoom=zoom)
+    frame = {"edgecolor": QUERY_COLOR, "linewidth": 2} if rank else {"edgecolor": "white", "linewidth": 1}
+    ax.add_artist(AnnotationBbox(box, xy, frameon=True, bboxprops=frame, zorder=8 if rank else 4, pad=0.1))
+    if rank:
+        ax.annotate(str(rank), xy, xytext=(-18, 16), textcoords="offset points", fontsize=10, zorder=9,
+                    color="white", weight="bold", bbox={"boxstyle": "circle", "fc": QUERY_COLOR})  # fmt: skip

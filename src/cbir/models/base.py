@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Self, TypeVar
 
 import numpy as np
 
+from cbir.calibration import Calibration
 from cbir.datasets import Dataset, DatasetError
 from cbir.feature_kinds import FEATURE_KINDS
 from cbir.progress import progress_bar
@@ -25,8 +26,9 @@ from cbir.progress import progress_bar
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
 # Format 1 (no `format_version` key): config.json + weights. Format 2 adds `format_version` and an
-# `arrays` manifest (name -> shape, dtype) that loading checks the weights file against.
-FORMAT_VERSION = 2
+# `arrays` manifest (name -> shape, dtype) that loading checks the weights file against. Format 3 adds
+# an optional `calibration` (cbir.calibration: similarity -> P(match)); without one, scores stay raw.
+FORMAT_VERSION = 3
 T = TypeVar("T")
 
 
@@ -155,6 +157,7 @@ class RetrievalModel:
 
     method: ClassVar[str] = ""
     PARAMS: ClassVar[dict[str, Param]] = {}
+    calibration: Calibration | None = None  # set by `cbir.calibration.calibrate` after fitting
 
     def __init__(self, **params: Any):
         specs = self.param_specs()
@@ -234,6 +237,7 @@ class RetrievalModel:
             "state": self._state(),
             "arrays": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in arrays.items()},
             "cbir_version": __version__,
+            **({"calibration": self.calibration.to_json()} if self.calibration else {}),
             **({"provenance": provenance} if provenance else {}),
         }
         text = json.dumps(config, indent=2, default=_jsonable) + "\n"  # fails before touching the disk
@@ -254,6 +258,8 @@ class RetrievalModel:
     def from_config(cls, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> Self:
         model = cls(**config.get("params", {}))
         model._restore(arrays, config.get("state", {}))
+        if config.get("calibration") is not None:
+            model.calibration = Calibration.from_json(config["calibration"])
         return model
 
 
@@ -286,6 +292,29 @@ def _move_into_place(staging: Path, out: Path) -> None:
             os.replace(old, out)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_calibration(path: Path | str, calibration: Calibration) -> Path:
+    """Store `calibration` in an existing model directory: config.json alone is rewritten (atomically),
+    the weights stay byte for byte as they are."""
+    cfg_file = Path(path) / CONFIG_FILE
+    config, _ = read_model_dir(path)  # a directory that does not load is refused, untouched
+    config.update(format_version=FORMAT_VERSION, calibration=calibration.to_json())
+    if "arrays" not in config:  # format 1: record the manifest the new version number promises
+        from safetensors.numpy import load_file
+
+        weights = load_file(str(Path(path) / WEIGHTS_FILE)) if (Path(path) / WEIGHTS_FILE).is_file() else {}
+        config["arrays"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in weights.items()}
+        config.setdefault("params", {})
+        config.setdefault("state", {})
+    staging = cfg_file.with_name(f".{CONFIG_FILE}.{uuid.uuid4().hex}.tmp")
+    try:
+        staging.write_text(json.dumps(config, indent=2, default=_jsonable) + "\n")
+        _fsync(staging)
+        os.replace(staging, cfg_file)
+    finally:
+        staging.unlink(missing_ok=True)
+    return Path(path)
 
 
 def read_model_dir(path: Path | str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

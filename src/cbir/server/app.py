@@ -1,19 +1,22 @@
 """The HTTP face of a `SearchIndex`: a JSON API, thumbnails and full images of indexed files, and the page.
 
-The index (and with it the encoders) is opened once, in `create_app`; requests only search. Every
-image the server sends is looked up by id in the index, never by a path from the request, so nothing
-outside the index can be reached.
+The index (and with it the encoders) is opened once, in `create_app` or, for `cbir serve`, on a thread
+while the server already answers (`/api/health` says `loading`, searches 503). Requests only search,
+batched on one worker (`batching.SearchBatcher`) instead of queueing behind a lock. Every image the
+server sends is looked up by id in the index, never by a path from the request, so nothing outside the
+index can be reached.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
@@ -25,8 +28,12 @@ from pydantic import BaseModel
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from cbir import __version__
+from cbir.explain import explain as explain_results
 from cbir.filters import Filters
 from cbir.index import SearchIndex, SearchResult
+from cbir.query import is_plain, parse_query, query_words
+from cbir.server.batching import SearchBatcher
+from cbir.steer import search_page, steered_vector
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger(__name__)
@@ -54,15 +61,20 @@ PAGE_CSP = (
 
 PageSize = Annotated[int, Query(ge=1, le=MAX_K, description="Results per page.")]
 Offset = Annotated[int, Query(ge=0, description="Results to skip (pagination).")]
+Explain = Annotated[
+    bool, Query(description="Add why each photo matched: query words that carried it, what it shows.")
+]
 ImageId = Annotated[str, PathParam(description="Image id: its path relative to the indexed folder.")]
 
 
 class Hit(BaseModel):
     rank: int  # 1 = best
-    score: float
+    score: float  # P(match) when the model is calibrated, else the similarity (see Health.calibrated)
     id: str
     image: str
     thumb: str
+    explanation: dict[str, Any] | None = None  # with explain=true: cbir.explain.Explanation.to_dict()
+    why: str | None = None  # the same explanation as one line (the page's tooltip)
 
 
 class Page(BaseModel):
@@ -76,8 +88,11 @@ class Page(BaseModel):
 
 
 class Health(BaseModel):
-    status: str
+    status: str  # ok, loading (the index and its model are still being opened) or error
     images: int
+    loading: bool = False
+    calibrated: bool | None = None  # scores are P(match) (None while loading)
+    detail: str | None = None  # why loading failed
 
 
 def image_url(image_id: str, kind: str = "images") -> str:
@@ -153,26 +168,62 @@ def warm_up(index: SearchIndex) -> None:
     index.search_image(blank.getvalue(), k=1)
 
 
+class Loader:
+    """The index as the app sees it: being opened (on a thread, for `cbir serve`), open, or failed."""
+
+    def __init__(self) -> None:
+        self.index: SearchIndex | None = None
+        self.batcher: SearchBatcher | None = None
+        self.error: str | None = None
+
+    def load(self, source: SearchIndex | Path | str, on_ready=None) -> None:
+        try:
+            index = source if isinstance(source, SearchIndex) else SearchIndex.open(source)
+            warm_up(index)
+        except Exception as e:  # reported by /api/health and every search, not lost in a thread
+            self.error = f"{type(e).__name__}: {e}"
+            raise
+        self.batcher = SearchBatcher(index)
+        self.index = index
+        if on_ready is not None:
+            on_ready(index)
+
+    def publish(self, updated: SearchIndex) -> None:
+        """A newer snapshot of the same index (the folder watcher's), warmed up before it serves."""
+        warm_up(updated)
+        self.batcher.index = updated
+        self.index = updated
+
+    def ready(self) -> tuple[SearchIndex, SearchBatcher]:
+        if self.index is None or self.batcher is None:
+            detail = f"the index could not be opened: {self.error}" if self.error else None
+            raise HTTPException(503, detail or "still loading the index; try again in a moment")
+        return self.index, self.batcher
+
+
 def create_app(
     index: SearchIndex | Path | str,
     max_upload_bytes: int = MAX_UPLOAD_BYTES,
     thumb_size: int = THUMB_SIZE,
     allowed_hosts: Sequence[str] | None = None,
     watch: float | None = None,
+    load_in_background: bool = False,
+    on_ready=None,
 ) -> FastAPI:
-    """A FastAPI app over one index. A path is opened (and its encoders warmed up) here, once.
+    """A FastAPI app over one index. A path is opened (and its encoders warmed up) here, once; with
+    `load_in_background` that happens on a thread and the app answers at once (health: loading),
+    calling `on_ready(index)` when done.
 
     `allowed_hosts` are the Host header values answered (others get 400: DNS rebinding against a
     server on localhost); None answers any, for embedding the app behind a proxy that checks.
     `watch` (seconds) follows the indexed folder: new, changed and deleted photos are indexed and
     searchable within about that time (`app.state.watcher`; stop it with `.stop()`).
     """
-    if not isinstance(index, SearchIndex):
-        index = SearchIndex.open(index)
-    warm_up(index)
-    # The index and its encoders keep lazily filled state; one search at a time keeps them consistent.
-    search_lock = threading.Lock()
+    loader = Loader()
     thumbs = Thumbnails(thumb_size)
+    # The image encoder (uploads, and the ImageNet classes of explanations) one request at a time;
+    # searches go on meanwhile.
+    encoder_lock = threading.Lock()
 
     app = FastAPI(
         title="cbir",
@@ -180,21 +231,30 @@ def create_app(
         version=__version__,
         max_body_size=max_upload_bytes + MULTIPART_OVERHEAD,  # refused (413) before it is parsed
     )
-    app.state.index = index
+    app.state.loader = loader
+    app.state.index = None
+    app.state.watcher = None
 
     def publish(updated: SearchIndex) -> None:
-        """Swap in a newer snapshot of the index (from the watcher), between two searches."""
-        nonlocal index
-        warm_up(updated)
-        with search_lock:
-            index = app.state.index = updated
+        """Swap in a newer snapshot of the index (from the watcher); searches in flight finish on the
+        snapshot they started with."""
+        loader.publish(updated)
+        app.state.index = updated
 
-    app.state.watcher = None
-    if watch:
-        from cbir.library import Watcher
+    def opened(index: SearchIndex) -> None:
+        app.state.index = index
+        if watch:
+            from cbir.library import Watcher
 
-        app.state.watcher = Watcher(index, publish, watch, lambda e: log.warning("cbir watch: %s", e))
-        app.state.watcher.start()
+            app.state.watcher = Watcher(index, publish, watch, lambda e: log.warning("cbir watch: %s", e))
+            app.state.watcher.start()
+        if on_ready is not None:
+            on_ready(index)
+
+    if load_in_background:
+        threading.Thread(target=_load_quietly, args=(loader, index, opened), daemon=True).start()
+    else:
+        loader.load(index, opened)
     if allowed_hosts is not None:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
     unframed_docs = {app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url}
@@ -213,23 +273,48 @@ def create_app(
         parts = [f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in exc.errors()]
         return JSONResponse({"detail": "; ".join(parts)}, status_code=422)
 
-    def page(query: dict[str, str], offset: int, k: int, run) -> Page:
-        with search_lock:
-            found: list[SearchResult] = run(min(offset + k + 1, len(index)))
+    def page(query: dict[str, str], offset: int, k: int, run, explain: bool = False) -> Page:
+        index, _ = loader.ready()
+        found: list[SearchResult] = run(min(offset + k + 1, len(index)))
+        shown = found[offset : offset + k]
+        explanations: list = [None] * len(shown)
+        if explain:
+            with encoder_lock:
+                explanations = explain_results(index, shown, query_words(query.get("text")))
         hits = [
-            Hit(rank=r.rank, score=r.score, id=r.id, image=image_url(r.id), thumb=image_url(r.id, "thumbs"))
-            for r in found[offset : offset + k]
-        ]
+            Hit(rank=r.rank, score=r.score, id=r.id, image=image_url(r.id), thumb=image_url(r.id, "thumbs"),
+                explanation=why.to_dict() if why else None, why=why.line() if why else None)
+            for r, why in zip(shown, explanations, strict=True)
+        ]  # fmt: skip
         return Page(query=query, offset=offset, k=k, more=len(found) > offset + k, results=hits)
 
+    def steered(q: str, more_like: list[str], less_like: list[str], filters: Filters):
+        """How to fetch n results of a text search: a plain sentence goes to the batcher as is;
+        arithmetic and feedback make one vector here (under the encoder lock, as the query may name
+        photos); filters then rank only the photos they pass."""
+        index, batcher = loader.ready()
+        terms = parse_query(q)
+        if not filters and not more_like and not less_like and is_plain(terms):
+            return lambda n: batcher.search_text(terms[0].value, n)
+        with encoder_lock:
+            vector = steered_vector(index, q, None, more_like, less_like, allow_files=False)
+        if filters:
+            return lambda n: search_page(index, vector, filters, n, 0, None)
+        return lambda n: batcher.search_vector(vector, n)
+
     def known(image_id: str) -> str:
+        index, _ = loader.ready()
         if image_id not in index:
             raise HTTPException(404, f"no image '{image_id}' in this index")
         return image_id
 
     @app.get("/api/health", response_model=Health)
     def health() -> Health:
-        return Health(status="ok", images=len(index))
+        """`loading` until the index and its model are open (searches answer 503 meanwhile)."""
+        if loader.index is None:
+            status = "error" if loader.error else "loading"
+            return Health(status=status, images=0, loading=not loader.error, detail=loader.error)
+        return Health(status="ok", images=len(loader.index), calibrated=loader.index.calibrated)
 
     @app.get("/api/search", response_model=Page)
     def search_text(
@@ -252,45 +337,47 @@ def create_app(
         camera: Annotated[
             str | None, Query(description="Only photos whose EXIF camera contains this.")
         ] = None,
+        explain: Explain = False,
     ) -> Page:
         """Images ranked by how well they match `q`, refined by feedback, among photos the filters pass."""
         if not q.strip():
             raise HTTPException(422, "q: the query is blank")
         try:
-            filters = Filters.parse(folder, after, before, camera)
-            return page(
-                {"text": q},
-                offset,
-                k,
-                lambda n: index.find(
-                    q, more_like=more_like, less_like=less_like, filters=filters, k=n, allow_files=False
-                ),
-            )
+            run = steered(q, more_like, less_like, Filters.parse(folder, after, before, camera))
+            return page({"text": q}, offset, k, run, explain)
         except ValueError as e:  # a malformed query or filter, an unknown id: the message says which
             raise HTTPException(422, str(e)) from e
 
     @app.get("/api/similar/{image_id:path}", response_model=Page)
-    def search_similar(image_id: ImageId, k: PageSize = 20, offset: Offset = 0) -> Page:
+    def search_similar(
+        image_id: ImageId, k: PageSize = 20, offset: Offset = 0, explain: Explain = False
+    ) -> Page:
         """Images ranked by similarity to an indexed image."""
+        index, batcher = loader.ready()
         known(image_id)
-        return page({"similar": image_id}, offset, k, lambda n: index.search_similar(image_id, k=n))
+        vector = index.vector(image_id)
+        return page({"similar": image_id}, offset, k, lambda n: batcher.search_vector(vector, n), explain)
 
     @app.post("/api/search/image", response_model=Page)
     def search_upload(
         file: Annotated[UploadFile, File(description="JPEG, PNG, WebP or GIF image.")],
         k: PageSize = 20,
         offset: Offset = 0,
+        explain: Explain = False,
     ) -> Page:
         """Images ranked by similarity to an uploaded photo."""
+        index, batcher = loader.ready()
         data = read_upload(file, max_upload_bytes)
         try:
-            return page(
-                {"upload": file.filename or "upload"}, offset, k, lambda n: index.search_image(data, k=n)
-            )
+            with encoder_lock:
+                vector = index.embed_image(data)
         except ValueError as e:  # the encoder could not use it after all
             raise HTTPException(422, f"'{file.filename}' could not be embedded") from e
+        query = {"upload": file.filename or "upload"}
+        return page(query, offset, k, lambda n: batcher.search_vector(vector, n), explain)
 
     def indexed_file(image_id: str) -> Path:
+        index, _ = loader.ready()
         try:
             return index.indexed_file(known(image_id))
         except FileNotFoundError as e:
@@ -316,3 +403,12 @@ def create_app(
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+def _load_quietly(loader: Loader, index: Path | str, on_ready) -> None:
+    """The background load: a failure is kept in `loader.error` (health and searches report it) and
+    said on stderr."""
+    try:
+        loader.load(index, on_ready)
+    except Exception:
+        print(f"error: cannot serve {index}: {loader.error}", file=sys.stderr, flush=True)

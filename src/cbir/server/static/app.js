@@ -51,7 +51,7 @@ async function api(url, options) {
 }
 
 function fetchPage(query, offset) {
-  const page = `k=${PAGE}&offset=${offset}`;
+  const page = `k=${PAGE}&offset=${offset}` + ($("explain").checked ? "&explain=true" : "");
   if (query.kind !== "upload" && isSteered(query)) return api(steeredUrl(query, page));
   if (query.kind === "text") return api(`/api/search?q=${encodeURIComponent(query.value)}&${page}`);
   if (query.kind === "similar") return api(`/api/similar/${encodeId(query.value)}?${page}`);
@@ -136,6 +136,13 @@ function hitElement(hit) {
   link.title = "Open the full image";
   caption.append(`#${hit.rank} · ${hit.score.toFixed(3)} · `, link);
   item.append(button, caption);
+  if (hit.why) {
+    const why = document.createElement("div");
+    why.className = "why";
+    why.textContent = hit.why;
+    button.title = `${hit.why}\n(click: find photos like ${hit.id})`;
+    item.append(why);
+  }
   if (current === null || current.kind !== "upload") {
     const feedback = document.createElement("div");
     feedback.className = "feedback";
@@ -238,12 +245,30 @@ window.addEventListener("popstate", () => {
   if (query) search(query, { push: false });
 });
 
-api("/api/health")
-  .then((health) => {
-    $("index-info").textContent = `${health.images} photos indexed`;
-    if (health.images === 0) setStatus("The index is empty: there is nothing to search yet.", true);
-  })
-  .catch((error) => setStatus(`The server is not answering: ${error.message}`, true));
+$("explain").addEventListener("change", () => current && search({ ...current }, { push: false }));
+
+// The server answers while it still opens the index: say so, and ask again until it is ready.
+function checkHealth() {
+  return api("/api/health")
+    .then((health) => {
+      if (health.status === "loading") {
+        $("index-info").textContent = "Loading the index and its model…";
+        setTimeout(checkHealth, 1000);
+        return;
+      }
+      if (health.status === "error") {
+        setStatus(`The index could not be opened: ${health.detail}`, true);
+        return;
+      }
+      $("index-info").textContent = `${health.images} photos indexed`;
+      $("index-info").title = health.calibrated
+        ? "Scores are the chance that a photo matches (0.5: even odds)."
+        : "Scores are similarity similarities (this model has no calibration).";
+      if (health.images === 0) setStatus("The index is empty: there is nothing to search yet.", true);
+    })
+    .catch((error) => setStatus(`The server is not answering: ${error.message}`, true));
+}
+checkHealth();
 
 const initial = fromUrl();
 if (initial) search(initial, { push: false });

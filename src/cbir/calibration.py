@@ -1,0 +1,168 @@
+"""Scores that mean something: the similarity of a query and a photo turned into the odds of a match.
+
+A search's raw score, the similarity, is the inner product of the query's vector scaled to unit
+length with the photo's vector as the model embeds it (what `SearchIndex` stores). Every model has
+its own scale (0.2-0.6 for zero-shot text, -0.3-0.1 for the shipped default, whose image vectors
+are not unit length), so no `--min-score` means the same on two models. Calibration fits, on a
+held-out captioned split, a logistic map (Platt scaling) from similarity to P(match):
+
+- positives: every caption with its own photo;
+- negatives: `NEGATIVES_PER_CAPTION` photos drawn at random (seeded) among the others, per caption;
+- prior: matches and non-matches weigh the same in the fit (`PRIOR` = 0.5), so a score of 0.5 says the
+  similarity is as typical of a match as of a non-match. The true base rate of a collection (1 photo in N
+  matches a caption) would put every score near 0; the even prior answers the question a person asks
+  of one result ("is this one of the photos I meant?").
+
+Negatives are sampled, not checked: a random Flickr8k photo can match another photo's caption ("a dog
+runs"), which pulls the top of the scale down a little; that is the cost of needing no labels beyond
+the captions. The map is monotone, so rankings never change; it is stored with the model (config.json,
+`calibration`) and applied to every search, text or photo, in the CLI, the API and the page.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from cbir.datasets import Dataset
+    from cbir.models.base import RetrievalModel
+
+NEGATIVES_PER_CAPTION = 10
+PRIOR = 0.5
+SEED = 0
+ECE_BINS = 15
+NEWTON_STEPS = 50
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """P(match) = 1 / (1 + exp(-(slope * similarity + intercept))), fitted on `split` of `dataset`."""
+
+    slope: float
+    intercept: float
+    method: str = "platt"
+    prior: float = PRIOR
+    dataset: str = ""
+    split: str = "val"
+    positives: int = 0
+    negatives: int = 0
+
+    def probability(self, similarities: np.ndarray) -> np.ndarray:
+        z = self.slope * np.asarray(similarities, dtype=np.float64) + self.intercept
+        return (1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))).astype(np.float32)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> Calibration:
+        """The stored form back; anything else is a ValueError the model loader names the file for."""
+        if not isinstance(data, dict) or data.get("method") != "platt":
+            raise ValueError(f"calibration must be a Platt scaling object, not {data!r}")
+        slope, intercept = data.get("slope"), data.get("intercept")
+        numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (slope, intercept))
+        if not numbers or not np.isfinite([slope, intercept]).all():
+            raise ValueError(
+                f"calibration slope and intercept must be finite numbers, not {slope!r}, {intercept!r}"
+            )
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """Caption-photo pairs of a split: their similarities, whether each is a match, and its weight in the
+    fit (negatives weighted so that both classes weigh as `PRIOR` says)."""
+
+    similarities: np.ndarray
+    labels: np.ndarray
+    weights: np.ndarray
+
+
+def scored_pairs(model: RetrievalModel, data: Dataset, negatives: int = NEGATIVES_PER_CAPTION) -> Pairs:
+    """Similarities of every caption with its photo and with `negatives` other photos of `data`, as a
+    search computes them: unit query vectors, image vectors as embedded."""
+    from cbir.models.base import unit_rows
+
+    paired = np.flatnonzero(data.caption_image >= 0)
+    if not len(paired) or len(data.images) < 2:
+        raise ValueError(f"{data.name}: calibration needs captions paired with at least two photos")
+    texts = unit_rows(model.embed_texts([data.captions[i] for i in paired]))
+    images = np.asarray(model.embed_images(data), dtype=np.float32)
+    own = data.caption_image[paired]
+    rng = np.random.default_rng(SEED)
+    # a uniform draw among the other photos: shift draws at or past the caption's own photo by one
+    others = rng.integers(0, len(images) - 1, size=(len(paired), negatives))
+    others += others >= own[:, None]
+    pos = np.einsum("ij,ij->i", texts, images[own])
+    neg = np.einsum("ij,ikj->ik", texts, images[others]).ravel()
+    neg_weight = len(pos) / len(neg) * (1 - PRIOR) / PRIOR
+    return Pairs(
+        similarities=np.concatenate([pos, neg]).astype(np.float64),
+        labels=np.concatenate([np.ones(len(pos)), np.zeros(len(neg))]),
+        weights=np.concatenate([np.ones(len(pos)), np.full(len(neg), neg_weight)]),
+    )
+
+
+def fit_platt(pairs: Pairs) -> tuple[float, float]:
+    """Weighted logistic regression of label on similarity (Newton's method, two parameters)."""
+    x, y, w = pairs.similarities, pairs.labels, pairs.weights
+    design = np.stack([x, np.ones_like(x)], 1)
+    theta = np.zeros(2)
+    for _ in range(NEWTON_STEPS):
+        p = 1.0 / (1.0 + np.exp(-np.clip(design @ theta, -60, 60)))
+        gradient = design.T @ (w * (p - y))
+        hessian = (design * (w * p * (1 - p))[:, None]).T @ design + 1e-9 * np.eye(2)
+        step = np.linalg.solve(hessian, gradient)
+        theta -= step
+        if np.abs(step).max() < 1e-10:
+            break
+    return float(theta[0]), float(theta[1])
+
+
+def calibrate(model: RetrievalModel, data: Dataset, split: str = "val") -> Calibration:
+    """Fit the similarity -> P(match) map of `model` on `data` (one split of a captioned dataset)."""
+    pairs = scored_pairs(model, data)
+    slope, intercept = fit_platt(pairs)
+    n_pos = int(pairs.labels.sum())
+    return Calibration(slope, intercept, dataset=data.name, split=split, positives=n_pos,
+                       negatives=len(pairs.labels) - n_pos)  # fmt: skip
+
+
+def reliability(
+    probabilities: np.ndarray, pairs: Pairs, bins: int = ECE_BINS
+) -> tuple[float, list[dict[str, float]]]:
+    """Expected calibration error (weighted, equal-width bins) and the per-bin rows of a reliability
+    diagram: mean predicted probability, observed fraction of matches, share of the weight."""
+    p, y, w = np.asarray(probabilities, np.float64), pairs.labels, pairs.weights
+    which = np.minimum((p * bins).astype(int), bins - 1)
+    total, ece, rows = w.sum(), 0.0, []
+    for b in range(bins):
+        mask = which == b
+        if not mask.any():
+            continue
+        weight = w[mask].sum()
+        predicted = float((w[mask] * p[mask]).sum() / weight)
+        observed = float((w[mask] * y[mask]).sum() / weight)
+        ece += weight / total * abs(predicted - observed)
+        rows.append({"predicted": predicted, "observed": observed, "share": float(weight / total)})
+    return float(ece), rows
+
+
+def match_scores(model: RetrievalModel, similarities: np.ndarray) -> np.ndarray:
+    """The scores a search shows: P(match) for a calibrated model, the raw similarity for an older one."""
+    calibration = getattr(model, "calibration", None)
+    if calibration is None:
+        return np.asarray(similarities, dtype=np.float32)
+    return calibration.probability(similarities)
+
+
+def calibrate_if_possible(model: RetrievalModel, val: Dataset | None) -> None:
+    """After fitting: calibrate on the val split when it has captions paired with photos (what
+    `cbir train` and `make default-model` do); a model without one keeps raw similarity scores."""
+    from cbir.models.base import has_scored_val
+
+    if val is not None and has_scored_val(val) and len(val.images) >= 2:
+        model.calibration = calibrate(model, val, "val")

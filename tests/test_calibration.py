@@ -1,0 +1,124 @@
+"""Calibrated scores (issue 14): a Platt map fitted on val, stored with the model, applied by every
+search, so `--min-score 0.5` means even odds on any model; uncalibrated models keep the similarity."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cbir.calibration import Calibration, Pairs, fit_platt, reliability, scored_pairs
+from cbir.cli import app
+from cbir.datasets import load_dataset
+from cbir.models import ModelError, load_model
+from cbir.models.base import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE
+
+runner = CliRunner()
+
+
+def test_platt_recovers_a_known_logistic_map_and_its_ece_is_small():
+    rng = np.random.default_rng(0)
+    similarities = rng.uniform(-0.2, 0.8, 20_000)
+    labels = (rng.random(len(similarities)) < 1 / (1 + np.exp(-(12 * similarities - 3)))).astype(float)
+    pairs = Pairs(similarities, labels, np.ones(len(similarities)))
+    slope, intercept = fit_platt(pairs)
+    assert slope == pytest.approx(12, rel=0.1) and intercept == pytest.approx(-3, rel=0.1)
+    ece, rows = reliability(Calibration(slope, intercept).probability(similarities), pairs)
+    assert ece < 0.02
+    assert sum(r["share"] for r in rows) == pytest.approx(1)
+    constant, _ = reliability(np.full(len(similarities), 0.9), pairs)
+    assert constant > 0.3  # a score that ignores the similarity is far from calibrated
+
+
+@pytest.fixture(scope="module")
+def trained(rsicd_slice_dir, tmp_path_factory):
+    """A ridge model trained by `cbir train` on a slice with a val split, and one saved without."""
+    root = tmp_path_factory.mktemp("calibration")
+    result = runner.invoke(
+        app, ["train", "-d", str(rsicd_slice_dir), "--method", "ridge", "--out", str(root / "ridge")]
+    )
+    assert result.exit_code == 0, result.output
+    assert f"calibrated scores on {rsicd_slice_dir.name} val (" in result.output
+    return root / "ridge", result.output
+
+
+def test_train_with_a_val_split_stores_a_calibration_that_separates_matches(trained, rsicd_slice):
+    model_dir, _ = trained
+    config = json.loads((model_dir / CONFIG_FILE).read_text())
+    assert config["format_version"] == FORMAT_VERSION == 3
+    stored = config["calibration"]
+    val = rsicd_slice.split("val")
+    assert stored["split"] == "val" and stored["positives"] == len(val.captions)
+    assert stored["negatives"] == 10 * len(val.captions) and stored["prior"] == 0.5
+    model = load_model(model_dir)
+    assert model.calibration == Calibration.from_json(stored)
+    pairs = scored_pairs(model, val)
+    probabilities = model.calibration.probability(pairs.similarities)
+    matches, others = probabilities[pairs.labels == 1], probabilities[pairs.labels == 0]
+    assert matches.mean() > 0.5 > others.mean()
+    assert model.calibration.slope > 0  # a higher similarity is a likelier match
+
+
+def strip_calibration(model_dir) -> None:
+    """The model as cbir wrote it before calibration existed (format 2, no `calibration`)."""
+    config = json.loads((model_dir / CONFIG_FILE).read_text())
+    config.pop("calibration")
+    config["format_version"] = 2
+    (model_dir / CONFIG_FILE).write_text(json.dumps(config))
+
+
+def test_uncalibrated_model_scores_by_cosine_with_a_note_then_cbir_calibrate_adds_it(
+    trained, rsicd_slice_dir, tmp_path
+):
+    from cbir.index import build_index
+
+    model_dir = shutil.copytree(trained[0], tmp_path / "model")
+    strip_calibration(model_dir)
+    weights = (model_dir / WEIGHTS_FILE).read_bytes()
+    assert load_model(model_dir).calibration is None
+    images = sorted(load_dataset(rsicd_slice_dir).split("test").images)[:12]
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for path in images:
+        shutil.copy(path, photos)
+    ix = build_index(photos, tmp_path / "ix", model_dir, progress=False)
+    query = "many planes are parked at the airport"
+    raw = ix.search_text(query, k=5)
+    assert not ix.calibrated and all(r.score == pytest.approx(r.similarity) for r in raw)
+    result = runner.invoke(app, ["search", query, "--index", str(ix.path), "-k", "3"])
+    assert result.exit_code == 0 and "no score calibration" in result.output, result.output
+
+    result = runner.invoke(app, ["calibrate", "-m", str(model_dir), "-d", str(rsicd_slice_dir)])
+    assert result.exit_code == 0, result.output
+    assert (model_dir / WEIGHTS_FILE).read_bytes() == weights  # only config.json changed
+    calibration = load_model(model_dir).calibration
+    assert calibration is not None
+
+    ix = build_index(photos, tmp_path / "ix", model_dir, progress=False)  # the model changed: re-embedded
+    found = ix.search_text(query, k=12)
+    assert ix.calibrated and [r.id for r in found] == [r.id for r in ix.search_text(query, k=12)]
+    for r in found:
+        assert 0 < r.score < 1 and r.score == pytest.approx(
+            float(calibration.probability(r.similarity)), abs=1e-6
+        )
+    kept = runner.invoke(app, ["search", query, "--index", str(ix.path), "--min-score", "0.5", "--json"])
+    assert kept.exit_code == 0, kept.output
+    rows = json.loads(kept.stdout)
+    assert [r["id"] for r in rows] == [r.id for r in found if r.score >= 0.5]
+    assert "no score calibration" not in kept.output
+
+
+def test_calibrate_errors_are_one_line(trained, tmp_path):
+    result = runner.invoke(app, ["calibrate", "-m", str(trained[0]), "-d", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    bad = shutil.copytree(trained[0], tmp_path / "bad")
+    config = json.loads((bad / CONFIG_FILE).read_text())
+    config["calibration"] = {"method": "platt", "slope": "steep", "intercept": 0}
+    (bad / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="calibration"):
+        load_model(bad)
+    result = runner.invoke(app, ["calibrate", "-m", str(bad), "-d", str(tmp_path)])
+    assert result.exit_code == 2 and "calibration" in result.output and "Traceback" not in result.output
