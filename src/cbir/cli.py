@@ -266,20 +266,16 @@ def search_errors():
     return (*user_errors(), IndexFormatError, LockBusyError, KeyError)
 
 
-def shown(path: Path | str) -> str:
-    """A path as text that any terminal can take: bytes of a name that is not UTF-8 appear as \\xNN
-    (JSON output keeps them exactly, as the \\udcNN escapes `os.fsencode` turns back into bytes)."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
 def print_results(results, as_json: bool) -> None:
+    from cbir.index import printable
+
     if as_json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
         return
     if not results:
         err.print("no results", highlight=False)
     for r in results:
-        out.print(f"{r.rank:>3}  {r.score:7.4f}  {shown(r.path)}", highlight=False, markup=False)
+        out.print(f"{r.rank:>3}  {r.score:7.4f}  {printable(r.path)}", highlight=False, markup=False)
 
 
 @app.command()
@@ -300,7 +296,7 @@ def index(
     ] = 0.0,
 ) -> None:
     """Embed every photo below FOLDER into an index; reruns embed only new or changed files."""
-    from cbir.index import update_index
+    from cbir.index import printable, update_index
 
     start = time.perf_counter()
     try:
@@ -308,8 +304,8 @@ def index(
     except search_errors() as e:
         fail(str(e))
     out.print(
-        f"indexed {len(ix)} images of {shown(ix.root)} in {time.perf_counter() - start:.1f}s "
-        f"→ {shown(ix.path)} "
+        f"indexed {len(ix)} images of {printable(ix.root)} in {time.perf_counter() - start:.1f}s "
+        f"→ {printable(ix.path)} "
         f"(added {len(report.added)}, changed {len(report.changed)}, removed {len(report.removed)}, "
         f"unchanged {report.unchanged}; model: {ix.model_source})",
         highlight=False,
@@ -324,7 +320,7 @@ def index(
             f"[yellow]note:[/] {len(report.failed)} file(s) skipped (not readable images):", highlight=False
         )
         for image_id, reason in sorted(report.failed.items())[:REPORT_LINES]:
-            err.print(f"  {shown(ix.root / image_id)}: {reason}", highlight=False, markup=False)
+            err.print(f"  {printable(ix.root / image_id)}: {reason}", highlight=False, markup=False)
         if len(report.failed) > REPORT_LINES:
             err.print(f"  … and {len(report.failed) - REPORT_LINES} more", highlight=False)
 

@@ -90,6 +90,13 @@ class IndexReport:
     repaired: list[str] = field(default_factory=list)  # re-embedded because their shard was damaged
 
 
+def printable(name: Path | str) -> str:
+    """A file name or path as valid text that any terminal, JSON reader or URL takes: the bytes of a
+    name that is not UTF-8 appear as \\xNN (the exact name is `os.fsencode` of the id, with its \\udcNN
+    escapes). `SearchIndex.id_of` maps a printable id back to the image."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def file_hash(path: Path) -> str:
     h = hashlib.sha1()
     with path.open("rb") as f:
@@ -552,6 +559,8 @@ class SearchIndex:
         self.failed: dict[str, str] = {f["id"]: f["reason"] for f in manifest.get("failed", [])}
         self._indexed_stat = {e["id"]: (e["size"], e["mtime_ns"]) for e in manifest["entries"]}
         self._row = {image_id: i for i, image_id in enumerate(self.ids)}
+        # Ids that are not valid UTF-8, by their printable name (an exact id of that spelling wins).
+        self._printable = {printable(i): i for i in self.ids if printable(i) != i}
         self.vectors = (
             _vectors_of(path, manifest["entries"], _checksums_to_verify(path, manifest))
             if self.ids
@@ -619,6 +628,14 @@ class SearchIndex:
     def __repr__(self) -> str:
         model = self.model_source
         return f"SearchIndex({self.path}: {len(self)} images of {self.root}, model {model})"
+
+    def id_of(self, name: str) -> str:
+        """The id of an image given by its id or by its `printable` name (how HTTP clients see it)."""
+        if name in self._row:
+            return name
+        if name in self._printable:
+            return self._printable[name]
+        raise KeyError(name)
 
     def image_path(self, image_id: str) -> Path:
         if image_id not in self._row:

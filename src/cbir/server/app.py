@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from cbir import __version__
-from cbir.index import SearchIndex, SearchResult
+from cbir.index import SearchIndex, SearchResult, printable
 
 STATIC = Path(__file__).parent / "static"
 MAX_QUERY_CHARS = 300
@@ -57,7 +57,7 @@ ImageId = Annotated[str, PathParam(description="Image id: its path relative to t
 class Hit(BaseModel):
     rank: int  # 1 = best
     score: float
-    id: str
+    id: str  # `printable`: a name that is not UTF-8 shows its bytes as \\xNN, and is asked for so
     image: str
     thumb: str
 
@@ -79,6 +79,14 @@ class Health(BaseModel):
 
 def image_url(image_id: str, kind: str = "images") -> str:
     return f"/{kind}/{quote(image_id)}"
+
+
+def hit_of(result: SearchResult) -> Hit:
+    """A result as the API shows it: named by its `printable` id, which is also how it is asked for."""
+    name = printable(result.id)
+    return Hit(
+        rank=result.rank, score=result.score, id=name, image=image_url(name), thumb=image_url(name, "thumbs")
+    )
 
 
 class Thumbnails:
@@ -196,16 +204,15 @@ def create_app(
     def page(query: dict[str, str], offset: int, k: int, run) -> Page:
         with search_lock:
             found: list[SearchResult] = run(min(offset + k + 1, len(index)))
-        hits = [
-            Hit(rank=r.rank, score=r.score, id=r.id, image=image_url(r.id), thumb=image_url(r.id, "thumbs"))
-            for r in found[offset : offset + k]
-        ]
+        hits = [hit_of(r) for r in found[offset : offset + k]]
         return Page(query=query, offset=offset, k=k, more=len(found) > offset + k, results=hits)
 
     def known(image_id: str) -> str:
-        if image_id not in index:
-            raise HTTPException(404, f"no image '{image_id}' in this index")
-        return image_id
+        """The index's id of an image named as the API shows it."""
+        try:
+            return index.id_of(image_id)
+        except KeyError:
+            raise HTTPException(404, f"no image '{image_id}' in this index") from None
 
     @app.get("/api/health", response_model=Health)
     def health() -> Health:
@@ -225,8 +232,8 @@ def create_app(
     @app.get("/api/similar/{image_id:path}", response_model=Page)
     def search_similar(image_id: ImageId, k: PageSize = 20, offset: Offset = 0) -> Page:
         """Images ranked by similarity to an indexed image."""
-        known(image_id)
-        return page({"similar": image_id}, offset, k, lambda n: index.search_similar(image_id, k=n))
+        found = known(image_id)
+        return page({"similar": image_id}, offset, k, lambda n: index.search_similar(found, k=n))
 
     @app.post("/api/search/image", response_model=Page)
     def search_upload(
