@@ -77,6 +77,25 @@ class Health(BaseModel):
     images: int
 
 
+class Problem(BaseModel):
+    """Every error answer: one sentence the page shows as is."""
+
+    detail: str
+
+
+ERRORS = {
+    404: "No such image in this index, or its file is gone or changed since it was indexed.",
+    413: "The upload is too large (bytes or pixels).",
+    415: "The upload is not an image of an accepted type.",
+    422: "A parameter is missing or invalid.",
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict]:
+    """OpenAPI documentation of the error answers a route gives (clients and fuzzers read it)."""
+    return {code: {"model": Problem, "description": ERRORS[code]} for code in codes}
+
+
 def image_url(image_id: str, kind: str = "images") -> str:
     return f"/{kind}/{quote(image_id)}"
 
@@ -181,6 +200,7 @@ def create_app(
         summary="Search indexed photos by sentence or by example.",
         version=__version__,
         max_body_size=max_upload_bytes + MULTIPART_OVERHEAD,  # refused (413) before it is parsed
+        responses=errors(422),
     )
     app.state.index = index
     if allowed_hosts is not None:
@@ -229,13 +249,13 @@ def create_app(
             raise HTTPException(422, "q: the query is blank")
         return page({"text": q}, offset, k, lambda n: index.search_text(q, k=n))
 
-    @app.get("/api/similar/{image_id:path}", response_model=Page)
+    @app.get("/api/similar/{image_id:path}", response_model=Page, responses=errors(404))
     def search_similar(image_id: ImageId, k: PageSize = 20, offset: Offset = 0) -> Page:
         """Images ranked by similarity to an indexed image."""
         found = known(image_id)
         return page({"similar": image_id}, offset, k, lambda n: index.search_similar(found, k=n))
 
-    @app.post("/api/search/image", response_model=Page)
+    @app.post("/api/search/image", response_model=Page, responses=errors(413, 415))
     def search_upload(
         file: Annotated[UploadFile, File(description="JPEG, PNG, WebP or GIF image.")],
         k: PageSize = 20,
@@ -256,12 +276,12 @@ def create_app(
         except FileNotFoundError as e:
             raise HTTPException(404, f"image '{image_id}' is gone or changed since it was indexed") from e
 
-    @app.get("/images/{image_id:path}", response_class=FileResponse)
+    @app.get("/images/{image_id:path}", response_class=FileResponse, responses=errors(404))
     def full_image(image_id: ImageId) -> FileResponse:
         """The indexed image file itself (404 once it is deleted or replaced)."""
         return FileResponse(indexed_file(image_id))
 
-    @app.get("/thumbs/{image_id:path}", response_class=Response)
+    @app.get("/thumbs/{image_id:path}", response_class=Response, responses=errors(404))
     def thumbnail(image_id: ImageId) -> Response:
         """A JPEG thumbnail of an indexed image (longer side `thumb_size` pixels)."""
         try:
