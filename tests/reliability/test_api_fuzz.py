@@ -18,7 +18,8 @@ from cbir.index import update_index
 from cbir.server import create_app
 from tests.reliability.conftest import SEEDED, photos
 
-EXAMPLES = 25  # per operation
+# Per operation; CI runs 25 (seconds), `CBIR_FUZZ_EXAMPLES=300` fuzzes deeper (BENCHMARKS.md).
+EXAMPLES = int(os.environ.get("CBIR_FUZZ_EXAMPLES", "25"))
 
 
 @pytest.fixture(scope="module")
