@@ -18,8 +18,9 @@ SUITE = "tests/reliability"
 
 
 def run_suite(junit: Path) -> int:
+    """pytest on the suite, in a private temporary folder (shared ones are pruned by other runs)."""
     args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", SUITE, f"--junitxml={junit}"]
-    return subprocess.run(args, cwd=REPO).returncode
+    return subprocess.run([*args, f"--basetemp={junit.parent / 'tmp'}"], cwd=REPO).returncode
 
 
 def tally(junit: Path) -> tuple[Counter[str], Counter[str], Counter[str]]:

@@ -337,6 +337,15 @@ def _has_model(index_dir: Path, generation: dict[str, Any], source: str, fingerp
     )
 
 
+def _serving_meanwhile(manifest: dict[str, Any], kept: dict[str, Any]) -> dict[str, Any] | None:
+    """The live index to keep publishing while a new model or folder is built aside under `next`, so
+    readers search it whole until the final commit; None builds in place (the live index is the one
+    being updated, or holds nothing)."""
+    if kept is manifest or not manifest.get("entries"):
+        return None
+    return {k: v for k, v in manifest.items() if k != NEXT}
+
+
 def _damaged_shards(index_dir: Path, names: set[str], checksums: dict[str, str]) -> dict[str, str]:
     """Shards that are missing, unreadable or fail their checksum: name -> the error naming the file."""
     damaged = {}
@@ -453,10 +462,7 @@ def _update_locked(
     manifest = read_manifest(index_dir) if has_manifest else _new_manifest(index_dir, root)
     (index_dir / SHARDS).mkdir(exist_ok=True)
     model_keys, kept = _prepare(index_dir, root, model, manifest)
-    # A new model or folder is built aside: readers keep the whole old index until the final commit.
-    serving = {k: v for k, v in manifest.items() if k != NEXT} if kept is not manifest else None
-    if serving is not None and not serving.get("entries"):
-        serving = None  # nothing to keep serving: build in place
+    serving = _serving_meanwhile(manifest, kept)
     old_entries = {e["id"]: e for e in kept.get("entries", [])}
     checksums: dict[str, str] = dict(kept.get("shards", {}))
     report = IndexReport()
@@ -487,7 +493,8 @@ def _update_locked(
             "entries": ordered,
             "failed": [failed[k] for k in sorted(failed)],
         }
-        _write_json_atomic(index_dir / MANIFEST, data if final or serving is None else {**serving, NEXT: data})
+        published = data if final or serving is None else {**serving, NEXT: data}
+        _write_json_atomic(index_dir / MANIFEST, published)
         return data
 
     commit()  # publish removals (and a fresh manifest) before the long part
