@@ -54,7 +54,7 @@ def test_index_without_model_uses_the_default_and_zero_shot_by_name(flickr8k, tm
     assert "model: default" in result.output
     ix = SearchIndex.open(tmp_path / "ix")
     assert ix.model_source == "default"
-    assert json.loads((ix.path / "model" / "config.json").read_text())["method"] == "contrastive"
+    assert json.loads((ix.model_dir / "config.json").read_text())["method"] == "contrastive"
     default_vectors = np.asarray(ix.vectors)
 
     result = runner.invoke(app, ["index", str(folder), "--out", str(tmp_path / "ix"), "--model", "zero-shot"])

@@ -318,9 +318,10 @@ def search_errors():
 
 
 def shown(path: Path | str) -> str:
-    """A path as text that any terminal can take: bytes of a name that is not UTF-8 appear as \\xNN
-    (JSON output keeps them exactly, as the \\udcNN escapes `os.fsencode` turns back into bytes)."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    """A path as text that any terminal can take (cbir.index.printable: the one place that says how)."""
+    from cbir.index import printable
+
+    return printable(path)
 
 
 def print_results(results, as_json: bool, calibrated: bool = True, explanations=None) -> None:

@@ -1,17 +1,20 @@
 """A searchable index of a photo folder: build it incrementally, open it, query it by text or image.
 
 On disk an index is a directory:
-  `index.json`   manifest: the indexed folder, the model, and one entry per image (id, size, mtime,
-                 content hash, and where its vector lives: shard file + row); unreadable files too.
+  `index.json`   manifest: the indexed folder, the model folder, and one entry per image (id, size,
+                 mtime, content hash, and where its vector lives: shard file + row); unreadable files too.
   `shards/*.npy` float32 vectors, one shard per committed chunk (compacted into one at the end).
-  `model/`       a copy of the model that embedded the images (the shipped default unless named), so an
-                 index is self-contained and queries are embedded by the same model.
-  `ann.faiss`    an approximate (HNSW) FAISS index, only above `ANN_THRESHOLD` images.
+  `shards/*.hnsw` an approximate (HNSW) FAISS index of a compacted shard, only above `ANN_THRESHOLD` images.
+  `model-<fingerprint>/`  a copy of the model that embedded the images (the shipped default unless
+                 named), so an index is self-contained and queries are embedded by the same model.
 
 Every change is written to new files first and published by `os.replace` of the manifest, so the
 index on disk is always consistent: a killed run loses at most the chunk it was embedding, and a
-rerun finds what is done, embeds only new or changed files, and drops deleted ones. One writer at a
-time holds `.cbir-lock`; readers take no lock and reread the manifest if a shard they listed is gone.
+rerun finds what is done, embeds only new or changed files, and drops deleted ones. Files are never
+changed once written, and the manifest names every file a reader opens (model folder and shards), so a
+reader gets one consistent snapshot. A new model (or folder) is built aside, under the manifest's
+`next`, while readers keep the complete old index; one manifest write switches them over. One writer
+at a time holds `.cbir-lock`; readers take no lock and reread the manifest if a file they listed is gone.
 The manifest records a SHA-1 per shard: opening an index verifies it (up to `VERIFY_ON_OPEN_MAX_BYTES`),
 every rerun verifies all, and re-embeds the images of a damaged shard (from the feature cache).
 """
@@ -41,8 +44,9 @@ MANIFEST = "index.json"
 SHARDS = "shards"
 LOCK_FILE = ".cbir-lock"
 TMP_SUFFIX = ".cbir-tmp"  # every temporary file or folder the index writes ends so; nothing else is swept
-MODEL_DIR = "model"
-ANN_FILE = "ann.faiss"
+MODEL_DIR = "model"  # the model folder of indexes written before it was named by fingerprint
+NEXT = "next"  # the manifest key of a generation being built for a new model or folder
+ANN_SUFFIX = ".hnsw"
 FORMAT = "cbir-index"
 VERSION = 1
 # Above this many images, search goes through an HNSW graph instead of exact inner products.
@@ -92,6 +96,13 @@ class IndexReport:
     failed: dict[str, str] = field(default_factory=dict)  # id -> reason (corrupt, unreadable)
     damaged: dict[str, str] = field(default_factory=dict)  # shard -> error naming its file
     repaired: list[str] = field(default_factory=list)  # re-embedded because their shard was damaged
+
+
+def printable(name: Path | str) -> str:
+    """A file name or path as valid text that any terminal, JSON reader or URL takes: the bytes of a
+    name that is not UTF-8 appear as \\xNN (the exact name is `os.fsencode` of the id, with its \\udcNN
+    escapes). `SearchIndex.id_of` maps a printable id back to the image."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def file_hash(path: Path) -> str:
@@ -155,13 +166,20 @@ def _source_of(manifest: dict[str, Any]) -> str:
     return manifest.get("model_source") or "zero-shot"
 
 
-def _install_model(index_dir: Path, model: Path | str | None) -> tuple[str, str]:
-    """Put the model into `index_dir/model` (a checked copy of its directory, or the zero-shot model
-    written out); (source, fingerprint)."""
+def _model_dir_of(manifest: dict[str, Any]) -> str:
+    return manifest.get("model_dir") or MODEL_DIR
+
+
+def _is_model_dir(name: str) -> bool:
+    return name == MODEL_DIR or name.startswith(f"{MODEL_DIR}-")
+
+
+def _install_model(index_dir: Path, model: Path | str | None) -> dict[str, str]:
+    """Put the model into `index_dir/model-<fingerprint>` (a checked copy of its directory, or the
+    zero-shot model written out), beside any model the manifest still names; the manifest keys."""
     from cbir.models import ZERO_SHOT_MODEL, create_model, load_model, model_dir, model_source
 
-    target = index_dir / MODEL_DIR
-    staging = _tmp_path(target)
+    staging = _tmp_path(index_dir / MODEL_DIR)
     source, path = model_source(model), model_dir(model)
     if path is None:
         create_model(ZERO_SHOT_MODEL).fit().save(staging)
@@ -169,12 +187,12 @@ def _install_model(index_dir: Path, model: Path | str | None) -> tuple[str, str]
         load_model(model)  # a clear error before anything is copied
         shutil.copytree(path, staging)
     fingerprint = model_fingerprint(staging)
-    old = _tmp_path(target)
-    if target.exists():
-        os.replace(target, old)  # two renames: a reader never finds the model folder half deleted
-    os.replace(staging, target)
-    shutil.rmtree(old, ignore_errors=True)
-    return source, fingerprint
+    target = index_dir / f"{MODEL_DIR}-{fingerprint[:16]}"
+    if target.is_dir():  # installed by an earlier run (folders appear only whole, by rename)
+        shutil.rmtree(staging)
+    else:
+        os.replace(staging, target)
+    return {"model_source": source, "model_fingerprint": fingerprint, "model_dir": target.name}
 
 
 def _load_shard(index_dir: Path, name: str, checksum: str | None, mmap: bool = True) -> np.ndarray:
@@ -261,8 +279,11 @@ def _check_out_folder(index_dir: Path, another_writer_may_be_starting: bool = Fa
         raise IndexFormatError(f"{index_dir}: exists and is not a folder; choose a new --out folder")
     if not index_dir.is_dir() or (index_dir / MANIFEST).exists():
         return
-    starting = (MANIFEST, SHARDS, MODEL_DIR) if another_writer_may_be_starting else ()
-    foreign = sorted(p.name for p in index_dir.iterdir() if not _is_ours(p.name) and p.name not in starting)
+
+    def starting(name: str) -> bool:
+        return another_writer_may_be_starting and (name in (MANIFEST, SHARDS) or _is_model_dir(name))
+
+    foreign = sorted(p.name for p in index_dir.iterdir() if not _is_ours(p.name) and not starting(p.name))
     if foreign:
         shown = ", ".join(foreign[:3]) + (", …" if len(foreign) > 3 else "")
         raise IndexFormatError(
@@ -284,20 +305,49 @@ def _new_manifest(index_dir: Path, root: Path) -> dict[str, Any]:
 
 def _prepare(
     index_dir: Path, root: Path, model: Path | str | None, manifest: dict[str, Any]
-) -> tuple[str, str, dict[str, Any]]:
-    """Install the model when it changed; (source, fingerprint, what of the old manifest carries over)."""
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """The model to index with (installed when new: its manifest keys), and the generation whose
+    entries carry over: the live one, one an interrupted model switch left under `next`, or none."""
     from cbir.models import model_dir, model_source
 
     wanted_source, wanted_dir = model_source(model), model_dir(model)
-    installed = manifest.get("model_fingerprint") is not None and (index_dir / MODEL_DIR).is_dir()
-    if _source_of(manifest) != wanted_source or not installed:
-        source, fingerprint = _install_model(index_dir, model)
+    wanted_fingerprint = None if wanted_dir is None else model_fingerprint(wanted_dir)  # retrained in place?
+    generations = (manifest, manifest.get(NEXT) or {})
+    installed = next(
+        (g for g in generations if _has_model(index_dir, g, wanted_source, wanted_fingerprint)), None
+    )
+    if installed is None:
+        model_keys = _install_model(index_dir, model)
     else:
-        source, fingerprint = wanted_source, manifest["model_fingerprint"]
-        if wanted_dir is not None and model_fingerprint(wanted_dir) != fingerprint:  # retrained in place
-            source, fingerprint = _install_model(index_dir, model)
-    keep = manifest.get("model_fingerprint") == fingerprint and manifest.get("root") == str(root)
-    return source, fingerprint, manifest if keep else {}
+        model_keys = {
+            "model_source": wanted_source,
+            "model_fingerprint": installed["model_fingerprint"],
+            "model_dir": _model_dir_of(installed),
+        }
+    fingerprint, folder = model_keys["model_fingerprint"], str(root)
+    kept = (g for g in generations if g.get("model_fingerprint") == fingerprint and g.get("root") == folder)
+    return model_keys, next(kept, {})
+
+
+def _has_model(index_dir: Path, generation: dict[str, Any], source: str, fingerprint: str | None) -> bool:
+    """Whether a manifest generation's model folder is there and is the model wanted (by source,
+    and by content when it is a directory)."""
+    have = generation.get("model_fingerprint")
+    return (
+        have is not None
+        and (index_dir / _model_dir_of(generation)).is_dir()
+        and _source_of(generation) == source
+        and fingerprint in (None, have)
+    )
+
+
+def _serving_meanwhile(manifest: dict[str, Any], kept: dict[str, Any]) -> dict[str, Any] | None:
+    """The live index to keep publishing while a new model or folder is built aside under `next`, so
+    readers search it whole until the final commit; None builds in place (the live index is the one
+    being updated, or holds nothing)."""
+    if kept is manifest or not manifest.get("entries"):
+        return None
+    return {k: v for k, v in manifest.items() if k != NEXT}
 
 
 def _damaged_shards(index_dir: Path, names: set[str], checksums: dict[str, str]) -> dict[str, str]:
@@ -417,7 +467,8 @@ def _update_locked(
     has_manifest = (index_dir / MANIFEST).exists()
     manifest = read_manifest(index_dir) if has_manifest else _new_manifest(index_dir, root)
     (index_dir / SHARDS).mkdir(exist_ok=True)
-    source, fingerprint, kept = _prepare(index_dir, root, model, manifest)
+    model_keys, kept = _prepare(index_dir, root, model, manifest)
+    serving = _serving_meanwhile(manifest, kept)
     old_entries = {e["id"]: e for e in kept.get("entries", [])}
     checksums: dict[str, str] = dict(kept.get("shards", {}))
     report = IndexReport()
@@ -427,9 +478,10 @@ def _update_locked(
     entries, failed, todo = _scan(root, old_entries, old_failed, redo, report)
     manifest_dim = kept.get("dim")
 
-    def commit(compact: bool = False) -> dict[str, Any]:
+    def commit(final: bool = False) -> dict[str, Any]:
+        """Publish progress (under `next` while building aside); the final commit compacts and goes live."""
         ordered = [entries[k] for k in sorted(entries)]
-        if compact and ordered and not _is_compact(index_dir, ordered):
+        if final and ordered and not _is_compact(index_dir, ordered):
             name = f"{uuid.uuid4().hex}.npy"
             vectors = _vectors_of(index_dir, ordered, checksums, mmap=False)
             checksums[name] = _write_npy_atomic(index_dir / SHARDS / name, vectors)
@@ -441,20 +493,20 @@ def _update_locked(
             "format": FORMAT,
             "version": VERSION,
             "root": str(root),
-            "model_source": source,
-            "model_fingerprint": fingerprint,
+            **model_keys,
             "dim": manifest_dim,
             "shards": {name: checksums[name] for name in live},
             "entries": ordered,
             "failed": [failed[k] for k in sorted(failed)],
         }
-        _write_json_atomic(index_dir / MANIFEST, data)
+        published = data if final or serving is None else {**serving, NEXT: data}
+        _write_json_atomic(index_dir / MANIFEST, published)
         return data
 
     commit()  # publish removals (and a fresh manifest) before the long part
 
     if todo:
-        loaded = load_model(index_dir / MODEL_DIR)
+        loaded = load_model(index_dir / model_keys["model_dir"])
         with progress_bar("indexing images", len(todo), enabled=progress) as advance:
             for start in range(0, len(todo), chunk_size):
                 chunk = todo[start : start + chunk_size]
@@ -471,9 +523,9 @@ def _update_locked(
                 if on_chunk is not None:
                     on_chunk(start + len(chunk), len(todo))
 
-    final = commit(compact=True)
-    _remove_orphans(index_dir, {e["shard"] for e in final["entries"]})
+    final = commit(final=True)
     _write_ann(index_dir, final)
+    _remove_orphans(index_dir, final)
     for listed in (report.added, report.changed, report.repaired):  # a file that failed was not added
         listed[:] = [i for i in listed if i not in report.failed]
     return SearchIndex.open(index_dir), report
@@ -495,29 +547,37 @@ def _is_compact(index_dir: Path, entries: Sequence[dict[str, Any]]) -> bool:
     return len(_load_shard(index_dir, shard, None)) == len(entries)
 
 
-def _remove_orphans(index_dir: Path, live: set[str]) -> None:
-    """Shards no entry points to any more (replaced, compacted, or left by a killed run), and the
-    temporaries of killed runs: only names the index writes, under its lock."""
-    for f in (index_dir / SHARDS).glob("*.npy"):
-        if f.name not in live:
+def _remove_orphans(index_dir: Path, manifest: dict[str, Any]) -> None:
+    """What the published manifest no longer names: shards (replaced, compacted, or left by a killed
+    run) and their HNSW graphs, older model folders, an older layout's `ann.faiss`, and the
+    temporaries of killed runs. Only names the index writes, under its lock."""
+    live = {e["shard"] for e in manifest["entries"]}
+    live_ann = {_ann_path(index_dir, name).name for name in live}
+    for f in [*(index_dir / SHARDS).glob("*.npy"), *(index_dir / SHARDS).glob(f"*{ANN_SUFFIX}")]:
+        if f.name not in live | live_ann:
             f.unlink(missing_ok=True)
-    for f in [*index_dir.glob(f".*{TMP_SUFFIX}"), *(index_dir / SHARDS).glob(f".*{TMP_SUFFIX}")]:
+    old_models = [d for d in index_dir.iterdir() if _is_model_dir(d.name) and d.name != manifest["model_dir"]]
+    for f in [*index_dir.glob(f".*{TMP_SUFFIX}"), *(index_dir / SHARDS).glob(f".*{TMP_SUFFIX}"), *old_models]:
         if f.is_dir():
             shutil.rmtree(f, ignore_errors=True)
         else:
             f.unlink(missing_ok=True)
+    for legacy in ("ann.faiss", "ann.faiss.source"):
+        (index_dir / legacy).unlink(missing_ok=True)
+
+
+def _ann_path(index_dir: Path, shard: str) -> Path:
+    """The HNSW graph of a compacted shard is named after it: it always matches the vectors."""
+    return (index_dir / SHARDS / shard).with_suffix(ANN_SUFFIX)
 
 
 def _write_ann(index_dir: Path, manifest: dict[str, Any]) -> None:
-    """The HNSW graph for large collections, tagged with the shard it was built from."""
-    ann = index_dir / ANN_FILE
+    """The HNSW graph for large collections (readers search exactly until it is there)."""
     entries = manifest["entries"]
     if len(entries) < ANN_THRESHOLD:
-        ann.unlink(missing_ok=True)
         return
-    tag = index_dir / f"{ANN_FILE}.source"
-    shard = entries[0]["shard"]
-    if ann.exists() and tag.exists() and tag.read_text() == shard:
+    ann = _ann_path(index_dir, entries[0]["shard"])
+    if ann.exists():
         return
     import faiss
 
@@ -528,7 +588,6 @@ def _write_ann(index_dir: Path, manifest: dict[str, Any]) -> None:
     tmp = _tmp_path(ann)
     faiss.write_index(graph, str(tmp))
     os.replace(tmp, ann)
-    tag.write_text(shard)
 
 
 def vector_search(vectors: np.ndarray, exact: bool = True):
@@ -569,25 +628,31 @@ class SearchIndex:
         self.meta: list[dict[str, Any] | None] = [e.get("meta") for e in manifest["entries"]]
         self.mtimes_ns: list[int] = [e["mtime_ns"] for e in manifest["entries"]]
         self._row = {image_id: i for i, image_id in enumerate(self.ids)}
+        # Ids that are not valid UTF-8, by their printable name (an exact id of that spelling wins).
+        self._printable = {printable(i): i for i in self.ids if printable(i) != i}
         self.vectors = (
             _vectors_of(path, manifest["entries"], _checksums_to_verify(path, manifest))
             if self.ids
             else np.zeros((0, 1), np.float32)
         )
-        self.model = load_model(path / MODEL_DIR)
+        self.model_dir = path / _model_dir_of(manifest)
+        self.model = load_model(self.model_dir)
+        large = len(self.ids) >= ANN_THRESHOLD
+        self._ann = _ann_path(path, manifest["entries"][0]["shard"]) if large else None
         self._faiss = None
         self._prefix_faiss: dict[int, Any] = {}
 
     @classmethod
     def open(cls, path: Path | str) -> SearchIndex:
-        """Open without a lock: if a writer published a new manifest (and swept the shards of the old
-        one) while this was reading, read again; only a fault that persists is an error."""
+        """Open without a lock: if a writer published a new manifest (and swept the shards or model
+        folder of the old one) while this was reading, read again; only a fault that persists is an
+        error (IndexFormatError, or ModelError: both ValueError)."""
         index_dir = Path(path).expanduser().resolve()
         manifest = read_manifest(index_dir)
         for _ in range(OPEN_ATTEMPTS - 1):
             try:
                 return cls(index_dir, manifest)
-            except IndexFormatError:
+            except (ValueError, OSError):
                 latest = read_manifest(index_dir)
                 if latest == manifest:
                     raise
@@ -596,7 +661,7 @@ class SearchIndex:
 
     @property
     def approximate(self) -> bool:
-        return (self.path / ANN_FILE).exists() and len(self) >= ANN_THRESHOLD
+        return self._ann is not None and self._ann.exists()
 
     def _index(self):
         if self._faiss is None:
@@ -605,7 +670,7 @@ class SearchIndex:
             # One query at a time: OpenMP threads only add spin-wait overhead (badly so on a busy machine).
             faiss.omp_set_num_threads(1)
             if self.approximate:
-                self._faiss = faiss.read_index(str(self.path / ANN_FILE))
+                self._faiss = faiss.read_index(str(self._ann))
                 self._faiss.hnsw.efSearch = HNSW_EF_SEARCH
             else:
                 self._faiss = vector_search(self.vectors, exact=True)
@@ -636,6 +701,14 @@ class SearchIndex:
     def __repr__(self) -> str:
         model = self.model_source
         return f"SearchIndex({self.path}: {len(self)} images of {self.root}, model {model})"
+
+    def id_of(self, name: str) -> str:
+        """The id of an image given by its id or by its `printable` name (how HTTP clients see it)."""
+        if name in self._row:
+            return name
+        if name in self._printable:
+            return self._printable[name]
+        raise KeyError(name)
 
     def image_path(self, image_id: str) -> Path:
         if image_id not in self._row:

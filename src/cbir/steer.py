@@ -54,9 +54,13 @@ def embed_terms(
 
 
 def known_id(index: SearchIndex, image_id: str) -> str:
-    if image_id not in index:
-        raise QueryError(f"no image '{image_id}' in this index (ids are paths relative to {index.root})")
-    return image_id
+    """The index's id of a photo named as searches show it (`printable` for names that are not UTF-8)."""
+    try:
+        return index.id_of(image_id)
+    except KeyError:
+        raise QueryError(
+            f"no image '{image_id}' in this index (ids are paths relative to {index.root})"
+        ) from None
 
 
 def steered_vector(

@@ -144,3 +144,93 @@ def test_index_sweeps_only_what_it_wrote(folder, tmp_path, zero_shot_dir):
     assert (index_dir / ".notes.tmp.txt").read_text() == "mine"
     assert (index_dir / ".drafts.tmp" / "a.txt").read_text() == "mine"
     assert not (index_dir / ".index.json.0123.cbir-tmp").exists()
+
+
+QUERY = "a dog running on the grass"
+
+
+@pytest.fixture
+def two_models(folder, tmp_path, zero_shot_dir):
+    """Reference query embedding and vectors of the folder's photos under two real models."""
+    expected = {}
+    for name, model in (("zero-shot", zero_shot_dir), ("default", None)):
+        ix, _ = update_index(folder, tmp_path / f"reference-{name}", model, progress=False)
+        expected[name] = (ix.embed_text(QUERY), {i: ix.vector(i) for i in ix.ids})
+    return expected
+
+
+def same(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and np.allclose(a, b, atol=1e-5)
+
+
+def snapshot_model(ix: SearchIndex, expected) -> str:
+    """The model a reader's index belongs to; its query model and its vectors must be the same one,
+    and it must hold every photo (a whole index, never one half rebuilt)."""
+    query = ix.embed_text(QUERY)
+    by_query = [m for m, (text, _) in expected.items() if same(query, text)]
+    by_vectors = [
+        m
+        for m, (_, vectors) in expected.items()
+        if sorted(ix.ids) == sorted(vectors) and all(same(ix.vector(i), vectors[i]) for i in ix.ids)
+    ]
+    assert len(by_query) == 1 and by_query == by_vectors, f"query model {by_query}, vectors {by_vectors}"
+    assert len(ix.search_text(QUERY, k=3)) == 3
+    return by_query[0]
+
+
+def test_readers_see_one_whole_index_during_a_model_switch(folder, tmp_path, zero_shot_dir, two_models):
+    """Reindexing with another model builds the new index aside: a search after every committed chunk
+    finds all photos under the old model, then all under the new one; never a mix, never a failure."""
+    index_dir = tmp_path / "ix"
+    update_index(folder, index_dir, zero_shot_dir, progress=False)
+    chunk_committed, read_after_it = threading.Event(), threading.Event()
+    done = threading.Event()
+    seen: list[tuple[bool, str]] = []  # (read after a chunk was committed, model seen)
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        while not done.is_set():
+            after_chunk = chunk_committed.is_set()
+            chunk_committed.clear()
+            try:
+                seen.append((after_chunk, snapshot_model(SearchIndex.open(index_dir), two_models)))
+            except BaseException as e:  # noqa: BLE001 - any failure of a reader fails the test
+                errors.append(e)
+            if after_chunk:
+                read_after_it.set()
+
+    def wait_for_a_read(done_count: int, total: int) -> None:
+        read_after_it.clear()
+        chunk_committed.set()
+        assert read_after_it.wait(120)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        update_index(folder, index_dir, None, progress=False, chunk_size=3, on_chunk=wait_for_a_read)
+    finally:
+        done.set()
+        reader.join()
+    assert not errors, errors[:3]
+    assert [m for after_chunk, m in seen if after_chunk] == ["zero-shot"] * 4  # 10 photos, chunks of 3
+    assert snapshot_model(SearchIndex.open(index_dir), two_models) == "default"
+    assert sorted(p.name for p in index_dir.iterdir() if p.name.startswith("model")) == [
+        SearchIndex.open(index_dir).model_dir.name
+    ]  # the old model folder is gone once no manifest names it
+
+
+def test_interrupted_model_switch_keeps_the_old_index_and_resumes(
+    folder, tmp_path, zero_shot_dir, two_models
+):
+    index_dir = tmp_path / "ix"
+    update_index(folder, index_dir, zero_shot_dir, progress=False)
+
+    def killed(done_count: int, total: int) -> None:
+        raise KeyboardInterrupt  # what a kill leaves: the chunks committed so far
+
+    with pytest.raises(KeyboardInterrupt):
+        update_index(folder, index_dir, None, progress=False, chunk_size=3, on_chunk=killed)
+    assert snapshot_model(SearchIndex.open(index_dir), two_models) == "zero-shot"
+    ix, report = update_index(folder, index_dir, None, progress=False, chunk_size=3)
+    assert report.unchanged == 3 and len(report.added) == 7  # the committed chunk is not embedded again
+    assert snapshot_model(ix, two_models) == "default"

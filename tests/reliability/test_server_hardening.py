@@ -4,6 +4,7 @@ neither sniff nor frame what it sends."""
 from __future__ import annotations
 
 import os
+from urllib.parse import quote
 
 import pytest
 from fastapi.testclient import TestClient
@@ -55,3 +56,21 @@ def test_security_headers(served):
         assert "frame-ancestors 'none'" in headers["content-security-policy"], url
     assert "script-src 'self'" in client.get("/").headers["content-security-policy"]
     assert client.get("/docs").status_code == 200  # Swagger UI still loads (no page CSP there)
+
+
+def test_file_name_that_is_not_utf8_round_trips_over_http(folder, tmp_path, zero_shot_dir):
+    """A search that returns it answers 200, its JSON name shows the bytes as \\xNN, and that name,
+    URL-encoded as the page does, finds the photo again (similar search, full image, thumbnail)."""
+    raw = b"caf\xe9-\xff.jpg"  # Latin-1 bytes: not valid UTF-8
+    (folder / "4.jpg").rename(folder / os.fsdecode(raw))
+    index, _ = update_index(folder, tmp_path / "ix", zero_shot_dir, progress=False)
+    with TestClient(create_app(index)) as client:
+        response = client.get("/api/search", params={"q": "a photo", "k": len(index)})
+        assert response.status_code == 200
+        (hit,) = [h for h in response.json()["results"] if "caf" in h["id"]]
+        assert hit["id"] == "caf\\xe9-\\xff.jpg"
+        assert client.get(hit["image"]).content == (folder / os.fsdecode(raw)).read_bytes()
+        assert client.get(hit["thumb"]).headers["content-type"] == "image/jpeg"
+        similar = client.get(f"/api/similar/{quote(hit['id'], safe='')}", params={"k": 1})
+        assert similar.status_code == 200 and similar.json()["results"][0]["id"] == hit["id"]
+        assert client.get("/api/similar/caf%E9-%FF.jpg").status_code == 404  # not a name the API gave

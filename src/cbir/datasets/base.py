@@ -205,7 +205,10 @@ def hash_split(key: str, val_share: float = 0.1, test_share: float = 0.1) -> str
 
 def read_text(path: Path) -> str:
     """UTF-8 text or a DatasetError naming the file and the line of the first bad byte."""
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DatasetError(f"cannot read: {e.strerror or e}", path) from e
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:

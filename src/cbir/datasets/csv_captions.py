@@ -44,7 +44,7 @@ def read_csv_captions(root: Path) -> Dataset:
             raise DatasetError("expected 'image,caption'", path, lineno)
         name, text = row[0].strip(), ",".join(row[1:]).strip()
         if name not in index_of:
-            file = next((d / name for d in img_dirs if (d / name).exists()), None)
+            file = next((d / name for d in img_dirs if (d / name).is_file()), None)
             if file is None:
                 report.skip(f"image '{name}' not found", path, lineno)
                 index_of[name] = -1

@@ -28,7 +28,7 @@ def is_kaggle(root: Path) -> bool:
 
 
 def _numbered(folder: Path, suffix: str) -> list[Path]:
-    files = [p for p in folder.iterdir() if p.suffix.lower() == suffix and p.stem.isdigit()]
+    files = [p for p in folder.iterdir() if p.suffix.lower() == suffix and p.stem.isdecimal()]
     return sorted(files, key=lambda p: int(p.stem))
 
 
@@ -128,7 +128,7 @@ def _read_answers(path: Path) -> dict[str, int]:
     for lineno, row in enumerate(rows, start=1):
         if lineno == 1 and row and not row[0].endswith(".txt"):
             continue  # header
-        if len(row) != 2 or not row[1].strip().removesuffix(".jpg").isdigit():
+        if len(row) != 2 or not row[1].strip().removesuffix(".jpg").isdecimal():
             raise DatasetError("expected 'N.txt,M.jpg'", path, lineno)
         out[row[0].strip()] = int(row[1].strip().removesuffix(".jpg"))
     return out

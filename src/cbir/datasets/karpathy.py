@@ -26,7 +26,7 @@ def _image_dir(root: Path, filename: str, filepath: str | None) -> Path:
         root / "images" / filename,
         root / filename,
     ):
-        if candidate.exists():
+        if candidate.is_file():
             return candidate
     return root / "images" / (filepath or "") / filename
 
@@ -69,7 +69,7 @@ def read_karpathy(root: Path) -> Dataset:
         where = f"{path.name} images[{k}]"
         entry = _check_entry(entry, where, path)
         file = _image_dir(root, entry["filename"], entry.get("filepath"))
-        if not file.exists():
+        if not file.is_file():
             report.skip(f"{where}: image file missing", file)
             continue
         split = entry.get("split") or "train"

@@ -28,9 +28,10 @@ from pydantic import BaseModel
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from cbir import __version__
+from cbir.explain import Explanation
 from cbir.explain import explain as explain_results
 from cbir.filters import Filters
-from cbir.index import SearchIndex, SearchResult
+from cbir.index import SearchIndex, SearchResult, printable
 from cbir.query import is_plain, parse_query, query_words
 from cbir.server.batching import SearchBatcher
 from cbir.steer import search_page, steered_vector
@@ -70,7 +71,7 @@ ImageId = Annotated[str, PathParam(description="Image id: its path relative to t
 class Hit(BaseModel):
     rank: int  # 1 = best
     score: float  # P(match) when the model is calibrated, else the similarity (see Health.calibrated)
-    id: str
+    id: str  # `printable`: a name that is not UTF-8 shows its bytes as \\xNN, and is asked for so
     image: str
     thumb: str
     explanation: dict[str, Any] | None = None  # with explain=true: cbir.explain.Explanation.to_dict()
@@ -95,8 +96,36 @@ class Health(BaseModel):
     detail: str | None = None  # why loading failed
 
 
+class Problem(BaseModel):
+    """Every error answer: one sentence the page shows as is."""
+
+    detail: str
+
+
+ERRORS = {
+    404: "No such image in this index, or its file is gone or changed since it was indexed.",
+    413: "The upload is too large (bytes or pixels).",
+    415: "The upload is not an image of an accepted type.",
+    422: "A parameter is missing or invalid.",
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict]:
+    """OpenAPI documentation of the error answers a route gives (clients and fuzzers read it)."""
+    return {code: {"model": Problem, "description": ERRORS[code]} for code in codes}
+
+
 def image_url(image_id: str, kind: str = "images") -> str:
     return f"/{kind}/{quote(image_id)}"
+
+
+def hit_of(result: SearchResult, why: Explanation | None = None) -> Hit:
+    """A result as the API shows it: named by its `printable` id, which is also how it is asked for."""
+    name = printable(result.id)
+    return Hit(
+        rank=result.rank, score=result.score, id=name, image=image_url(name), thumb=image_url(name, "thumbs"),
+        explanation=why.to_dict() if why else None, why=why.line() if why else None,
+    )  # fmt: skip
 
 
 class Thumbnails:
@@ -230,6 +259,7 @@ def create_app(
         summary="Search indexed photos by sentence or by example.",
         version=__version__,
         max_body_size=max_upload_bytes + MULTIPART_OVERHEAD,  # refused (413) before it is parsed
+        responses=errors(422),
     )
     app.state.loader = loader
     app.state.index = None
@@ -281,11 +311,7 @@ def create_app(
         if explain:
             with encoder_lock:
                 explanations = explain_results(index, shown, query_words(query.get("text")))
-        hits = [
-            Hit(rank=r.rank, score=r.score, id=r.id, image=image_url(r.id), thumb=image_url(r.id, "thumbs"),
-                explanation=why.to_dict() if why else None, why=why.line() if why else None)
-            for r, why in zip(shown, explanations, strict=True)
-        ]  # fmt: skip
+        hits = [hit_of(r, why) for r, why in zip(shown, explanations, strict=True)]
         return Page(query=query, offset=offset, k=k, more=len(found) > offset + k, results=hits)
 
     def steered(q: str, more_like: list[str], less_like: list[str], filters: Filters):
@@ -303,10 +329,12 @@ def create_app(
         return lambda n: batcher.search_vector(vector, n)
 
     def known(image_id: str) -> str:
+        """The index's id of an image named as the API shows it."""
         index, _ = loader.ready()
-        if image_id not in index:
-            raise HTTPException(404, f"no image '{image_id}' in this index")
-        return image_id
+        try:
+            return index.id_of(image_id)
+        except KeyError:
+            raise HTTPException(404, f"no image '{image_id}' in this index") from None
 
     @app.get("/api/health", response_model=Health)
     def health() -> Health:
@@ -348,17 +376,16 @@ def create_app(
         except ValueError as e:  # a malformed query or filter, an unknown id: the message says which
             raise HTTPException(422, str(e)) from e
 
-    @app.get("/api/similar/{image_id:path}", response_model=Page)
+    @app.get("/api/similar/{image_id:path}", response_model=Page, responses=errors(404))
     def search_similar(
         image_id: ImageId, k: PageSize = 20, offset: Offset = 0, explain: Explain = False
     ) -> Page:
         """Images ranked by similarity to an indexed image."""
         index, batcher = loader.ready()
-        known(image_id)
-        vector = index.vector(image_id)
+        vector = index.vector(known(image_id))
         return page({"similar": image_id}, offset, k, lambda n: batcher.search_vector(vector, n), explain)
 
-    @app.post("/api/search/image", response_model=Page)
+    @app.post("/api/search/image", response_model=Page, responses=errors(413, 415))
     def search_upload(
         file: Annotated[UploadFile, File(description="JPEG, PNG, WebP or GIF image.")],
         k: PageSize = 20,
@@ -383,12 +410,12 @@ def create_app(
         except FileNotFoundError as e:
             raise HTTPException(404, f"image '{image_id}' is gone or changed since it was indexed") from e
 
-    @app.get("/images/{image_id:path}", response_class=FileResponse)
+    @app.get("/images/{image_id:path}", response_class=FileResponse, responses=errors(404))
     def full_image(image_id: ImageId) -> FileResponse:
         """The indexed image file itself (404 once it is deleted or replaced)."""
         return FileResponse(indexed_file(image_id))
 
-    @app.get("/thumbs/{image_id:path}", response_class=Response)
+    @app.get("/thumbs/{image_id:path}", response_class=Response, responses=errors(404))
     def thumbnail(image_id: ImageId) -> Response:
         """A JPEG thumbnail of an indexed image (longer side `thumb_size` pixels)."""
         try:
