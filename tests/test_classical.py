@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from cbir.cli import app
 from cbir.datasets import DatasetError
+from cbir.encoders import image_features
 from cbir.evaluation import evaluate, score_split
 from cbir.models import ModelError, create_model, load_model
 from cbir.models.classical.text_features import Analyzer, TextFeaturizer, glove_vectors
@@ -222,3 +223,45 @@ def test_fusion_with_fixed_weights_adds_its_members_scores(rsicd_slice):
     for bad in ([0, 0], [1, -1], [1, "a"]):
         with pytest.raises(ModelError, match="weights must be non-negative numbers, not all zero"):
             create_model("fusion", members=members, weights=bad)
+
+
+def test_models_on_the_kaggle_resnet_csv_features(tmp_path, kaggle_mini, monkeypatch):
+    """With the Kaggle layout's ResNet CSVs present, `auto` trains, evaluates and submits on them and
+    reads no image file. The CSVs hold informative stand-ins (the photos' EfficientNet features)."""
+    import json
+    import shutil
+
+    import cbir.encoders.image as image_module
+    from cbir.datasets.kaggle import FEATURE_FILES
+
+    root = shutil.copytree(KAGGLE_MINI, tmp_path / "kaggle")
+    for split in ("train", "test"):
+        part = kaggle_mini.split(split)
+        effnet = np.asarray(image_features(part, "effnet-pool+effnet-logits", progress=False))
+        (root / f"features_{split}").mkdir()
+        for stem, width in FEATURE_FILES.values():
+            rows = [
+                f"images_{split}/{p.name}," + ",".join(f"{v:.5f}" for v in effnet[i, :width])
+                for i, p in enumerate(part.images)
+            ]
+            (root / f"features_{split}" / f"{stem}_{split}.csv").write_text("\n".join(rows) + "\n")
+
+    def no_image_reads(path):
+        raise AssertionError(f"read {path}: the precomputed features should have been used")
+
+    monkeypatch.setattr(image_module, "read_image_file", no_image_reads)
+    out = tmp_path / "ridge"
+    result = runner.invoke(app, ["train", "-d", str(root), "--method", "ridge", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["state"]["representation"] == "resnet2048"
+    result = runner.invoke(app, ["evaluate", "-m", str(out), "-d", str(root), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["map20"] > 0.1  # chance is about 0.045
+    result = runner.invoke(app, ["submit", "-m", str(out), "-d", str(root), "-o", str(tmp_path / "s.csv")])
+    assert result.exit_code == 0 and "MAP@20" in result.output, result.output
+    from cbir.datasets import load_dataset
+
+    data = load_dataset(root)
+    deep = create_model("contrastive", epochs=2, ensemble=1, hidden=64, embed_dim=64).fit(data.split("train"))
+    assert deep.representation_ == "resnet2048"
+    assert score_split(deep, data.split("test")).shape == (79, 79)

@@ -253,3 +253,42 @@ def test_model_embed_returns_vectors_and_failures(folder, zero_shot_dir):
     )
     assert embedding.vectors[0].any() and not embedding.vectors[1].any()
     assert len(data.report) == 0  # failures are returned, not written into the dataset
+
+
+def test_approximate_search_above_the_threshold_matches_exact(folder, tmp_path, zero_shot_dir, monkeypatch):
+    """Above ANN_THRESHOLD images the index writes and searches an HNSW graph (forced here with a
+    threshold of 5); on a small collection its top results are the exact ones."""
+    import faiss
+
+    import cbir.index as index_module
+
+    monkeypatch.setattr(index_module, "ANN_THRESHOLD", 5)
+    ix = build_index(folder, tmp_path / "ix", zero_shot_dir, progress=False)
+    assert (tmp_path / "ix" / index_module.ANN_FILE).is_file() and ix.approximate
+    assert isinstance(ix._index(), faiss.IndexHNSWFlat)
+    vectors = np.asarray(ix.vectors, dtype=np.float32)
+    for query in (ix.embed_text("people outdoors"), ix.vector("4.jpg")):
+        unit = query / np.linalg.norm(query)
+        exact = [ix.ids[i] for i in np.argsort(-(vectors @ unit), kind="stable")[:5]]
+        found = ix.search_vector(query, k=5)
+        assert [r.id for r in found] == exact
+        np.testing.assert_allclose([r.score for r in found], np.sort(vectors @ unit)[::-1][:5], rtol=1e-4)
+    for photo in sorted(folder.glob("*.jpg"))[:6]:  # below the threshold again: exact search, no graph
+        photo.unlink()
+    ix = build_index(folder, tmp_path / "ix", zero_shot_dir, progress=False)
+    assert not ix.approximate and not (tmp_path / "ix" / index_module.ANN_FILE).exists()
+    assert isinstance(ix._index(), faiss.IndexFlatIP)
+
+
+def test_vector_search_hnsw_finds_the_exact_neighbours_of_a_small_set():
+    from cbir.index import vector_search
+
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(300, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    queries = vectors[:10] + 0.05 * rng.normal(size=(10, 32)).astype(np.float32)
+    _, exact = vector_search(vectors, exact=True).search(queries, 5)
+    approximate = vector_search(vectors, exact=False)
+    assert approximate.hnsw.efConstruction > 0  # an HNSW graph, not a flat index
+    _, found = approximate.search(queries, 5)
+    np.testing.assert_array_equal(found, exact)

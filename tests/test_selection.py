@@ -74,3 +74,26 @@ def test_fit_refuses_training_data_without_captioned_images(rsicd_slice, method,
             DatasetError, match=re.escape(f"{data.root}: the train split has no captions paired with images")
         ):
             create_model(method, **params).fit(data)
+
+
+def test_grid_search_shows_one_progress_line_for_the_grid(monkeypatch):
+    import contextlib
+
+    import cbir.models.base as base
+
+    calls: list = []
+
+    @contextlib.contextmanager
+    def recording(label, total, enabled=True):
+        calls.append((label, total, enabled))
+        yield lambda n=1, **fields: calls.append((n, fields))
+
+    monkeypatch.setattr(base, "progress_bar", recording)
+    grid_search([1, 2], lambda c: c / 4, "choosing")
+    assert calls == [("choosing", 2, True), (1, {"mR": 0.25}), (1, {"mR": 0.5})]
+    calls.clear()
+    grid_search([1], lambda c: 0.0, "one")  # a single candidate: nothing to show
+    assert calls[0] == ("one", 1, False)
+    calls.clear()
+    grid_search([1, 2], lambda c: 0.0, "quiet", progress=False)
+    assert calls[0] == ("quiet", 2, False)
