@@ -15,6 +15,11 @@ SHARED = Path(os.environ.get("CBIR_TEST_DATA", REPO.parent / "shared" / "dataset
 RSICD = SHARED / "rsicd"
 KAGGLE_MINI = SHARED / "cs5785-mini"
 FLICKR8K = SHARED / "flickr8k"
+# What `cbir evaluate --json` promises other tools (the public interface).
+EVALUATE_JSON_KEYS = (
+    *("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10"),
+    *("mR", "map20", "r20", "medr", "n_images", "n_queries"),
+)
 
 # Features computed by tests are cached inside the repo (ignored by git): reruns are fast.
 os.environ.setdefault("CBIR_CACHE_DIR", str(REPO / ".cache" / "test-features"))
