@@ -80,15 +80,22 @@ def test_out_folder_check(tmp_path):
 def test_orphans_and_temporaries_are_swept_and_nothing_else(tmp_path):
     shards = tmp_path / ix.SHARDS
     shards.mkdir()
-    for name in ("live.npy", "dead.npy", f".t{ix.TMP_SUFFIX}", "notes.txt"):
+    names = ("live.npy", "live.hnsw", "dead.npy", "dead.hnsw", f".t{ix.TMP_SUFFIX}", "notes.txt")
+    for name in names:
         (shards / name).touch()
+    for model in ("model-live", "model-old", ix.MODEL_DIR):  # the live, a replaced and a legacy model folder
+        (tmp_path / model).mkdir()
+        (tmp_path / model / "weights").touch()
     (tmp_path / f".m{ix.TMP_SUFFIX}").mkdir()
     (tmp_path / f".m{ix.TMP_SUFFIX}" / "f").touch()
     (tmp_path / f".j{ix.TMP_SUFFIX}").touch()
+    (tmp_path / "ann.faiss").touch()  # an older layout's single graph
     (tmp_path / "keep.json").touch()
-    ix._remove_orphans(tmp_path, {"live.npy"})
-    assert sorted(os.listdir(shards)) == ["live.npy", "notes.txt"]
-    assert sorted(os.listdir(tmp_path)) == ["keep.json", ix.SHARDS]
+    manifest = {"entries": [{"shard": "live.npy", "row": 0}], "model_dir": "model-live"}
+    ix._remove_orphans(tmp_path, manifest)
+    assert sorted(os.listdir(shards)) == ["live.hnsw", "live.npy", "notes.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["keep.json", "model-live", ix.SHARDS]
+    assert os.listdir(tmp_path / "model-live") == ["weights"]
 
 
 def write_shard(index_dir: Path, name: str, rows: int) -> str:
@@ -132,11 +139,15 @@ def entry_of(root: Path, image_id: str, **extra) -> dict:
     return {"id": image_id, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha1": "old", **extra}
 
 
+NO_META = {"taken": None, "camera": None}  # what `photo_metadata` finds in a file without EXIF
+CAMERA_META = {"taken": "2020-05-01T10:00:00", "camera": "Canon EOS"}
+
+
 def test_scan_sorts_files_into_kept_failed_and_to_embed(tmp_path):
     root = photo_folder(tmp_path)
     old_entries = {
         "a.jpg": entry_of(root, "a.jpg", shard="s", row=0),  # unchanged
-        "sub/f.jpg": entry_of(root, "sub/f.jpg", shard="s", row=4),  # unchanged
+        "sub/f.jpg": entry_of(root, "sub/f.jpg", shard="s", row=4, meta=CAMERA_META),  # unchanged
         "b.jpg": {**entry_of(root, "b.jpg", shard="s", row=1), "mtime_ns": 1},  # touched
         "sub/d.jpg": entry_of(root, "sub/d.jpg", shard="s", row=2),  # in a damaged shard
         "gone.jpg": {"id": "gone.jpg", "size": 1, "mtime_ns": 1, "sha1": "x", "shard": "s", "row": 3},
@@ -149,7 +160,11 @@ def test_scan_sorts_files_into_kept_failed_and_to_embed(tmp_path):
     (root / "dangling.jpg").symlink_to(root / "nowhere.jpg")
     report = ix.IndexReport()
     entries, failed, todo = ix._scan(root, old_entries, old_failed, {"sub/d.jpg"}, report)
-    assert entries == {k: old_entries[k] for k in ("a.jpg", "b.jpg", "sub/f.jpg")}
+    assert entries == {
+        "a.jpg": {**old_entries["a.jpg"], "meta": NO_META},  # recorded now, for filters
+        "b.jpg": old_entries["b.jpg"],  # still served as it was until its new content is embedded
+        "sub/f.jpg": old_entries["sub/f.jpg"],  # metadata already recorded: not read again
+    }
     assert failed == {"c.jpg": old_failed["c.jpg"]} and report.unchanged == 2
     assert report.failed["c.jpg"] == "not a readable image"
     assert report.failed["dangling.jpg"].startswith("broken symbolic link: ")
@@ -236,7 +251,7 @@ def test_one_embedded_chunk_is_recorded(tmp_path):
     assert report.failed == {"bad.jpg": "not a readable image", "xnew.jpg": "not a readable image"}
     st = (root / "same.jpg").stat()
     assert entries == {
-        "same.jpg": {**same_old, "size": st.st_size, "mtime_ns": st.st_mtime_ns},
+        "same.jpg": {**same_old, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "meta": NO_META},
         "chg.jpg": chg_old,  # replaced by the caller once its new vector is written
     }
     bad = (root / "bad.jpg").stat()
@@ -283,32 +298,36 @@ def test_a_failed_file_that_was_failed_before_counts_as_changed_when_it_now_read
     )
 
 
-def test_hnsw_graph_is_written_above_the_threshold_tagged_and_removed_below(tmp_path, monkeypatch):
+def test_hnsw_graph_is_written_per_compacted_shard_above_the_threshold(tmp_path, monkeypatch):
     import faiss
 
     monkeypatch.setattr(ix, "ANN_THRESHOLD", 4)
-    (tmp_path / ix.SHARDS).mkdir()
+    shards = tmp_path / ix.SHARDS
+    shards.mkdir()
     vectors = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
-    checksum = ix._write_npy_atomic(tmp_path / ix.SHARDS / "a.npy", vectors)
+    checksum = ix._write_npy_atomic(shards / "a.npy", vectors)
     manifest = {"entries": [{"shard": "a.npy", "row": i} for i in range(4)], "shards": {"a.npy": checksum}}
     ix._write_ann(tmp_path, manifest)
-    graph = faiss.read_index(str(tmp_path / ix.ANN_FILE))
+    assert ix._ann_path(tmp_path, "a.npy") == shards / f"a{ix.ANN_SUFFIX}"
+    graph = faiss.read_index(str(shards / f"a{ix.ANN_SUFFIX}"))
     assert graph.ntotal == 4 and isinstance(graph, faiss.IndexHNSWFlat)
     assert graph.metric_type == faiss.METRIC_INNER_PRODUCT
-    assert (tmp_path / f"{ix.ANN_FILE}.source").read_text() == "a.npy"
-    before = (tmp_path / ix.ANN_FILE).stat().st_mtime_ns
+    before = (shards / f"a{ix.ANN_SUFFIX}").stat().st_mtime_ns
     ix._write_ann(tmp_path, manifest)  # same shard: not rebuilt
-    assert (tmp_path / ix.ANN_FILE).stat().st_mtime_ns == before
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(ix.TMP_SUFFIX)]
-    # a new compacted shard (another index content) rebuilds the graph even though one exists
-    checksum = ix._write_npy_atomic(tmp_path / ix.SHARDS / "b.npy", np.vstack([vectors, vectors[:1]]))
+    assert (shards / f"a{ix.ANN_SUFFIX}").stat().st_mtime_ns == before
+    assert not [p for p in [*tmp_path.iterdir(), *shards.iterdir()] if p.name.endswith(ix.TMP_SUFFIX)]
+    # a new compacted shard (another index content) gets its own graph; the old one is an orphan
+    checksum = ix._write_npy_atomic(shards / "b.npy", np.vstack([vectors, vectors[:1]]))
     bigger = {"entries": [{"shard": "b.npy", "row": i} for i in range(5)], "shards": {"b.npy": checksum}}
     ix._write_ann(tmp_path, bigger)
-    assert faiss.read_index(str(tmp_path / ix.ANN_FILE)).ntotal == 5
-    assert (tmp_path / f"{ix.ANN_FILE}.source").read_text() == "b.npy"
-    ix._write_ann(tmp_path, {**manifest, "entries": manifest["entries"][:3]})  # below the threshold
-    assert not (tmp_path / ix.ANN_FILE).exists()
-    ix._write_ann(tmp_path, {**manifest, "entries": manifest["entries"][:3]})  # and no graph to remove
+    assert faiss.read_index(str(shards / f"b{ix.ANN_SUFFIX}")).ntotal == 5
+    # below the threshold: no graph
+    checksum = ix._write_npy_atomic(shards / "c.npy", vectors[:3])
+    smaller = {"entries": [{"shard": "c.npy", "row": i} for i in range(3)], "shards": {"c.npy": checksum}}
+    ix._write_ann(tmp_path, smaller)
+    assert not (shards / f"c{ix.ANN_SUFFIX}").exists()
+    ix._remove_orphans(tmp_path, {**smaller, "model_dir": "model-x"})  # the graphs go with their shards
+    assert sorted(os.listdir(shards)) == ["c.npy"]
 
 
 def test_scan_reports_a_file_that_vanished_after_listing(tmp_path, monkeypatch):
