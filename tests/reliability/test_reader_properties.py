@@ -113,6 +113,7 @@ karpathy_entry = st.fixed_dictionaries(
     | json_value
 )
 @example(doc={"images": [{"filename": "."}]})  # the folder itself is no photo
+@example(doc={"images": [{"filename": None}]})  # a null name is no name (found by a full run)
 @SEEDED
 def test_any_karpathy_json_is_read_or_refused_by_entry(tmp_path, doc):
     read_or_refuse(dataset_folder(tmp_path, {"dataset_x.json": json.dumps(doc)}))

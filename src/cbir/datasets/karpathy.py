@@ -33,7 +33,7 @@ def _image_dir(root: Path, filename: str, filepath: str | None) -> Path:
 
 def _check_entry(entry: object, where: str, path: Path) -> dict:
     """An `images[k]` entry of the expected shape; a wrong type is named, never a traceback later."""
-    if not isinstance(entry, dict) or "filename" not in entry:
+    if not isinstance(entry, dict) or entry.get("filename") is None:
         raise DatasetError(f"{where} has no 'filename'", path)
     for key, kind, name in (
         ("filename", str, "a string"),
