@@ -34,8 +34,19 @@ def test_bulk_text_encoding_runs_in_torch_and_matches_numpy(rsicd_slice, monkeyp
                         forward_torch(m, ids, mask))  # fmt: skip
     monkeypatch.setattr(text, "BULK", 16)
     bulk = TextEncoder(cache=False, batch_size=8).encode(texts, progress=False)
-    assert sum(torch_batches) == len(texts)
+    assert sum(torch_batches) == len(set(texts))
     np.testing.assert_allclose(bulk, one_by_one, atol=1e-5)
+
+
+def test_repeated_text_is_encoded_once_whatever_batch_it_lands_in():
+    """Without the padding of a longer neighbour, a repeat in another batch would differ in the last
+    bits, and a rerun from the cache (which keeps one row per text) would train on other numbers."""
+    long = "a very long caption about many small white boats moored in rows along a busy harbour at dusk"
+    texts = ["a dog", "a cat", "a dog", long]  # batches of 2: [a dog, a cat], [a dog, long]
+    encoder = TextEncoder(cache=False, batch_size=2)
+    rows = encoder.encode(texts, progress=False)
+    np.testing.assert_array_equal(rows[0], rows[2])
+    np.testing.assert_array_equal(rows[[0, 1, 3]], encoder.encode(["a dog", "a cat", long], progress=False))
 
 
 def test_text_encoder_cache_roundtrip(tmp_path, rsicd_slice):

@@ -163,7 +163,18 @@ class TextEncoder:
             self._model = MiniLM(path)
 
     def encode(self, texts: Sequence[str], progress: bool = True) -> np.ndarray:
+        """One row per text. A text repeated in `texts` is encoded once: its rows would otherwise differ
+        in the last bits with the padding of the batch each copy lands in, and the cache keeps only one,
+        so a rerun from the cache would train on other numbers than the first run did."""
         texts = list(texts)
+        distinct = list(dict.fromkeys(texts))
+        rows = self._encode_distinct(distinct, progress)
+        if len(distinct) == len(texts):
+            return rows
+        row_of = {text: i for i, text in enumerate(distinct)}
+        return rows[[row_of[text] for text in texts]]
+
+    def _encode_distinct(self, texts: list[str], progress: bool) -> np.ndarray:
         out = np.zeros((len(texts), DIM), dtype=np.float32)
         cache = FeatureCache.open(MODEL_ID, self.cache_dir) if self.use_cache and len(texts) > 64 else None
         keys = [text_key(t) for t in texts] if cache is not None else []
