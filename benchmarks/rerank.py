@@ -29,6 +29,7 @@ from cbir import rerank
 from cbir.datasets import Dataset, load_dataset
 from cbir.metrics import retrieval_metrics
 from cbir.models import load_model
+from cbir.models.base import unit_rows
 
 SHORTLIST = 100  # every re-ranker re-scores each query's top 100
 
@@ -59,7 +60,7 @@ class Reranker:
 
 
 def plain(side: Side) -> tuple[np.ndarray, Any]:
-    return side.gallery, side.gallery
+    return side.gallery, unit_rows(side.gallery)
 
 
 def unchanged(prepared: Any, scores: np.ndarray, queries: np.ndarray) -> np.ndarray:
@@ -91,7 +92,7 @@ def configurations() -> dict[str, Reranker]:
             configs[f"bank k={k} w={w}"] = Reranker(
                 lambda side, k=k: (
                     side.gallery,
-                    (side.bank_same, rerank.bank_neighbours(side.gallery, side.bank_other, k)),
+                    (unit_rows(side.bank_same), rerank.bank_neighbours(side.gallery, side.bank_other, k)),
                 ),
                 lambda b, s, q, w=w: rerank.bank_augmentation(s, q, b[0], b[1], w, n),
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from cbir import rerank
+from cbir.models.base import unit_rows
 
 # Four photos in a 4-d space; the query is text about a dog in a street.
 DOG = [1.0, 0.0, 0.0, 0.0]
@@ -25,7 +26,7 @@ def test_the_hand_made_case_starts_with_the_twin_below_the_unrelated_photo():
 
 def test_query_expansion_pulls_the_near_duplicate_of_the_best_hit_up():
     scores = QUERY @ GALLERY.T
-    assert order(rerank.query_expansion(scores, GALLERY, k=1, weight=0.5, n=4)) == [0, 2, 1, 3]
+    assert order(rerank.query_expansion(scores, unit_rows(GALLERY), k=1, weight=0.5, n=4)) == [0, 2, 1, 3]
 
 
 def test_database_augmentation_pulls_the_near_duplicate_up():
@@ -55,7 +56,7 @@ def test_re_ranking_touches_only_the_shortlist():
     scores = queries @ gallery.T
     before, after = (
         rerank.top_n(scores, 60),
-        rerank.top_n(rerank.query_expansion(scores, gallery, 3, 5.0, 10), 60),
+        rerank.top_n(rerank.query_expansion(scores, unit_rows(gallery), 3, 5.0, 10), 60),
     )
     assert (before[:, 10:] == after[:, 10:]).all()
     assert (np.sort(before[:, :10]) == np.sort(after[:, :10])).all()

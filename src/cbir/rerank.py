@@ -2,9 +2,9 @@
 
 Every re-ranker takes a query batch's scores against a gallery (rows: queries, columns: gallery items,
 higher is better) and returns new scores of the same shape; only each query's `n` best items are
-re-scored, and they stay above the rest, whose order is kept. The gallery side works on unit-length
-vectors of the gallery (`unit_rows`), so the comparisons between gallery items are cosines whatever
-extra coordinates a model folds into its vectors.
+re-scored, and they stay above the rest, whose order is kept. Comparisons within one modality (gallery
+item to gallery item, query to bank caption) are cosines of unit-length vectors (`unit_rows`, computed
+once at index time), whatever extra coordinates a model folds into its vectors.
 
 - `query_expansion`: the query is moved towards its `k` best results (average query expansion,
   cross-modal here: a text query is averaged with its top photos) and the top `n` scored again.
@@ -56,9 +56,9 @@ def neighbours(gallery: np.ndarray, k: int) -> np.ndarray:
     return top_n(sims, k)
 
 
-def query_expansion(scores: np.ndarray, gallery: np.ndarray, k: int, weight: float, n: int) -> np.ndarray:
-    """Average query expansion: score' = score + weight * cos(mean of the query's top-k items, item)."""
-    unit = unit_rows(gallery)
+def query_expansion(scores: np.ndarray, unit: np.ndarray, k: int, weight: float, n: int) -> np.ndarray:
+    """Average query expansion: score' = score + weight * cos(mean of the query's top-k items, item).
+    `unit` is the gallery scaled to unit length."""
     expansion = unit[top_n(scores, k)].mean(1)
     return rescore_top(scores, scores + weight * (expansion @ unit.T), n)
 
@@ -92,17 +92,17 @@ def bank_neighbours(gallery: np.ndarray, bank_other: np.ndarray, k: int) -> np.n
 def bank_augmentation(
     scores: np.ndarray,
     queries: np.ndarray,
-    bank_same: np.ndarray,
+    unit_bank: np.ndarray,
     near_bank: np.ndarray,
     weight: float,
     n: int,
 ) -> np.ndarray:
     """score' = score + weight * mean cos(query, the bank entries nearest each item), over the top n.
 
-    `bank_same` holds the bank in the query's modality (caption vectors for text queries); `near_bank`
-    is `bank_neighbours(gallery, bank_other, k)` with `bank_other` the same bank as the gallery sees it.
+    `unit_bank` holds the bank in the query's modality (caption vectors for text queries) at unit length;
+    `near_bank` is `bank_neighbours(gallery, bank_other, k)`, `bank_other` the bank as the gallery sees it.
     """
-    to_bank = unit_rows(queries) @ unit_rows(bank_same).T  # (n_queries, n_bank)
+    to_bank = unit_rows(queries) @ unit_bank.T  # (n_queries, n_bank)
     top = top_n(scores, n)
     described = np.take_along_axis(to_bank[:, None, :], near_bank[top], 2).mean(2)
     extra = np.zeros(scores.shape, dtype=np.float32)
