@@ -63,7 +63,7 @@ def test_re_ranking_touches_only_the_shortlist():
     assert (before[:, :10] != after[:, :10]).any()
 
 
-def test_dual_softmax_ranks_down_a_photo_every_query_likes():
+def test_inverted_softmax_ranks_down_a_photo_every_query_likes():
     hub_first = np.array([[0.9, 0.85, 0.1], [0.95, 0.1, 0.8], [0.95, 0.1, 0.1]], np.float32)
     assert rerank.top_n(hub_first, 1)[:, 0].tolist() == [0, 0, 0]
-    assert rerank.top_n(rerank.dual_softmax(hub_first, 0.05), 1)[:, 0].tolist() == [1, 2, 0]
+    assert rerank.top_n(rerank.inverted_softmax(hub_first, 0.05), 1)[:, 0].tolist() == [1, 2, 0]

@@ -15,8 +15,8 @@ once at index time), whatever extra coordinates a model folds into its vectors.
 - `bank_augmentation`: cross-modal; each gallery item is described by its `k` nearest captions of a
   bank from the training data, and the query's similarity to those captions (same modality, so
   well-behaved) is mixed into the score.
-- `dual_softmax`: each score weighted by its softmax over the *query batch*; it needs every query at
-  once, so it is an evaluation-only device, never a search option.
+- `inverted_softmax`: each score normalised over the *query batch* (dual softmax, in log form); it
+  needs every query at once, so it is an evaluation-only device, never a search option.
 """
 
 from __future__ import annotations
@@ -110,9 +110,11 @@ def bank_augmentation(
     return rescore_top(scores, scores + weight * extra, n)
 
 
-def dual_softmax(scores: np.ndarray, temperature: float) -> np.ndarray:
-    """Evaluation only: each score times its softmax over the query batch (column-wise), which ranks
-    down gallery items that many queries like (hubs). Needs all queries at once."""
+def inverted_softmax(scores: np.ndarray, temperature: float) -> np.ndarray:
+    """Evaluation only: each score less the temperature-scaled log-sum-exp of its column over the
+    *query batch* (the log form of dual softmax, whose row term does not change a query's ranking):
+    a gallery item that many queries like (a hub) is ranked down. Needs all queries at once."""
     z = np.asarray(scores, dtype=np.float64) / temperature
-    z = np.exp(z - z.max(0, keepdims=True))
-    return (scores * (z / z.sum(0, keepdims=True))).astype(np.float32)
+    top = z.max(0, keepdims=True)
+    log_sum = top + np.log(np.exp(z - top).sum(0, keepdims=True))
+    return (scores - temperature * log_sum).astype(np.float32)
