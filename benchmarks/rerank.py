@@ -37,13 +37,12 @@ SHORTLIST = 100  # every re-ranker re-scores each query's top 100
 
 @dataclass
 class Side:
-    """One search direction: queries against a gallery, and the bank (training captions and photos)
-    in the queries' modality and in the gallery's."""
+    """One search direction: queries against a gallery, and a bank of training items in the queries'
+    modality (captions for text queries), which describes each gallery item by its nearest entries."""
 
     queries: np.ndarray
     gallery: np.ndarray
-    bank_same: np.ndarray
-    bank_other: np.ndarray
+    bank: np.ndarray
 
 
 @dataclass
@@ -93,7 +92,7 @@ def configurations() -> dict[str, Reranker]:
             configs[f"bank k={k} w={w}"] = Reranker(
                 lambda side, k=k: (
                     side.gallery,
-                    (unit_rows(side.bank_same), rerank.bank_neighbours(side.gallery, side.bank_other, k)),
+                    (unit_rows(side.bank), rerank.bank_neighbours(side.gallery, side.bank, k)),
                 ),
                 lambda b, s, q, w=w: rerank.bank_augmentation(s, q, b[0], b[1], w, n),
             )
@@ -159,8 +158,8 @@ def main() -> None:
     data = dataset.split(args.split)
     texts, images = model.embed_texts(data.captions), model.embed_images(data)
     bank_texts, bank_images = bank(model, dataset, args.bank_size)
-    t2i = Side(texts, images, bank_texts, bank_texts)
-    i2t = Side(images, texts, bank_images, bank_images)
+    t2i = Side(texts, images, bank_texts)
+    i2t = Side(images, texts, bank_images)
     configs = {
         k: v for k, v in configurations().items() if not args.only or any(k.startswith(o) for o in args.only)
     }

@@ -83,10 +83,10 @@ def neighbour_jaccard(scores: np.ndarray, near: np.ndarray, k: int, weight: floa
     return rescore_top(scores, scores + weight * jaccard, n)
 
 
-def bank_neighbours(gallery: np.ndarray, bank_other: np.ndarray, k: int) -> np.ndarray:
-    """(n_gallery, k) the bank entries (other modality, e.g. training captions for photos) nearest to
-    each gallery item by cross-modal score: computed once per gallery (index time)."""
-    return top_n(np.asarray(gallery, np.float32) @ np.asarray(bank_other, np.float32).T, k)
+def bank_neighbours(gallery: np.ndarray, bank: np.ndarray, k: int) -> np.ndarray:
+    """(n_gallery, k) the bank entries (the queries' modality, e.g. training captions for photos)
+    nearest to each gallery item by cross-modal score: computed once per gallery (index time)."""
+    return top_n(np.asarray(gallery, np.float32) @ np.asarray(bank, np.float32).T, k)
 
 
 def bank_augmentation(
@@ -99,8 +99,8 @@ def bank_augmentation(
 ) -> np.ndarray:
     """score' = score + weight * mean cos(query, the bank entries nearest each item), over the top n.
 
-    `unit_bank` holds the bank in the query's modality (caption vectors for text queries) at unit length;
-    `near_bank` is `bank_neighbours(gallery, bank_other, k)`, `bank_other` the bank as the gallery sees it.
+    `unit_bank` is the bank (the query's modality: captions for text queries) scaled to unit length;
+    `near_bank` is `bank_neighbours(gallery, bank, k)`.
     """
     to_bank = unit_rows(queries) @ unit_bank.T  # (n_queries, n_bank)
     top = top_n(scores, n)
