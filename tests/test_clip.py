@@ -1,7 +1,7 @@
-"""The CLIP backend (issue 15, item 4) on a tiny randomly initialised CLIP the test writes itself: the
-zero-shot `clip` model trains, saves, loads and embeds; an index over real photos searches with it;
-`contrastive` trains its heads on its image embeddings; a missing, malformed or changed checkpoint is
-one clear error naming the file."""
+"""The CLIP backend (issue 15, item 4) on a tiny randomly initialised CLIP the test writes itself
+(tools/tiny_clip.py): the zero-shot `clip` model trains, saves, loads and embeds; an index over real
+photos searches with it; `contrastive` trains its heads on its embeddings; a missing, malformed or
+changed checkpoint is one clear error naming the file."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tools.tiny_clip import IMAGE_SIDE, PROJECTION, write_tiny_clip
 from typer.testing import CliRunner
 
 from cbir.cli import app
@@ -19,47 +20,7 @@ from cbir.models import ModelError, create_model, load_model
 from tests.conftest import KAGGLE_MINI
 
 runner = CliRunner()
-PROJECTION = 16
-IMAGE_SIDE = 32
 PHOTOS = sorted((KAGGLE_MINI / "images_train").glob("*.jpg"), key=lambda p: int(p.stem))[:8]
-
-
-def byte_alphabet() -> list[str]:
-    """The 256 printable stand-ins of byte-level BPE (GPT-2 / CLIP's `bytes_to_unicode`)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
-    rest = [b for b in range(256) if b not in printable]
-    return [chr(c) for c in printable] + [chr(256 + i) for i in range(len(rest))]
-
-
-def write_tiny_clip(out: Path) -> Path:
-    """A CLIPModel with 2-layer, 32-wide towers over 32x32 images, random weights (seeded), and a
-    character-level CLIP tokenizer (every byte, with and without the end-of-word mark, no merges)."""
-    import torch
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-
-    chars = byte_alphabet()
-    vocab = {token: i for i, token in enumerate(chars + [c + "</w>" for c in chars])}
-    bos, eos = len(vocab), len(vocab) + 1
-    vocab.update({"<|startoftext|>": bos, "<|endoftext|>": eos})
-    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    config = CLIPConfig(
-        text_config=dict(
-            tower, vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=bos, eos_token_id=eos,
-            pad_token_id=eos,
-        ),
-        vision_config=dict(tower, image_size=IMAGE_SIDE, patch_size=8),
-        projection_dim=PROJECTION,
-    )  # fmt: skip
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        CLIPModel(config).save_pretrained(out)
-    CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(out)
-    preprocessor = {
-        "size": {"shortest_edge": IMAGE_SIDE},
-        "crop_size": {"height": IMAGE_SIDE, "width": IMAGE_SIDE},
-    }
-    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -128,20 +89,7 @@ def test_index_and_search_real_photos(tiny_clip, tmp_path):
     for p in PHOTOS:
         shutil.copy(p, folder / p.name)
     model_dir, index_dir = tmp_path / "m", tmp_path / "ix"
-    result = runner.invoke(
-        app,
-        [
-            "train",
-            "-d",
-            str(KAGGLE_MINI),
-            "--method",
-            "clip",
-            "-p",
-            f"checkpoint={tiny_clip}",
-            "-o",
-            str(model_dir),
-        ],
-    )
+    result = train_clip(tiny_clip, model_dir)
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["index", str(folder), "--out", str(index_dir), "-m", str(model_dir)])
     assert result.exit_code == 0 and "indexed 8 images" in result.output, result.output
@@ -160,25 +108,33 @@ def test_index_and_search_real_photos(tiny_clip, tmp_path):
 
 
 def test_contrastive_heads_on_clip_features(tiny_clip, flickr8k_slice_dir, tmp_path, monkeypatch):
-    """`image_features=clip:PATH`: the heads train on the CLIP image embeddings (recorded by absolute
-    path), the saved model embeds identically, and embedding photos runs no EfficientNet."""
+    """`image_features=clip:PATH` (and `clip:PATH` among the text features): the heads train on the
+    CLIP embeddings, recorded by absolute path, so the saved model loads from another directory and
+    embeds identically; embedding photos runs no EfficientNet."""
     import cbir.encoders
 
-    relative = Path(shutil.copytree(tiny_clip, tmp_path / "ckpt")).relative_to(tmp_path)
+    checkpoint = Path(shutil.copytree(tiny_clip, tmp_path / "ckpt"))
     monkeypatch.chdir(tmp_path)
     quick = {"ensemble": 1, "embed_dim": 8, "hidden": 16, "lsa_dim": 8, "batch_size": 16, "bank_size": 0}
     args = ["train", "-d", str(flickr8k_slice_dir), "--method", "contrastive", "-o", "m", "--epochs", "2"]
-    args += ["-p", f"image_features=clip:{relative}"]
+    args += ["-p", "image_features=clip:ckpt", "-p", "text_features=lsa+clip:ckpt"]
     args += [arg for k, v in quick.items() for arg in ("-p", f"{k}={v}")]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
+    monkeypatch.chdir(flickr8k_slice_dir)
     model = load_model(tmp_path / "m")
-    assert model.representation_ == f"clip:{tmp_path / 'ckpt'}"
-    assert model.arrays_["m0.image.mean"].shape == (PROJECTION,)  # the head's input: CLIP embeddings
+    assert model.representation_ == f"clip:{checkpoint}" and model.text_.kinds == [
+        "lsa",
+        f"clip:{checkpoint}",
+    ]
+    assert model.arrays_["m0.image.mean"].shape == (PROJECTION,)  # the image head's input: CLIP embeddings
+    assert model.arrays_["m0.text.mean"].shape == (8 + PROJECTION,)  # LSA, then CLIP's text embedding
     monkeypatch.setattr(cbir.encoders, "shared_image_encoder", lambda: pytest.fail("EfficientNet ran"))
     first = model.embed(photos()).vectors
     assert first.shape == (8, 8) and np.isfinite(first).all()
     np.testing.assert_allclose(load_model(tmp_path / "m").embed(photos()).vectors, first, atol=1e-6)
+    texts = model.embed_texts(["a dog on the beach", "a man in red"])
+    assert texts.shape == (2, 8) and not np.allclose(texts[0], texts[1])
 
 
 def train_clip(checkpoint: Path, out: Path):

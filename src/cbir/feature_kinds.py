@@ -10,6 +10,7 @@ the user has (cbir.encoders.clip; computed, cached by the checkpoint's hash). Mo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,8 @@ COMPUTED_DIM = sum(FEATURE_KINDS[name].dim for name in COMPUTED_KINDS)  # one en
 DEFAULT_COMPUTED = EFFNET_POOL  # what `auto` means on data without precomputed features
 ALL_COMPUTED = "+".join(COMPUTED_KINDS)
 AUTO_PRECOMPUTED = "resnet2048"  # what `auto` means on data that has it
-CLIP_PREFIX = "clip:"  # `clip:PATH`: a CLIP checkpoint directory's image embeddings
+CLIP_PREFIX = "clip:"  # `clip:PATH`: a CLIP checkpoint directory's image (or caption) embeddings
+CLIP_KIND = f"{CLIP_PREFIX}PATH"  # how CLIP kinds appear among the known kinds
 
 
 def computed_columns(name: str) -> slice:
@@ -57,8 +59,15 @@ def clip_checkpoint(kind: str) -> str | None:
     return kind[len(CLIP_PREFIX) :] if kind.startswith(CLIP_PREFIX) else None
 
 
+def absolute_clip_kind(kind: str) -> str:
+    """A `clip:PATH` kind with an absolute path, so a saved model finds its checkpoint from anywhere;
+    any other kind as it is."""
+    path = clip_checkpoint(kind)
+    return f"{CLIP_PREFIX}{Path(path).expanduser().resolve()}" if path else kind
+
+
 def check_kinds(names: list[str]) -> None:
     unknown = [k for k in names if k not in FEATURE_KINDS and not clip_checkpoint(k)]
     if unknown:
-        known = ", ".join([*FEATURE_KINDS, f"{CLIP_PREFIX}PATH"])
+        known = ", ".join([*FEATURE_KINDS, CLIP_KIND])
         raise ValueError(f"unknown image representation '{unknown[0]}' (known: {known})")

@@ -17,9 +17,9 @@ from cbir.encoders.image import VIEWS, ImageEncoder, ImageFeatures
 from cbir.encoders.text import TextEncoder
 from cbir.feature_kinds import (
     AUTO_PRECOMPUTED,
-    CLIP_PREFIX,
     DEFAULT_COMPUTED,
     FEATURE_KINDS,
+    absolute_clip_kind,
     check_kinds,
     clip_checkpoint,
     computed_columns,
@@ -58,10 +58,7 @@ def resolve_image_representation(name: str, dataset: Dataset, computed: str = DE
     `clip:PATH` part gets its absolute path, so a saved model finds the checkpoint from anywhere."""
     if name == "auto":
         return AUTO_PRECOMPUTED if AUTO_PRECOMPUTED in dataset.features else computed
-    parts = name.split("+")
-    return "+".join(
-        f"{CLIP_PREFIX}{Path(p).expanduser().resolve()}" if (p := clip_checkpoint(k)) else k for k in parts
-    )
+    return "+".join(absolute_clip_kind(k) for k in name.split("+"))
 
 
 def encoder_views(kind: str, views: Sequence[str]) -> list[str]:

@@ -195,8 +195,11 @@ def load_clip(checkpoint: ClipCheckpoint):
     """(CLIPModel in eval mode, tokenizer), offline; weights that do not fit the config name the file."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from transformers import AutoTokenizer, CLIPModel
-    from transformers.utils import logging as hf_logging
+    try:
+        from transformers import AutoTokenizer, CLIPModel
+        from transformers.utils import logging as hf_logging
+    except ImportError as e:
+        raise ClipCheckpointError(f"CLIP weights need transformers: pip install 'cbir[clip]' ({e})") from e
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
