@@ -137,6 +137,18 @@ def test_contrastive_heads_on_clip_features(tiny_clip, flickr8k_slice_dir, tmp_p
     assert texts.shape == (2, 8) and not np.allclose(texts[0], texts[1])
 
 
+def test_classical_method_on_clip_features(tiny_clip, flickr8k_slice_dir, tmp_path):
+    """The classical methods take `clip:PATH` image features too, and keep them through save/load."""
+    from cbir.datasets import load_dataset
+
+    data = load_dataset(flickr8k_slice_dir)
+    train, test = data.split("train"), data.split("test")
+    model = create_model("ridge", image_features=f"clip:{tiny_clip}", alpha=1.0).fit(train)
+    images = model.embed(test).vectors
+    assert images.shape[0] == len(test) and np.isfinite(images).all()
+    np.testing.assert_allclose(load_model(model.save(tmp_path / "m")).embed(test).vectors, images, atol=1e-5)
+
+
 def train_clip(checkpoint: Path, out: Path):
     return runner.invoke(
         app,
