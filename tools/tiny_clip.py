@@ -29,6 +29,9 @@ def write_tiny_clip(out: Path, seed: int = 0) -> Path:
     """The checkpoint directory: config.json, model.safetensors, tokenizer files, preprocessor config."""
     import torch
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     chars = byte_alphabet()
     vocab = {token: i for i, token in enumerate(chars + [c + "</w>" for c in chars])}
