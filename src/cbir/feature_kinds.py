@@ -2,13 +2,15 @@
 
 A kind is either computed from the image file by the packaged EfficientNet-Lite0 (`effnet-*`, one
 network pass gives all of them, side by side in this order) or precomputed and shipped with the data
-(`resnet*`, the Kaggle layout's CSV files). Models name kinds in their `image_features` parameter,
-joined with `+`.
+(`resnet*`, the Kaggle layout's CSV files), or `clip:PATH`: the image embeddings of a CLIP checkpoint
+the user has (cbir.encoders.clip; computed, cached by the checkpoint's hash). Models name kinds in their
+`image_features` parameter, joined with `+` (so a CLIP path cannot hold a `+`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,8 @@ COMPUTED_DIM = sum(FEATURE_KINDS[name].dim for name in COMPUTED_KINDS)  # one en
 DEFAULT_COMPUTED = EFFNET_POOL  # what `auto` means on data without precomputed features
 ALL_COMPUTED = "+".join(COMPUTED_KINDS)
 AUTO_PRECOMPUTED = "resnet2048"  # what `auto` means on data that has it
+CLIP_PREFIX = "clip:"  # `clip:PATH`: a CLIP checkpoint directory's image (or caption) embeddings
+CLIP_KIND = f"{CLIP_PREFIX}PATH"  # how CLIP kinds appear among the known kinds
 
 
 def computed_columns(name: str) -> slice:
@@ -50,7 +54,20 @@ def computed_columns(name: str) -> slice:
     raise KeyError(name)
 
 
+def clip_checkpoint(kind: str) -> str | None:
+    """The checkpoint directory a `clip:PATH` kind names; None for any other kind."""
+    return kind[len(CLIP_PREFIX) :] if kind.startswith(CLIP_PREFIX) else None
+
+
+def absolute_clip_kind(kind: str) -> str:
+    """A `clip:PATH` kind with an absolute path, so a saved model finds its checkpoint from anywhere;
+    any other kind as it is."""
+    path = clip_checkpoint(kind)
+    return f"{CLIP_PREFIX}{Path(path).expanduser().resolve()}" if path else kind
+
+
 def check_kinds(names: list[str]) -> None:
-    unknown = [k for k in names if k not in FEATURE_KINDS]
+    unknown = [k for k in names if k not in FEATURE_KINDS and not clip_checkpoint(k)]
     if unknown:
-        raise ValueError(f"unknown image representation '{unknown[0]}' (known: {', '.join(FEATURE_KINDS)})")
+        known = ", ".join([*FEATURE_KINDS, CLIP_KIND])
+        raise ValueError(f"unknown image representation '{unknown[0]}' (known: {known})")

@@ -1,11 +1,13 @@
 """Image and text feature extractors, and `image_features`: one place that turns a dataset into an
-image representation, computed by EfficientNet-Lite0 or read from the dataset's precomputed CSVs."""
+image representation, computed by EfficientNet-Lite0 (or a user's CLIP checkpoint) or read from the
+dataset's precomputed CSVs."""
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,12 +19,15 @@ from cbir.feature_kinds import (
     AUTO_PRECOMPUTED,
     DEFAULT_COMPUTED,
     FEATURE_KINDS,
+    absolute_clip_kind,
     check_kinds,
+    clip_checkpoint,
     computed_columns,
 )
 
 if TYPE_CHECKING:
     from cbir.datasets import Dataset
+    from cbir.encoders.clip import ClipEncoder
 
 _shared: dict[str, object] = {}
 
@@ -36,11 +41,32 @@ def shared_text_encoder() -> TextEncoder:
     return _shared.setdefault("text", TextEncoder())  # type: ignore[return-value]
 
 
+def shared_clip_encoder(path: Path | str) -> ClipEncoder:
+    """One encoder per CLIP checkpoint and process; the checkpoint is checked now (a missing or
+    malformed one is a `ClipCheckpointError` naming the file) and its weights loaded on first use."""
+    from cbir.encoders.clip import ClipCheckpoint, ClipEncoder
+
+    checkpoint = ClipCheckpoint.open(path)
+    key = f"clip:{checkpoint.stamps}"  # changed files: a new encoder
+    if key not in _shared:
+        _shared[key] = ClipEncoder(checkpoint)
+    return _shared[key]  # type: ignore[return-value]
+
+
 def resolve_image_representation(name: str, dataset: Dataset, computed: str = DEFAULT_COMPUTED) -> str:
-    """`auto` = the dataset's precomputed ResNet pool5 features when it has them, else `computed`."""
-    if name != "auto":
-        return name
-    return AUTO_PRECOMPUTED if AUTO_PRECOMPUTED in dataset.features else computed
+    """`auto` = the dataset's precomputed ResNet pool5 features when it has them, else `computed`; a
+    `clip:PATH` part gets its absolute path, so a saved model finds the checkpoint from anywhere."""
+    if name == "auto":
+        return AUTO_PRECOMPUTED if AUTO_PRECOMPUTED in dataset.features else computed
+    return "+".join(absolute_clip_kind(k) for k in name.split("+"))
+
+
+def encoder_views(kind: str, views: Sequence[str]) -> list[str]:
+    """What `encode_images` computes for representation `kind` seen in `views`: each `clip:PATH` part,
+    and the EfficientNet `views` unless every part is a CLIP one."""
+    parts = kind.split("+")
+    clip_parts = [k for k in parts if clip_checkpoint(k)]
+    return clip_parts + ([] if len(clip_parts) == len(parts) else list(views))
 
 
 @dataclass
@@ -58,25 +84,35 @@ class UnreadableImagesWarning(UserWarning):
 
 
 def computed_features_key(view: str) -> str:
-    """Where a dataset holds the computed features of one view, beside its precomputed kinds."""
-    return f"effnet@{view}"
+    """Where a dataset holds the computed features of one view, beside its precomputed kinds; a
+    `clip:PATH` kind is held under its own name."""
+    return view if clip_checkpoint(view) else f"effnet@{view}"
 
 
 def encode_images(
     dataset: Dataset, views: Sequence[str] = ("center",), progress: bool = True
 ) -> EncodedImages:
-    """Every view of each image file from one read and one hash of it; the failures are returned,
-    not reported anywhere."""
-    feats = shared_image_encoder().encode(dataset.images, views, progress)
-    attached = {computed_features_key(view): rows for view, rows in feats.views.items()}
-    return EncodedImages(
-        replace(dataset, features={**dataset.features, **attached}), feats.keys, feats.failed
-    )
+    """Every view of each image file from one read and one hash of it per encoder; the failures are
+    returned, not reported anywhere. A view may be a `clip:PATH` kind: that checkpoint's embeddings."""
+    clip_kinds = [v for v in views if clip_checkpoint(v)]
+    effnet_views = [v for v in views if not clip_checkpoint(v)]
+    runs = [
+        (v, shared_clip_encoder(clip_checkpoint(v)).encode(dataset.images, "center", progress))
+        for v in clip_kinds
+    ]
+    if effnet_views or not runs:
+        runs.append(("", shared_image_encoder().encode(dataset.images, effnet_views, progress)))
+    attached: dict[str, np.ndarray] = {}
+    for kind, feats in runs:
+        attached.update({computed_features_key(kind or view): rows for view, rows in feats.views.items()})
+    failed = {row: reason for _, feats in runs for row, reason in feats.failed.items()}
+    return EncodedImages(replace(dataset, features={**dataset.features, **attached}), runs[0][1].keys, failed)
 
 
 def _computed_rows(dataset: Dataset, view: str, progress: bool) -> np.ndarray:
-    """The dataset's computed features of `view`: attached by `encode_images`, or encoded now and
-    kept on the dataset (so training reads each file once), with a warning naming unreadable files."""
+    """The dataset's computed features of `view` (or `clip:PATH` kind): attached by `encode_images`, or
+    encoded now and kept on the dataset (so training reads each file once), with a warning naming
+    unreadable files."""
     key = computed_features_key(view)
     if key not in dataset.features:
         encoded = encode_images(dataset, (view,), progress)
@@ -104,7 +140,11 @@ def image_features(
     check_kinds(kinds)
     blocks = []
     for k in kinds:
-        if FEATURE_KINDS[k].computed:
+        if clip_checkpoint(k):
+            if view != "center":
+                raise ValueError(f"{k}: CLIP features have only the center view, not {view}")
+            blocks.append(_computed_rows(dataset, k, progress))
+        elif FEATURE_KINDS[k].computed:
             blocks.append(_computed_rows(dataset, view, progress)[:, computed_columns(k)])
         elif k in dataset.features:
             blocks.append(dataset.features[k])
@@ -126,8 +166,10 @@ __all__ = [
     "TextEncoder",
     "default_cache_dir",
     "encode_images",
+    "encoder_views",
     "image_features",
     "resolve_image_representation",
+    "shared_clip_encoder",
     "shared_image_encoder",
     "shared_text_encoder",
 ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import os
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,7 +126,7 @@ def read_image_file(path: Path) -> bytes:
 
 
 def _read_and_prepare(
-    path: Path, caches: dict[str, FeatureCache | None]
+    path: Path, caches: dict[str, FeatureCache | None], prepare: Callable[[bytes, str], np.ndarray]
 ) -> tuple[str, dict[str, np.ndarray], str | None]:
     """(content key, pixels of each view to compute, error), from one read and one hash of the file;
     runs in the decode thread. Views already cached are not decoded."""
@@ -137,7 +137,7 @@ def _read_and_prepare(
     key = content_key(data)
     try:
         pixels = {
-            view: preprocess(data, view)
+            view: prepare(data, view)
             for view, cache in caches.items()
             if cache is None or cache.get(key) is None
         }
@@ -147,7 +147,12 @@ def _read_and_prepare(
 
 
 class ImageEncoder:
-    """EfficientNet-Lite0 (ImageNet) as a feature extractor; CPU, batched, cached."""
+    """EfficientNet-Lite0 (ImageNet) as a feature extractor; CPU, batched, cached. Another network
+    (cbir.encoders.clip) reuses the pipeline: it overrides `dim`, `views`, `namespace`, `prepare` and
+    `_forward`."""
+
+    dim = COMPUTED_DIM  # the width of one row
+    views: tuple[str, ...] = VIEWS  # the views it computes
 
     def __init__(self, batch_size: int = 8, cache: bool = True, cache_dir: Path | str | None = None):
         self.batch_size = batch_size
@@ -163,9 +168,17 @@ class ImageEncoder:
     def _cache(self, view: str) -> FeatureCache | None:
         if not self.use_cache:
             return None
-        cache = FeatureCache.open(f"{MODEL_ID}/{CACHE_LAYOUT}/{view}", self.cache_dir)
+        cache = FeatureCache.open(self.namespace(view), self.cache_dir)
         len(cache)  # load the shards once, before the decode thread reads them
         return cache
+
+    def namespace(self, view: str) -> str:
+        """Where the rows of `view` are cached."""
+        return f"{MODEL_ID}/{CACHE_LAYOUT}/{view}"
+
+    def prepare(self, data: bytes, view: str) -> np.ndarray:
+        """Bytes of an image file -> the pixels `_forward` takes (runs in the decode thread)."""
+        return preprocess(data, view)
 
     def encode(
         self, paths: Sequence[Path | str], views: str | Sequence[str] = ("center",), progress: bool = True
@@ -175,8 +188,8 @@ class ImageEncoder:
         paths = [Path(p) for p in paths]
         views = [views] if isinstance(views, str) else list(views)
         for view in views:
-            if view not in VIEWS:
-                raise ValueError(f"unknown view '{view}' (known: {', '.join(VIEWS)})")
+            if view not in self.views:
+                raise ValueError(f"unknown view '{view}' (known: {', '.join(self.views)})")
         n = len(paths)
         caches = {view: self._cache(view) for view in views}
         batches = {view: _Batch(self, n, caches[view]) for view in views}
@@ -191,7 +204,8 @@ class ImageEncoder:
             next_row = 0
             while next_row < n or ahead:
                 while next_row < n and len(ahead) < 4 * self.batch_size:
-                    ahead.append((next_row, pool.submit(_read_and_prepare, paths[next_row], caches)))
+                    job = pool.submit(_read_and_prepare, paths[next_row], caches, self.prepare)
+                    ahead.append((next_row, job))
                     next_row += 1
                 row, fut = ahead.popleft()
                 keys[row], pixels, error = fut.result()
@@ -228,7 +242,7 @@ class _Batch:
 
     def __init__(self, encoder: ImageEncoder, n: int, cache: FeatureCache | None):
         self.encoder, self.cache = encoder, cache
-        self.out = np.zeros((n, COMPUTED_DIM), dtype=np.float32)
+        self.out = np.zeros((n, encoder.dim), dtype=np.float32)
         self.rows: list[int] = []
         self.keys: list[str] = []
         self.pixels: list[np.ndarray] = []

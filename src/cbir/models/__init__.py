@@ -26,6 +26,8 @@ METHODS: dict[str, str] = {
     "contrastive": "cbir.models.contrastive:ContrastiveModel",
     # no training: ConSE over ImageNet classes (issue 5)
     "zero-shot": "cbir.models.zeroshot:ZeroShotModel",
+    # a CLIP checkpoint the user has, searched zero-shot (issue 15)
+    "clip": "cbir.models.clip:ClipModel",
 }
 
 

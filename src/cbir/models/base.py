@@ -20,7 +20,7 @@ import numpy as np
 
 from cbir.calibration import Calibration
 from cbir.datasets import Dataset, DatasetError
-from cbir.feature_kinds import FEATURE_KINDS
+from cbir.feature_kinds import CLIP_KIND, FEATURE_KINDS
 from cbir.progress import progress_bar
 
 CONFIG_FILE = "config.json"
@@ -131,8 +131,12 @@ def _bound(value: float | None, infinite: str) -> str:
 
 # Parameters several methods take, declared once; a method's PARAMS picks them by name.
 SHARED_PARAMS: dict[str, Param] = dict(
-    image_features=Param(f"image features, '+'-joined ({', '.join(FEATURE_KINDS)}, auto, tags)", str),
-    text_features=Param("caption features, '+'-joined (minilm, tfidf, bow, lsa, word2vec, glove)", str),
+    image_features=Param(
+        f"image features, '+'-joined ({', '.join(FEATURE_KINDS)}, auto, tags, {CLIP_KIND})", str
+    ),
+    text_features=Param(
+        f"caption features, '+'-joined (minilm, tfidf, bow, lsa, word2vec, glove, {CLIP_KIND})", str
+    ),
     use_augmented=Param("also train on the dataset's augmented captions, when it has them", bool),
     batch_size=Param("training pairs per step", int, 2),
     lr=Param("Adam learning rate", float, 0, open_low=True),

@@ -17,7 +17,7 @@ from typing import Any, Self
 import numpy as np
 
 from cbir.datasets import Dataset
-from cbir.encoders import VIEWS, image_features, resolve_image_representation
+from cbir.encoders import VIEWS, encoder_views, image_features, resolve_image_representation
 from cbir.feature_kinds import ALL_COMPUTED
 from cbir.metrics import mr_standard_error, retrieval_metrics
 from cbir.models.base import (
@@ -374,7 +374,7 @@ class ContrastiveModel(RetrievalModel):
 
     def image_views(self) -> list[str]:
         """`embed_views`, and the centre view that the zero-shot part reads when it is mixed in."""
-        views = self._views("embed_views")
+        views = encoder_views(self.representation_, self._views("embed_views"))
         return views + ["center"] if self.zero_shot_weight_ and "center" not in views else views
 
     def _own_images(self, images: Dataset) -> np.ndarray:

@@ -14,10 +14,10 @@ import numpy as np
 
 from cbir.datasets import Dataset
 from cbir.encoders import image_features, resolve_image_representation
-from cbir.feature_kinds import FEATURE_KINDS
+from cbir.feature_kinds import CLIP_KIND, FEATURE_KINDS
 from cbir.models.classical.text_features import parse_kinds, words
 
-IMAGE_KINDS = (*FEATURE_KINDS, "auto", "tags")
+IMAGE_KINDS = (*FEATURE_KINDS, "auto", "tags", CLIP_KIND)
 
 
 class ImageFeaturizer:

@@ -4,8 +4,9 @@ Kinds (joined with `+` to concatenate, each block unit-length so none dominates)
 `minilm` (packaged sentence embeddings), `tfidf` and `bow` (scikit-learn counting over our own
 analyser: lowercasing, optional Snowball stemming, sklearn stop words, n-grams), `lsa` (TF-IDF reduced
 by truncated SVD: dense, low-rank, so a trained head on it overfits less than on raw TF-IDF), `word2vec`
-(gensim, trained on the training captions, averaged per caption) and `glove` (packaged GloVe 6B
-50-d vectors, averaged per caption).
+(gensim, trained on the training captions, averaged per caption), `glove` (packaged GloVe 6B
+50-d vectors, averaged per caption) and `clip:PATH` (the text tower of a CLIP checkpoint the user has,
+cbir.encoders.clip).
 """
 
 from __future__ import annotations
@@ -19,16 +20,18 @@ from typing import Any
 
 import numpy as np
 
+from cbir.feature_kinds import CLIP_KIND, absolute_clip_kind, clip_checkpoint
 from cbir.models.base import unit_rows
 
-TEXT_KINDS = ("minilm", "tfidf", "bow", "lsa", "word2vec", "glove")
+TEXT_KINDS = ("minilm", "tfidf", "bow", "lsa", "word2vec", "glove", CLIP_KIND)
 TOKEN = re.compile(r"[a-z0-9]+")
 
 
 def parse_kinds(spec: str, known: Sequence[str], what: str) -> list[str]:
-    """`a+b` -> ["a", "b"], every part known (the error lists the known ones)."""
+    """`a+b` -> ["a", "b"], every part known (the error lists the known ones); `clip:PATH` stands for
+    any CLIP checkpoint."""
     kinds = [k.strip() for k in spec.split("+") if k.strip()]
-    bad = [k for k in kinds if k not in known]
+    bad = [k for k in kinds if k not in known and not (CLIP_KIND in known and clip_checkpoint(k))]
     if not kinds or bad:
         raise ValueError(f"unknown {what} '{spec}' (combine with '+' from: {', '.join(known)})")
     return kinds
@@ -108,7 +111,7 @@ class TextFeaturizer:
         seed: int = 0,
         lsa_dim: int = 256,
     ):
-        self.kinds = parse_kinds(kinds, TEXT_KINDS, "text representation")
+        self.kinds = [absolute_clip_kind(k) for k in parse_kinds(kinds, TEXT_KINDS, "text representation")]
         self.analyzer = Analyzer(stem, stop_words, ngrams)
         self.max_features, self.word2vec_dim, self.seed = max_features, word2vec_dim, seed
         self.lsa_dim = lsa_dim
@@ -170,6 +173,10 @@ class TextFeaturizer:
         return x
 
     def block(self, kind: str, texts: Sequence[str]) -> np.ndarray:
+        if clip_checkpoint(kind):
+            from cbir.encoders import shared_clip_encoder
+
+            return shared_clip_encoder(clip_checkpoint(kind)).encode_texts(texts, progress=len(texts) > 256)
         if kind == "minilm":
             from cbir.encoders import shared_text_encoder
 
@@ -194,10 +201,11 @@ class TextFeaturizer:
         return {"text.idf": self.idf, "text.lsa": self.lsa_components, "text.word2vec": self.w2v_vectors}
 
     def state(self) -> dict[str, Any]:
-        return {"vocabulary": self.vocabulary, "word2vec_words": list(self.w2v_words)}
+        return {"kinds": self.kinds, "vocabulary": self.vocabulary, "word2vec_words": list(self.w2v_words)}
 
     def restore(self, arrays: dict[str, np.ndarray], state: dict[str, Any]) -> None:
         self.idf, self.w2v_vectors = arrays["text.idf"], arrays["text.word2vec"]
         self.lsa_components = arrays.get("text.lsa", self.lsa_components)
         self.vocabulary = state["vocabulary"]
+        self.kinds = state.get("kinds", self.kinds)  # CLIP paths as resolved when fitted
         self.w2v_words = {w: i for i, w in enumerate(state["word2vec_words"])}
