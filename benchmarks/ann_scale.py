@@ -1,7 +1,12 @@
-"""Exact, HNSW and IVF-PQ search at 100k and 1M vectors: recall@20 against exact search, p50 / p99
+r"""Exact, HNSW and IVF-PQ search at 100k and 1M vectors: recall@20 against exact search, p50 / p99
 latency of one query on one thread (as `SearchIndex` searches), memory per vector, build time.
 
-    OMP_NUM_THREADS=2 PYTHONPATH=src python -m benchmarks.ann_scale --sizes 100000 1000000
+    OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE PYTHONPATH=src \
+        python -m benchmarks.ann_scale --sizes 100000 1000000
+    PYTHONPATH=src python -m benchmarks.ann_scale --manifest 200000   # bytes per photo of the manifest
+
+(OMP_WAIT_POLICY=PASSIVE: on a machine shared with other jobs, OpenMP threads that spin at barriers
+made the IVF-PQ build several times slower here: BENCHMARKS.md, "IVF-PQ at scale".)
 
 Vectors: `benchmarks.search.clustered_vectors` (a mixture of topics in a 32-d latent space plus
 full-rank noise) at 896-d, the width of the shipped model's image vectors. They are written as a
@@ -13,6 +18,7 @@ Files go under runs/bench-ann/ (git-ignored) and are deleted at the end.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import time
 from pathlib import Path
@@ -70,7 +76,9 @@ def report(n: int, name: str, build: float, bytes_per_vector: float, found, seco
     )
 
 
-def run_size(n: int, dim: int, n_queries: int, hnsw_max: int, nprobes: list[int], folder: Path) -> None:
+def run_size(
+    n: int, dim: int, n_queries: int, hnsw_max: int, nprobes: list[int], refines: list[int], folder: Path
+) -> None:
     from cbir import ann
 
     rng = np.random.default_rng(0)
@@ -109,7 +117,7 @@ def run_size(n: int, dim: int, n_queries: int, hnsw_max: int, nprobes: list[int]
     build = time.perf_counter() - t
     stored = index.config["nprobe"]
     for nprobe in sorted({*nprobes, stored}):
-        for refine in (5, ann.REFINE):
+        for refine in sorted({*refines, ann.REFINE}):
             index._ivf().nprobe, index.config["refine"] = nprobe, refine
             found, seconds = timed_search(index, queries)
             name = f"IVF-PQ nprobe{nprobe} refine{refine}" + (
@@ -122,6 +130,38 @@ def run_size(n: int, dim: int, n_queries: int, hnsw_max: int, nprobes: list[int]
     )
 
 
+def manifest_memory(n: int) -> None:
+    """Bytes per photo of a manifest entry (JSON) and of what `SearchIndex` keeps per photo in Python
+    (ids, row and stat maps, EXIF meta, mtimes), for the 10M / 100M estimate."""
+    import tracemalloc
+
+    entries = [
+        {
+            **{"id": f"2024/trip{i // 1000}/IMG_{i:07d}.jpg", "size": 2_345_678 + i},
+            **{"mtime_ns": 1_714_567_890_123_456_789 + i, "sha1": f"{i:040x}", "shard": f"{0:032x}.npy"},
+            **{"row": i, "meta": {"taken": f"2024-05-01T12:{i % 60:02d}:00", "camera": "Canon EOS 80D"}},
+        }
+        for i in range(n)
+    ]
+    text = json.dumps({"entries": entries}, indent=1)
+    del entries
+    tracemalloc.start()
+    manifest = json.loads(text)
+    parsed = tracemalloc.get_traced_memory()[0]
+    ids = [e["id"] for e in manifest["entries"]]
+    kept = [ids, {i: r for r, i in enumerate(ids)}, [e.get("meta") for e in manifest["entries"]]]
+    kept += [{e["id"]: (e["size"], e["mtime_ns"]) for e in manifest["entries"]}]
+    kept += [[e["mtime_ns"] for e in manifest["entries"]]]
+    peak = tracemalloc.get_traced_memory()[0]
+    del manifest
+    resident = tracemalloc.get_traced_memory()[0]
+    print(
+        f"{n} photos: manifest JSON {len(text) / n:.0f} B/photo; parsed {parsed / n:.0f} B/photo; "
+        f"SearchIndex keeps {resident / n:.0f} B/photo (peak while opening {peak / n:.0f})"
+    )
+    del kept
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -130,8 +170,13 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=896)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--hnsw-max", type=int, default=200_000)
-    parser.add_argument("--nprobe", type=int, nargs="+", default=[16, 128])
+    parser.add_argument("--nprobe", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--refine", type=int, nargs="+", default=[10, 20, 40])
+    parser.add_argument("--manifest", type=int, help="only measure manifest bytes per photo over this many")
     args = parser.parse_args()
+    if args.manifest:
+        manifest_memory(args.manifest)
+        return
     import faiss
 
     print(
@@ -151,7 +196,7 @@ def main() -> None:
         folder = RUNS / str(n)
         folder.mkdir(exist_ok=True)
         try:
-            run_size(n, args.dim, args.queries, args.hnsw_max, args.nprobe, folder)
+            run_size(n, args.dim, args.queries, args.hnsw_max, args.nprobe, args.refine, folder)
         finally:
             shutil.rmtree(folder)
 

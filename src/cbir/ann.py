@@ -2,16 +2,16 @@
 build it from the vectors, and how to open it for search.
 
   below `ANN_THRESHOLD`     exact inner products (`IndexFlatIP`), nothing written;
-  up to `IVFPQ_THRESHOLD`   an HNSW graph (`<shard>.hnsw`): the fastest, but it holds a full copy of
-                            the vectors and its build time grows quickly with size;
+  up to `IVFPQ_THRESHOLD`   an HNSW graph (`<shard>.hnsw`): fast and exact in practice, but it holds
+                            a full copy of the vectors (3.9 KB a 896-d vector);
   above                     IVF-PQ (`<shard>.ivfpq`): PCA to `PCA_DIM`, an inverted file over `nlist`
-                            k-means cells (HNSW coarse quantizer), product-quantized 4-bit codes
-                            (`PQ_SUBQUANTIZERS` of them, SIMD "fast scan"), trained on a sample
-                            (8-bit codes train ~50x slower here for no recall after re-ranking);
-                            each search takes
-                            `refine` × k candidates from the codes and ranks them by their exact inner
-                            product with the vectors of the memory-mapped shard. Memory holds only the
-                            codes; the shard is read a few rows per query.
+                            k-means cells (HNSW coarse quantizer), 4-bit product-quantized codes
+                            (`PQ_SUBQUANTIZERS`, SIMD "fast scan": quick to train and to scan),
+                            trained on a sample. Each search takes `refine` × k candidates from the
+                            codes and ranks them by their exact inner product with the vectors of
+                            the memory-mapped shard, which makes up for the codes' coarseness.
+                            Memory holds the codes (46 B a vector at 1M); the shard is read a few
+                            hundred rows per query.
 
 An `.ivfpq` file is one `.npz`: the FAISS index bytes and a versioned JSON config (nlist, nprobe,
 refine, …), so search parameters travel with the index. Thresholds and defaults come from
@@ -29,14 +29,14 @@ from typing import Any
 import numpy as np
 
 ANN_THRESHOLD = 50_000  # from here on, an approximate index
-IVFPQ_THRESHOLD = 500_000  # from here on, IVF-PQ instead of HNSW
+IVFPQ_THRESHOLD = 200_000  # from here on, IVF-PQ instead of HNSW
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 64
 HNSW_EF_SEARCH = 128
 PCA_DIM = 256  # vectors wider than this are rotated and cut to it before the inverted file
 PQ_SUBQUANTIZERS = 64  # 4-bit codes (FAISS fast scan): half a byte each, 32 bytes a vector at most
 KMEANS_ITERATIONS = 10
-REFINE = 10  # candidates from the codes per result wanted, re-ranked exactly
+REFINE = 20  # candidates from the codes per result wanted, re-ranked exactly (40: FAISS fast scan slows ~30x)
 MIN_NPROBE = 32
 SAMPLE_PER_CELL = 64  # training vectors per k-means cell
 MIN_PER_CELL = 39  # fewer than this a cell, FAISS's k-means is unreliable
