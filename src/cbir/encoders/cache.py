@@ -288,9 +288,10 @@ class FeatureCache:
         deleted = [self.root / namespace / name for namespace, name in victims]
         for path in deleted:
             path.unlink(missing_ok=True)
-        for namespace, name in victims:
-            if namespace == self.namespace:
-                self._maps.pop(name, None)
+        with self._lock:
+            for namespace, name in victims:
+                if namespace == self.namespace:
+                    self._maps.pop(name, None)
         return deleted
 
     def _adopt_legacy_shards(self) -> None:
