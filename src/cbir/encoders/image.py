@@ -164,7 +164,7 @@ class ImageEncoder:
         if not self.use_cache:
             return None
         cache = FeatureCache.open(f"{MODEL_ID}/{CACHE_LAYOUT}/{view}", self.cache_dir)
-        len(cache)  # open it (adopting an older layout's shards) before the decode thread reads it
+        len(cache)  # load the shards once, before the decode thread reads them
         return cache
 
     def encode(
