@@ -140,7 +140,7 @@ def clustered_vectors(n: int, dim: int, rng: np.random.Generator, centres: np.nd
 def ann(sizes: list[int], dim: int, queries: int) -> None:
     import faiss
 
-    from cbir.index import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M
+    from cbir.ann import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M
 
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((1000, LATENT_DIM), dtype=np.float32)

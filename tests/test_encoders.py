@@ -78,16 +78,6 @@ def test_image_encoder_features_cache_and_classes(tmp_path):
     assert len(on_disk) == 12
 
 
-def test_feature_cache_shards_are_read_once_per_process(tmp_path):
-    cache = FeatureCache.open("ns", tmp_path)
-    cache.put_many(["a"], np.ones((1, 3)))
-    assert FeatureCache.open("ns", tmp_path) is cache
-    np.testing.assert_array_equal(FeatureCache("ns", tmp_path).get("a"), np.ones(3))  # written to disk
-    FeatureCache("ns", tmp_path).put_many(["b"], np.zeros((1, 3)))  # as another process would
-    assert cache.get("b") is None  # the open instance does not reread the folder
-    assert FeatureCache("ns", tmp_path).get("b") is not None
-
-
 def test_views_are_deterministic_and_distinct():
     data = (KAGGLE_MINI / "images_train" / "0.jpg").read_bytes()
     center = preprocess(data)

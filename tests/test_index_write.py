@@ -77,10 +77,22 @@ def test_out_folder_check(tmp_path):
         ix._check_out_folder(tmp_path / "b")
 
 
-def test_orphans_and_temporaries_are_swept_and_nothing_else(tmp_path):
+def test_orphans_and_temporaries_are_swept_and_nothing_else(tmp_path, monkeypatch):
+    from cbir import ann
+
+    monkeypatch.setattr(ann, "ANN_THRESHOLD", 1)  # the live shard's approximate index is an HNSW graph
     shards = tmp_path / ix.SHARDS
     shards.mkdir()
-    names = ("live.npy", "live.hnsw", "dead.npy", "dead.hnsw", f".t{ix.TMP_SUFFIX}", "notes.txt")
+    names = (
+        "live.npy",
+        "live.hnsw",
+        "live.ivfpq",
+        "dead.npy",
+        "dead.hnsw",
+        "dead.ivfpq",
+        f".t{ix.TMP_SUFFIX}",
+    )
+    names = (*names, "notes.txt")
     for name in names:
         (shards / name).touch()
     for model in ("model-live", "model-old", ix.MODEL_DIR):  # the live, a replaced and a legacy model folder
@@ -301,31 +313,34 @@ def test_a_failed_file_that_was_failed_before_counts_as_changed_when_it_now_read
 def test_hnsw_graph_is_written_per_compacted_shard_above_the_threshold(tmp_path, monkeypatch):
     import faiss
 
-    monkeypatch.setattr(ix, "ANN_THRESHOLD", 4)
+    from cbir import ann
+
+    monkeypatch.setattr(ann, "ANN_THRESHOLD", 4)
     shards = tmp_path / ix.SHARDS
     shards.mkdir()
     vectors = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
     checksum = ix._write_npy_atomic(shards / "a.npy", vectors)
     manifest = {"entries": [{"shard": "a.npy", "row": i} for i in range(4)], "shards": {"a.npy": checksum}}
     ix._write_ann(tmp_path, manifest)
-    assert ix._ann_path(tmp_path, "a.npy") == shards / f"a{ix.ANN_SUFFIX}"
-    graph = faiss.read_index(str(shards / f"a{ix.ANN_SUFFIX}"))
+    assert ix._ann_path(tmp_path, manifest["entries"]) == shards / "a.hnsw"
+    graph = faiss.read_index(str(shards / "a.hnsw"))
     assert graph.ntotal == 4 and isinstance(graph, faiss.IndexHNSWFlat)
     assert graph.metric_type == faiss.METRIC_INNER_PRODUCT
-    before = (shards / f"a{ix.ANN_SUFFIX}").stat().st_mtime_ns
+    before = (shards / "a.hnsw").stat().st_mtime_ns
     ix._write_ann(tmp_path, manifest)  # same shard: not rebuilt
-    assert (shards / f"a{ix.ANN_SUFFIX}").stat().st_mtime_ns == before
+    assert (shards / "a.hnsw").stat().st_mtime_ns == before
     assert not [p for p in [*tmp_path.iterdir(), *shards.iterdir()] if p.name.endswith(ix.TMP_SUFFIX)]
     # a new compacted shard (another index content) gets its own graph; the old one is an orphan
     checksum = ix._write_npy_atomic(shards / "b.npy", np.vstack([vectors, vectors[:1]]))
     bigger = {"entries": [{"shard": "b.npy", "row": i} for i in range(5)], "shards": {"b.npy": checksum}}
     ix._write_ann(tmp_path, bigger)
-    assert faiss.read_index(str(shards / f"b{ix.ANN_SUFFIX}")).ntotal == 5
+    assert faiss.read_index(str(shards / "b.hnsw")).ntotal == 5
+    (shards / "old.ivfpq").write_bytes(b"an IVF-PQ index of a shard since replaced")
     # below the threshold: no graph
     checksum = ix._write_npy_atomic(shards / "c.npy", vectors[:3])
     smaller = {"entries": [{"shard": "c.npy", "row": i} for i in range(3)], "shards": {"c.npy": checksum}}
     ix._write_ann(tmp_path, smaller)
-    assert not (shards / f"c{ix.ANN_SUFFIX}").exists()
+    assert not (shards / "c.hnsw").exists() and ix._ann_path(tmp_path, smaller["entries"]) is None
     ix._remove_orphans(tmp_path, {**smaller, "model_dir": "model-x"})  # the graphs go with their shards
     assert sorted(os.listdir(shards)) == ["c.npy"]
 

@@ -261,13 +261,14 @@ def test_approximate_search_above_the_threshold_matches_exact(folder, tmp_path, 
     import faiss
 
     import cbir.index as index_module
+    from cbir import ann
 
-    monkeypatch.setattr(index_module, "ANN_THRESHOLD", 5)
+    monkeypatch.setattr(ann, "ANN_THRESHOLD", 5)
     ix = build_index(folder, tmp_path / "ix", zero_shot_dir, progress=False)
     shards = tmp_path / "ix" / index_module.SHARDS
     (shard,) = index_module.read_manifest(tmp_path / "ix")["shards"]  # compacted: one shard
-    graphs = [p.name for p in shards.glob(f"*{index_module.ANN_SUFFIX}")]
-    assert graphs == [Path(shard).with_suffix(index_module.ANN_SUFFIX).name] and ix.approximate
+    graphs = [p.name for p in shards.glob("*.hnsw")]
+    assert graphs == [Path(shard).with_suffix(".hnsw").name] and ix.approximate
     assert isinstance(ix._index(), faiss.IndexHNSWFlat)
     vectors = np.asarray(ix.vectors, dtype=np.float32)
     for query in (ix.embed_text("people outdoors"), ix.vector("4.jpg")):
@@ -279,7 +280,7 @@ def test_approximate_search_above_the_threshold_matches_exact(folder, tmp_path, 
     for photo in sorted(folder.glob("*.jpg"))[:6]:  # below the threshold again: exact search, no graph
         photo.unlink()
     ix = build_index(folder, tmp_path / "ix", zero_shot_dir, progress=False)
-    assert not ix.approximate and not list(shards.glob(f"*{index_module.ANN_SUFFIX}"))
+    assert not ix.approximate and not list(shards.glob("*.hnsw"))
     assert isinstance(ix._index(), faiss.IndexFlatIP)
 
 

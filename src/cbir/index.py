@@ -4,7 +4,8 @@ On disk an index is a directory:
   `index.json`   manifest: the indexed folder, the model folder, and one entry per image (id, size,
                  mtime, content hash, and where its vector lives: shard file + row); unreadable files too.
   `shards/*.npy` float32 vectors, one shard per committed chunk (compacted into one at the end).
-  `shards/*.hnsw` an approximate (HNSW) FAISS index of a compacted shard, only above `ANN_THRESHOLD` images.
+  `shards/*.hnsw`, `shards/*.ivfpq`  the approximate index (HNSW, or IVF-PQ for the largest) of a
+                 compacted shard, only above `cbir.ann.ANN_THRESHOLD` images (see `cbir.ann`).
   `model-<fingerprint>/`  a copy of the model that embedded the images (the shipped default unless
                  named), so an index is self-contained and queries are embedded by the same model.
 
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cbir import ann
 from cbir.lockfile import exclusive_lock
 
 if TYPE_CHECKING:
@@ -46,14 +48,8 @@ LOCK_FILE = ".cbir-lock"
 TMP_SUFFIX = ".cbir-tmp"  # every temporary file or folder the index writes ends so; nothing else is swept
 MODEL_DIR = "model"  # the model folder of indexes written before it was named by fingerprint
 NEXT = "next"  # the manifest key of a generation being built for a new model or folder
-ANN_SUFFIX = ".hnsw"
 FORMAT = "cbir-index"
 VERSION = 1
-# Above this many images, search goes through an HNSW graph instead of exact inner products.
-ANN_THRESHOLD = 50_000
-HNSW_M = 32
-HNSW_EF_CONSTRUCTION = 64
-HNSW_EF_SEARCH = 128
 CHUNK_SIZE = 256
 # Opening verifies shard checksums up to this many bytes of shards (~40k 1,664-d images; SHA-1 runs at
 # 0.7-1.4 GB/s here, see BENCHMARKS.md); larger indexes are verified by every `cbir index` rerun.
@@ -552,8 +548,9 @@ def _remove_orphans(index_dir: Path, manifest: dict[str, Any]) -> None:
     run) and their HNSW graphs, older model folders, an older layout's `ann.faiss`, and the
     temporaries of killed runs. Only names the index writes, under its lock."""
     live = {e["shard"] for e in manifest["entries"]}
-    live_ann = {_ann_path(index_dir, name).name for name in live}
-    for f in [*(index_dir / SHARDS).glob("*.npy"), *(index_dir / SHARDS).glob(f"*{ANN_SUFFIX}")]:
+    live_ann = {p.name for p in [_ann_path(index_dir, manifest["entries"])] if p is not None}
+    ann_files = [f for suffix in ann.SUFFIXES.values() for f in (index_dir / SHARDS).glob(f"*{suffix}")]
+    for f in [*(index_dir / SHARDS).glob("*.npy"), *ann_files]:
         if f.name not in live | live_ann:
             f.unlink(missing_ok=True)
     old_models = [d for d in index_dir.iterdir() if _is_model_dir(d.name) and d.name != manifest["model_dir"]]
@@ -566,42 +563,27 @@ def _remove_orphans(index_dir: Path, manifest: dict[str, Any]) -> None:
         (index_dir / legacy).unlink(missing_ok=True)
 
 
-def _ann_path(index_dir: Path, shard: str) -> Path:
-    """The HNSW graph of a compacted shard is named after it: it always matches the vectors."""
-    return (index_dir / SHARDS / shard).with_suffix(ANN_SUFFIX)
+def _ann_path(index_dir: Path, entries: Sequence[dict[str, Any]]) -> Path | None:
+    """The approximate index of a compacted shard is named after it (so it always matches the vectors)
+    and by its kind, which the collection's size decides; None: searched exactly."""
+    return ann.ann_path(index_dir / SHARDS / entries[0]["shard"], len(entries)) if entries else None
 
 
 def _write_ann(index_dir: Path, manifest: dict[str, Any]) -> None:
-    """The HNSW graph for large collections (readers search exactly until it is there)."""
+    """The approximate index for large collections (readers search exactly until it is there)."""
     entries = manifest["entries"]
-    if len(entries) < ANN_THRESHOLD:
+    path = _ann_path(index_dir, entries)
+    if path is None or path.exists():
         return
-    ann = _ann_path(index_dir, entries[0]["shard"])
-    if ann.exists():
-        return
-    import faiss
-
-    vectors = np.ascontiguousarray(_vectors_of(index_dir, entries, manifest.get("shards")), dtype=np.float32)
-    graph = faiss.IndexHNSWFlat(vectors.shape[1], HNSW_M, faiss.METRIC_INNER_PRODUCT)
-    graph.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-    graph.add(vectors)
-    tmp = _tmp_path(ann)
-    faiss.write_index(graph, str(tmp))
-    os.replace(tmp, ann)
+    vectors = _vectors_of(index_dir, entries, manifest.get("shards"))  # memory-mapped: compacted
+    tmp = _tmp_path(path)
+    ann.write(vectors, tmp, ann.kind_for(len(entries)))
+    os.replace(tmp, path)
 
 
 def vector_search(vectors: np.ndarray, exact: bool = True):
     """A FAISS index over unit-scale vectors: exact inner product (`IndexFlatIP`) or HNSW."""
-    import faiss
-
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    if exact:
-        index = faiss.IndexFlatIP(vectors.shape[1])
-    else:
-        index = faiss.IndexHNSWFlat(vectors.shape[1], HNSW_M, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-    index.add(vectors)
-    return index
+    return ann.flat(vectors) if exact else ann.hnsw(vectors)
 
 
 def _checksums_to_verify(index_dir: Path, manifest: dict[str, Any]) -> dict[str, str] | None:
@@ -637,8 +619,7 @@ class SearchIndex:
         )
         self.model_dir = path / _model_dir_of(manifest)
         self.model = load_model(self.model_dir)
-        large = len(self.ids) >= ANN_THRESHOLD
-        self._ann = _ann_path(path, manifest["entries"][0]["shard"]) if large else None
+        self._ann = _ann_path(path, manifest["entries"])
         self._faiss = None
         self._prefix_faiss: dict[int, Any] = {}
 
@@ -670,8 +651,7 @@ class SearchIndex:
             # One query at a time: OpenMP threads only add spin-wait overhead (badly so on a busy machine).
             faiss.omp_set_num_threads(1)
             if self.approximate:
-                self._faiss = faiss.read_index(str(self._ann))
-                self._faiss.hnsw.efSearch = HNSW_EF_SEARCH
+                self._faiss = ann.open_searcher(self._ann, self.vectors)
             else:
                 self._faiss = vector_search(self.vectors, exact=True)
         return self._faiss
@@ -745,8 +725,10 @@ class SearchIndex:
             return self.model.embed_texts(list(texts))
 
     def embed_image(self, image: Path | str | bytes) -> np.ndarray:
-        """A query image's vector: a file path, or raw bytes of an uploaded file."""
+        """A query image's vector: a file path, or raw bytes of an uploaded file. Its features are
+        not written to the feature cache: a query photo (an upload above all) is not kept on disk."""
         from cbir.datasets import Dataset
+        from cbir.encoders.cache import transient
 
         with tempfile.TemporaryDirectory() as tmp:
             if isinstance(image, bytes | bytearray):
@@ -756,7 +738,8 @@ class SearchIndex:
                 path = Path(image).expanduser()
                 if not path.is_file():
                     raise FileNotFoundError(f"{path}: no such image file")
-            embedding = self.model.embed(Dataset.from_paths([path]))
+            with transient():
+                embedding = self.model.embed(Dataset.from_paths([path]))
         for reason in embedding.failed.values():
             shown = "the uploaded image" if isinstance(image, bytes | bytearray) else path
             raise ValueError(f"{shown}: {reason}")

@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 from cbir.encoders.image import ImageEncoder
 
-def half_then_kill(file, **arrays):
+def half_then_kill(file, array, **options):
     f = open(file, "wb") if isinstance(file, (str, os.PathLike)) else file
-    f.write(b"PK\\x03\\x04" + bytes(1000))
+    f.write(b"\\x93NUMPY" + bytes(1000))
     f.flush()
     os.kill(os.getpid(), signal.SIGKILL)
 
-np.savez = half_then_kill
+np.save = half_then_kill
 ImageEncoder(cache_dir=sys.argv[1]).encode([Path(p) for p in sys.argv[2:]], progress=False)
 """
 
@@ -78,11 +78,11 @@ def test_damaged_shard_is_set_aside_with_a_warning_and_recomputed(folder, use_em
     encoder = ImageEncoder()
     first = encoder.encode(paths[:6], progress=False).pooled
     encoder.encode(paths[6:], progress=False)
-    shards = sorted(cache_dir.rglob("*.npz"), key=lambda p: p.stat().st_mtime_ns)
+    shards = sorted(cache_dir.rglob("*.npy"), key=lambda p: p.stat().st_mtime_ns)
     assert len(shards) == 2
     damaged = shards[0]
-    damaged.write_bytes(damaged.read_bytes()[:200])  # truncated: EOFError / BadZipFile on read
-    (damaged.parent / ".legacy.tmp.npz").write_bytes(b"PK")  # an older run's temporary name
+    damaged.write_bytes(damaged.read_bytes()[:200])  # truncated: its rows cannot be mapped
+    (damaged.parent / ".legacy.tmp.npz").write_bytes(b"PK")  # an older layout's temporary name
     fresh_cache_state()
     with pytest.warns(UserWarning, match=rf"{damaged}: damaged feature-cache shard .* set aside"):
         again = ImageEncoder().encode(paths, progress=False)
