@@ -39,6 +39,7 @@ from cbir.lockfile import exclusive_lock
 
 if TYPE_CHECKING:
     from cbir.filters import Filters
+    from cbir.models.base import RetrievalModel
 
 MANIFEST = "index.json"
 SHARDS = "shards"
@@ -505,6 +506,7 @@ def _update_locked(
 
     commit()  # publish removals (and a fresh manifest) before the long part
 
+    loaded = None
     if todo:
         loaded = load_model(index_dir / model_keys["model_dir"])
         with progress_bar("indexing images", len(todo), enabled=progress) as advance:
@@ -528,7 +530,7 @@ def _update_locked(
     _remove_orphans(index_dir, final)
     for listed in (report.added, report.changed, report.repaired):  # a file that failed was not added
         listed[:] = [i for i in listed if i not in report.failed]
-    return SearchIndex.open(index_dir), report
+    return SearchIndex.open(index_dir, loaded), report
 
 
 def _with_meta(entry: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -615,7 +617,7 @@ def _checksums_to_verify(index_dir: Path, manifest: dict[str, Any]) -> dict[str,
 class SearchIndex:
     """An opened index: the model loads once here, then each query is one embedding + one FAISS search."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any]):
+    def __init__(self, path: Path, manifest: dict[str, Any], model: RetrievalModel | None = None):
         from cbir.models import load_model
 
         self.path = path
@@ -636,27 +638,28 @@ class SearchIndex:
             else np.zeros((0, 1), np.float32)
         )
         self.model_dir = path / _model_dir_of(manifest)
-        self.model = load_model(self.model_dir)
+        self.model = model if model is not None else load_model(self.model_dir)
         large = len(self.ids) >= ANN_THRESHOLD
         self._ann = _ann_path(path, manifest["entries"][0]["shard"]) if large else None
         self._faiss = None
         self._prefix_faiss: dict[int, Any] = {}
 
     @classmethod
-    def open(cls, path: Path | str) -> SearchIndex:
+    def open(cls, path: Path | str, model: RetrievalModel | None = None) -> SearchIndex:
         """Open without a lock: if a writer published a new manifest (and swept the shards or model
         folder of the old one) while this was reading, read again; only a fault that persists is an
-        error (IndexFormatError, or ModelError: both ValueError)."""
+        error (IndexFormatError, or ModelError: both ValueError). `model`: the index's model, already
+        loaded by the writer that just published it (it is not loaded again)."""
         index_dir = Path(path).expanduser().resolve()
         manifest = read_manifest(index_dir)
         for _ in range(OPEN_ATTEMPTS - 1):
             try:
-                return cls(index_dir, manifest)
+                return cls(index_dir, manifest, model)
             except (ValueError, OSError):
                 latest = read_manifest(index_dir)
                 if latest == manifest:
                     raise
-                manifest = latest
+                manifest, model = latest, None  # a newer manifest may name another model
         return cls(index_dir, manifest)
 
     @property
