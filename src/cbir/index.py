@@ -767,20 +767,27 @@ class SearchIndex:
 
     # Searches ---------------------------------------------------------------------------------
     def search_vector(
-        self, query: np.ndarray, k: int = 20, min_score: float | None = None
+        self, query: np.ndarray, k: int = 20, min_score: float | None = None, photo_share: float = 0.0
     ) -> list[SearchResult]:
         """The k best images for a query vector. Scores are the model's calibrated P(match) of the inner
         product with the query scaled to unit length (the similarity itself for an uncalibrated model): the
-        one score scale of every search (text, image, similar, combined; CLI, API, page)."""
-        return self.search_vectors(np.asarray(query, dtype=np.float32)[None], k, min_score)[0]
+        one score scale of every search (text, image, similar, combined; CLI, API, page). `photo_share`:
+        how much of the query is photos, 0 for words to 1 for photos (they have their own curve)."""
+        query = np.asarray(query, dtype=np.float32)[None]
+        return self.search_vectors(query, k, min_score, [photo_share])[0]
 
     def search_vectors(
-        self, queries: np.ndarray, k: int = 20, min_score: float | None = None
+        self,
+        queries: np.ndarray,
+        k: int = 20,
+        min_score: float | None = None,
+        photo_shares: Sequence[float] | None = None,
     ) -> list[list[SearchResult]]:
         """`search_vector` for a batch of query rows at once: one FAISS call per group of queries that
         share a scored prefix (the server batches concurrent requests through this)."""
         from cbir.calibration import match_scores
 
+        shares = list(photo_shares) if photo_shares is not None else [0.0] * len(queries)
         queries = np.asarray(queries, dtype=np.float32)
         if not len(self) or k <= 0:
             return [[] for _ in range(len(queries))]
@@ -793,7 +800,7 @@ class SearchIndex:
             index = self._index_for(queries[members[0]])
             similarities, rows = index.search(np.ascontiguousarray(queries[members, :end]), min(k, len(self)))
             for i, raw, id_row in zip(members, similarities, rows, strict=True):
-                found[i] = self._results(match_scores(self.model, raw), raw, id_row, min_score)
+                found[i] = self._results(match_scores(self.model, raw, shares[i]), raw, id_row, min_score)
         return found
 
     def _results(
@@ -819,14 +826,14 @@ class SearchIndex:
     def search_image(
         self, image: Path | str | bytes, k: int = 20, min_score: float | None = None
     ) -> list[SearchResult]:
-        return self.search_vector(self.embed_image(image), k, min_score)
+        return self.search_vector(self.embed_image(image), k, min_score, photo_share=1.0)
 
     def search_similar(
         self, image_id: str, k: int = 20, min_score: float | None = None
     ) -> list[SearchResult]:
         if image_id not in self._row:
             raise KeyError(image_id)
-        return self.search_vector(self.vector(image_id), k, min_score)
+        return self.search_vector(self.vector(image_id), k, min_score, photo_share=1.0)
 
     def find(
         self,
@@ -846,8 +853,8 @@ class SearchIndex:
         filters applied before ranking, and results `offset+1 … offset+k`."""
         from cbir.steer import search_page, steered_vector
 
-        vector = steered_vector(self, query, image, more_like, less_like, allow_files=allow_files)
-        return search_page(self, vector, filters, k, offset, min_score)
+        vector, share = steered_vector(self, query, image, more_like, less_like, allow_files=allow_files)
+        return search_page(self, vector, filters, k, offset, min_score, share)
 
     def search(
         self,
@@ -865,4 +872,5 @@ class SearchIndex:
         if not parts:
             raise ValueError("give a text query, an image, or both")
         query = sum(p / max(float(np.linalg.norm(p)), 1e-12) for p in parts)
-        return self.search_vector(query, k, min_score)
+        share = (image is not None) / len(parts)
+        return self.search_vector(query, k, min_score, share)
