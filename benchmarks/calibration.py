@@ -10,6 +10,13 @@ construction as the fit (every caption with its photo; 10 other photos per capti
 classes weigh the same: the even prior of cbir.calibration). Prints, per case, the expected
 calibration error (15 equal-width bins) of the calibrated scores and, for comparison, of the raw
 similarity read as a probability, and draws a reliability diagram per case into one PNG.
+
+Photo queries (search by photo, "more like this") are scored by the model's second curve: on the
+test split every photo with captions queries itself and 10 random others, the target of a pair being
+the text curve's mean P(match) of the query photo's captions with the other photo (cbir.calibration).
+Their ECE is given for the photo curve and, for comparison, for the sentence curve (what photo
+queries were scored by before they had their own). On data with scene classes (RSICD tags) the
+share of photo-query pairs of the same class is given among pairs scored at or above 0.5 and below.
 """
 
 from __future__ import annotations
@@ -27,8 +34,36 @@ DATASETS = Path(os.path.relpath(REPO.parent / "shared" / "datasets"))
 CASES = [f"default@{DATASETS / 'flickr8k'}", f"runs/rsicd-contrastive@{DATASETS / 'rsicd'}"]
 
 
+def photo_case(model, test, embedded) -> dict:
+    """How photo-query scores fare on test: ECE of the photo curve and of the sentence curve, and on
+    data with scene classes, how often the pairs at or above even odds share the query's class."""
+    from cbir.calibration import photo_pair_rows, photo_pairs, reliability
+
+    c = model.calibration
+    pairs = photo_pairs(embedded, c)
+    photo = c.probability(pairs.similarities, photo_share=1.0)
+    report = {
+        "photo_pairs": len(pairs.labels),
+        "photo_similarity_at_even_odds": -c.photo_intercept / c.photo_slope,
+        "photo_ece": reliability(photo, pairs)[0],
+        "photo_ece_text_curve": reliability(c.probability(pairs.similarities), pairs)[0],
+        "photo_mean_p_own_others": [float(photo[::11].mean()), float(np.delete(photo, np.s_[::11]).mean())],
+    }
+    classes = np.array([tags[0] if tags else "" for tags in test.tags or [()] * len(test.images)])
+    if (classes != "").any():
+        rows = photo_pair_rows(embedded)
+        same = (classes[rows] == classes[rows[:, :1]]).ravel()
+        tagged = ((classes[rows] != "") & (classes[rows[:, :1]] != "")).ravel()
+        likely = photo >= 0.5
+        report["photo_same_class_over_under_half"] = [
+            float(same[tagged & likely].mean()),
+            float(same[tagged & ~likely].mean()),
+        ]
+    return report
+
+
 def score_case(spec: str) -> dict:
-    from cbir.calibration import reliability, scored_pairs
+    from cbir.calibration import Embedded, reliability, text_pairs
     from cbir.datasets import load_dataset
     from cbir.models import load_model
 
@@ -37,7 +72,9 @@ def score_case(spec: str) -> dict:
     if model.calibration is None:
         sys.exit(f"error: {model_spec} has no calibration; add one with `cbir calibrate`")
     data = load_dataset(dataset)
-    pairs = scored_pairs(model, data.split("test"))
+    test = data.split("test")
+    embedded = Embedded.of(model, test)
+    pairs = text_pairs(embedded)
     probabilities = model.calibration.probability(pairs.similarities)
     ece, rows = reliability(probabilities, pairs)
     raw_ece, _ = reliability(np.clip(pairs.similarities, 0, 1), pairs)  # read as a probability
@@ -53,6 +90,7 @@ def score_case(spec: str) -> dict:
         "mean_p_match": float(p_match.mean()), "mean_p_other": float(p_other.mean()),
         "match_over_half": float((p_match >= 0.5).mean()), "other_over_half": float((p_other >= 0.5).mean()),
         "bins": rows,
+        **(photo_case(model, test, embedded) if c.photo_slope is not None else {}),
     }  # fmt: skip
 
 
@@ -82,6 +120,25 @@ def diagram(results: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+def print_photo_table(results: list[dict]) -> None:
+    if not results:
+        return
+    print(
+        "\n| model | test photo pairs | similarity at P=0.5 | ECE, photo curve | ECE, sentence curve "
+        "| mean P: itself / others | same scene class: P ≥ 0.5 / P < 0.5 |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        classes = r.get("photo_same_class_over_under_half")
+        shown = f"{classes[0]:.0%} / {classes[1]:.0%}" if classes else "(no classes)"
+        own, others = r["photo_mean_p_own_others"]
+        print(
+            f"| {r['method']} ({r['model']}) on {r['dataset']} | {r['photo_pairs']} | "
+            f"{r['photo_similarity_at_even_odds']:.3f} | **{r['photo_ece']:.3f}** | "
+            f"{r['photo_ece_text_curve']:.3f} | {own:.2f} / {others:.2f} | {shown} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", action="append", help="MODEL@DATASET (repeatable)")
@@ -102,6 +159,7 @@ def main() -> None:
             f"{r['ece_raw_similarity']:.3f} | {r['mean_p_match']:.2f} / {r['mean_p_other']:.2f} | "
             f"{r['match_over_half']:.0%} / {r['other_over_half']:.0%} |"
         )
+    print_photo_table([r for r in results if "photo_ece" in r])
     diagram(results, args.png)
     print(f"reliability diagram → {args.png}")
     if args.json:

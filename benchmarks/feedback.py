@@ -5,8 +5,8 @@ RSICD tag) is the class of the caption's own photo. One round of feedback marks 
 good or bad by class and re-ranks with `cbir.feedback.Rocchio`; a second round marks the 20 results of
 the re-ranked list too (all marks so far count). The Rocchio weights are tuned on val, reported on test.
 
-    PYTHONPATH=src python -m benchmarks.feedback --model runs/rsicd
-    # runs/rsicd: cbir train --dataset ../shared/datasets/rsicd --method contrastive --out runs/rsicd
+    PYTHONPATH=src python -m benchmarks.feedback --model runs/rsicd-contrastive
+    # cbir train --dataset ../shared/datasets/rsicd --method contrastive --out runs/rsicd-contrastive
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="runs/rsicd", help="model directory trained on RSICD")
+    parser.add_argument("--model", default="runs/rsicd-contrastive", help="model directory trained on RSICD")
     parser.add_argument("--dataset", type=Path, default=SHARED / "rsicd")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-feedback.json"))
     parser.add_argument(

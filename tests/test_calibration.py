@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cbir.calibration import Calibration, Pairs, fit_platt, reliability, scored_pairs
+from cbir.calibration import Calibration, Embedded, Pairs, fit_platt, photo_pairs, reliability, scored_pairs
 from cbir.cli import app
 from cbir.datasets import load_dataset
 from cbir.models import ModelError, load_model
@@ -62,6 +62,36 @@ def test_train_with_a_val_split_stores_a_calibration_that_separates_matches(trai
     assert model.calibration.slope > 0  # a higher similarity is a likelier match
 
 
+def test_photo_queries_have_their_own_curve_on_the_scale_of_sentences(trained, rsicd_slice):
+    model = load_model(trained[0])
+    c = model.calibration
+    val = rsicd_slice.split("val")
+    assert c.photo_slope > 0 and c.photo_pairs == 11 * len(val.images)  # itself and 10 others per photo
+    assert "photo queries (" in trained[1]
+    pairs = photo_pairs(Embedded.of(model, val), c)
+    # The target of a pair: the text curve's mean P(match) of the query photo's captions with the other
+    # photo. The photo curve meets it on average, and closer than the sentence curve does.
+    photo = c.probability(pairs.similarities, photo_share=1.0)
+    assert photo.mean() == pytest.approx(pairs.labels.mean(), abs=0.01)
+    assert reliability(photo, pairs)[0] < reliability(c.probability(pairs.similarities), pairs)[0]
+    own, others = photo[::11], np.delete(photo, np.s_[::11])
+    assert own.mean() > 0.5 > others.mean()  # a photo matches a description of itself
+    # Mixed queries blend the curves' log-odds by the photos' share of the query.
+    x = np.array([0.1, 0.5])
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    half = logit(c.probability(x, photo_share=0.5))
+    assert half == pytest.approx((logit(c.probability(x)) + logit(c.probability(x, 1.0))) / 2, abs=1e-4)
+
+
+def test_a_calibration_stored_before_photo_curves_scores_photo_queries_on_the_text_curve():
+    old = Calibration.from_json({"method": "platt", "slope": 10.0, "intercept": -2.0})
+    x = np.array([0.1, 0.3, 0.9])
+    assert old.photo_slope is None
+    np.testing.assert_array_equal(old.probability(x, photo_share=1.0), old.probability(x))
+    with pytest.raises(ValueError, match="photo_slope"):
+        Calibration.from_json({"method": "platt", "slope": 1, "intercept": 0, "photo_slope": "x"})
+
+
 def strip_calibration(model_dir) -> None:
     """The model as cbir wrote it before calibration existed (format 2, no `calibration`)."""
     config = json.loads((model_dir / CONFIG_FILE).read_text())
@@ -109,6 +139,23 @@ def test_uncalibrated_model_scores_by_cosine_with_a_note_then_cbir_calibrate_add
     rows = json.loads(kept.stdout)
     assert [r["id"] for r in rows] == [r.id for r in found if r.score >= 0.5]
     assert "no score calibration" not in kept.output
+    # A search by photo is scored by the photo curve, in Python and in the CLI alike.
+    similar = ix.search_similar(found[0].id, k=12)
+    assert similar[0].id == found[0].id
+    for r in similar:
+        assert r.score == pytest.approx(
+            float(calibration.probability(r.similarity, photo_share=1.0)), abs=1e-6
+        )
+    by_photo = runner.invoke(app, ["search", "--image", str(photos / found[0].id), "--index", str(ix.path),
+                                   "-k", "12", "--json"])  # fmt: skip
+    assert [r["score"] for r in json.loads(by_photo.stdout)] == pytest.approx(
+        [r.score for r in similar], abs=1e-5
+    )
+    # Feedback alone is photos only; a sentence plus a photo at weight 1 is half and half.
+    for found_by, share in ((ix.find(None, more_like=[found[0].id], k=3), 1.0),
+                            (ix.find(f"{query} + id:{found[1].id}", k=3), 0.5)):  # fmt: skip
+        expected = calibration.probability([r.similarity for r in found_by], share)
+        assert [r.score for r in found_by] == pytest.approx(list(expected), abs=1e-6)
 
 
 def test_calibrate_errors_are_one_line(trained, tmp_path):

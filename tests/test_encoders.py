@@ -70,12 +70,31 @@ def test_image_encoder_features_cache_and_classes(tmp_path):
     # images_train/1.jpg is a man cross-country skiing: ImageNet class 795 is "ski"
     assert 795 in np.argsort(feats.logits[1])[-3:]
     again = ImageEncoder(cache_dir=tmp_path)
-    again._network = lambda: (_ for _ in ()).throw(AssertionError("cache miss: network was loaded"))
+    again._network = lambda bulk=True: (_ for _ in ()).throw(AssertionError("cache miss: network was loaded"))
     cached = again.encode(paths, progress=False)
     np.testing.assert_array_equal(cached.pooled, feats.pooled)
     np.testing.assert_array_equal(cached.stages, feats.stages)
     on_disk = FeatureCache(f"{MODEL_ID}/{CACHE_LAYOUT}/center", tmp_path)  # what a new process reads
     assert len(on_disk) == 12
+
+
+def test_a_few_photos_run_the_network_untraced_with_the_features_of_the_traced_one(tmp_path, monkeypatch):
+    """Tracing costs seconds before the first photo: a handful of photos skip it (BENCHMARKS.md,
+    start-up), and get the features bulk work caches, to float precision."""
+    from cbir.encoders import image
+
+    paths = sorted((KAGGLE_MINI / "images_train").glob("*.jpg"), key=lambda p: int(p.stem))[:2]
+    asked = []
+    real = image.load_network
+    monkeypatch.setattr(image, "load_network", lambda traced=True: asked.append(traced) or real(traced))
+    few = ImageEncoder(cache=False).encode(paths, progress=False)
+    assert asked == [False]
+    encoder = ImageEncoder(cache=False)
+    bulk = encoder._forward(np.stack([preprocess(p.read_bytes()) for p in paths]), bulk=True)
+    assert asked == [False, True]
+    np.testing.assert_allclose(few.rows, bulk, rtol=1e-4, atol=1e-4)
+    encoder._forward(np.stack([preprocess(paths[0].read_bytes())]), bulk=False)
+    assert asked == [False, True]  # the traced network, once there, serves small batches too
 
 
 def test_views_are_deterministic_and_distinct():

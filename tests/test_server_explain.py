@@ -36,10 +36,10 @@ def test_concurrent_searches_are_answered_in_one_batch_with_the_index_ranking(in
     gate, sizes = threading.Event(), []
     real = index.search_vectors
 
-    def held(queries, k, min_score=None):
+    def held(queries, k, min_score=None, **options):
         sizes.append(len(queries))
         gate.wait(30)
-        return real(queries, k, min_score)
+        return real(queries, k, min_score, **options)
 
     expected_similar = [r.id for r in index.search_similar("7.jpg", k=3)]
     monkeypatch.setattr(index, "search_vectors", held)

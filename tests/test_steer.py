@@ -13,9 +13,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cbir.cli import app
+from cbir.feedback import Rocchio
 from cbir.filters import FilterError, Filters
 from cbir.index import MANIFEST, SearchIndex, update_index
-from cbir.query import QueryError, Term, parse_query, unit
+from cbir.query import QueryError, Term, parse_query, photo_share, unit
 from tests.test_search import photos, zero_shot_dir  # noqa: F401 (a fixture)
 
 runner = CliRunner()
@@ -39,6 +40,16 @@ def test_terms_weights_quotes_and_photos_parse():
     # Hyphens and plus signs inside words are words; a leading operator is allowed.
     assert parse_query("a well-lit t-shirt") == [Term("text", "a well-lit t-shirt")]
     assert parse_query("- people + dogs") == [Term("text", "people", -1.0), Term("text", "dogs")]
+
+
+def test_photo_share_says_how_much_of_a_query_is_photos():
+    assert photo_share(parse_query('"a dog" + beach - people')) == 0
+    assert photo_share(parse_query("a dog + img:x.jpg:0.5")) == pytest.approx(1 / 3)
+    assert photo_share(parse_query("id:1.jpg - people")) == 0.5
+    rocchio = Rocchio(alpha=1, beta=2, gamma=1)
+    assert rocchio.photo_share(0.0, good=True, bad=False) == pytest.approx(2 / 3)
+    assert rocchio.photo_share(0.0, good=True, bad=True) == pytest.approx(3 / 4)
+    assert rocchio.photo_share(None, good=True, bad=False) == 1.0  # feedback alone is photos only
 
 
 @pytest.mark.parametrize(

@@ -148,6 +148,12 @@ def print_calibration(calibration) -> None:
         f"pairs): P(match) = 0.5 at similarity {-c.intercept / c.slope:.3f}",
         highlight=False,
     )
+    if c.photo_slope is not None:
+        out.print(
+            f"photo queries ({c.photo_pairs} photo pairs): P(match) = 0.5 at similarity "
+            f"{-c.photo_intercept / c.photo_slope:.3f}",
+            highlight=False,
+        )
 
 
 @app.command()

@@ -36,6 +36,14 @@ class Rocchio:
             raise ValueError("feedback needs a query or at least one photo marked good (--more-like)")
         return np.sum(parts, axis=0).astype(np.float32)
 
+    def photo_share(self, query_share: float | None, good: bool, bad: bool) -> float:
+        """How much of the refined query is photos (which calibration curve scores it): the marked
+        photos' weights, and the photo share of the query (`None`: no query) by its weight."""
+        parts = [(self.alpha, query_share)] if query_share is not None else []
+        parts += [(self.beta, 1.0)] * good + [(self.gamma, 1.0)] * bad
+        total = sum(weight for weight, _ in parts)
+        return sum(weight * share for weight, share in parts) / total if total else 1.0
+
 
 def _mean_direction(vectors: np.ndarray) -> np.ndarray:
     vectors = np.asarray(vectors, dtype=np.float32)

@@ -41,6 +41,7 @@ from cbir.lockfile import exclusive_lock
 
 if TYPE_CHECKING:
     from cbir.filters import Filters
+    from cbir.models.base import RetrievalModel
 
 MANIFEST = "index.json"
 SHARDS = "shards"
@@ -501,6 +502,7 @@ def _update_locked(
 
     commit()  # publish removals (and a fresh manifest) before the long part
 
+    loaded = None
     if todo:
         loaded = load_model(index_dir / model_keys["model_dir"])
         with progress_bar("indexing images", len(todo), enabled=progress) as advance:
@@ -524,7 +526,7 @@ def _update_locked(
     _remove_orphans(index_dir, final)
     for listed in (report.added, report.changed, report.repaired):  # a file that failed was not added
         listed[:] = [i for i in listed if i not in report.failed]
-    return SearchIndex.open(index_dir), report
+    return SearchIndex.open(index_dir, loaded), report
 
 
 def _with_meta(entry: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -597,7 +599,7 @@ def _checksums_to_verify(index_dir: Path, manifest: dict[str, Any]) -> dict[str,
 class SearchIndex:
     """An opened index: the model loads once here, then each query is one embedding + one FAISS search."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any]):
+    def __init__(self, path: Path, manifest: dict[str, Any], model: RetrievalModel | None = None):
         from cbir.models import load_model
 
         self.path = path
@@ -618,26 +620,27 @@ class SearchIndex:
             else np.zeros((0, 1), np.float32)
         )
         self.model_dir = path / _model_dir_of(manifest)
-        self.model = load_model(self.model_dir)
+        self.model = model if model is not None else load_model(self.model_dir)
         self._ann = _ann_path(path, manifest["entries"])
         self._faiss = None
         self._prefix_faiss: dict[int, Any] = {}
 
     @classmethod
-    def open(cls, path: Path | str) -> SearchIndex:
+    def open(cls, path: Path | str, model: RetrievalModel | None = None) -> SearchIndex:
         """Open without a lock: if a writer published a new manifest (and swept the shards or model
         folder of the old one) while this was reading, read again; only a fault that persists is an
-        error (IndexFormatError, or ModelError: both ValueError)."""
+        error (IndexFormatError, or ModelError: both ValueError). `model`: the index's model, already
+        loaded by the writer that just published it (it is not loaded again)."""
         index_dir = Path(path).expanduser().resolve()
         manifest = read_manifest(index_dir)
         for _ in range(OPEN_ATTEMPTS - 1):
             try:
-                return cls(index_dir, manifest)
+                return cls(index_dir, manifest, model)
             except (ValueError, OSError):
                 latest = read_manifest(index_dir)
                 if latest == manifest:
                     raise
-                manifest = latest
+                manifest, model = latest, None  # a newer manifest may name another model
         return cls(index_dir, manifest)
 
     @property
@@ -747,20 +750,27 @@ class SearchIndex:
 
     # Searches ---------------------------------------------------------------------------------
     def search_vector(
-        self, query: np.ndarray, k: int = 20, min_score: float | None = None
+        self, query: np.ndarray, k: int = 20, min_score: float | None = None, photo_share: float = 0.0
     ) -> list[SearchResult]:
         """The k best images for a query vector. Scores are the model's calibrated P(match) of the inner
         product with the query scaled to unit length (the similarity itself for an uncalibrated model): the
-        one score scale of every search (text, image, similar, combined; CLI, API, page)."""
-        return self.search_vectors(np.asarray(query, dtype=np.float32)[None], k, min_score)[0]
+        one score scale of every search (text, image, similar, combined; CLI, API, page). `photo_share`:
+        how much of the query is photos, 0 for words to 1 for photos (they have their own curve)."""
+        query = np.asarray(query, dtype=np.float32)[None]
+        return self.search_vectors(query, k, min_score, [photo_share])[0]
 
     def search_vectors(
-        self, queries: np.ndarray, k: int = 20, min_score: float | None = None
+        self,
+        queries: np.ndarray,
+        k: int = 20,
+        min_score: float | None = None,
+        photo_shares: Sequence[float] | None = None,
     ) -> list[list[SearchResult]]:
         """`search_vector` for a batch of query rows at once: one FAISS call per group of queries that
         share a scored prefix (the server batches concurrent requests through this)."""
         from cbir.calibration import match_scores
 
+        shares = list(photo_shares) if photo_shares is not None else [0.0] * len(queries)
         queries = np.asarray(queries, dtype=np.float32)
         if not len(self) or k <= 0:
             return [[] for _ in range(len(queries))]
@@ -773,7 +783,7 @@ class SearchIndex:
             index = self._index_for(queries[members[0]])
             similarities, rows = index.search(np.ascontiguousarray(queries[members, :end]), min(k, len(self)))
             for i, raw, id_row in zip(members, similarities, rows, strict=True):
-                found[i] = self._results(match_scores(self.model, raw), raw, id_row, min_score)
+                found[i] = self._results(match_scores(self.model, raw, shares[i]), raw, id_row, min_score)
         return found
 
     def _results(
@@ -799,14 +809,14 @@ class SearchIndex:
     def search_image(
         self, image: Path | str | bytes, k: int = 20, min_score: float | None = None
     ) -> list[SearchResult]:
-        return self.search_vector(self.embed_image(image), k, min_score)
+        return self.search_vector(self.embed_image(image), k, min_score, photo_share=1.0)
 
     def search_similar(
         self, image_id: str, k: int = 20, min_score: float | None = None
     ) -> list[SearchResult]:
         if image_id not in self._row:
             raise KeyError(image_id)
-        return self.search_vector(self.vector(image_id), k, min_score)
+        return self.search_vector(self.vector(image_id), k, min_score, photo_share=1.0)
 
     def find(
         self,
@@ -826,8 +836,8 @@ class SearchIndex:
         filters applied before ranking, and results `offset+1 … offset+k`."""
         from cbir.steer import search_page, steered_vector
 
-        vector = steered_vector(self, query, image, more_like, less_like, allow_files=allow_files)
-        return search_page(self, vector, filters, k, offset, min_score)
+        vector, share = steered_vector(self, query, image, more_like, less_like, allow_files=allow_files)
+        return search_page(self, vector, filters, k, offset, min_score, share)
 
     def search(
         self,
@@ -845,4 +855,5 @@ class SearchIndex:
         if not parts:
             raise ValueError("give a text query, an image, or both")
         query = sum(p / max(float(np.linalg.norm(p)), 1e-12) for p in parts)
-        return self.search_vector(query, k, min_score)
+        share = (image is not None) / len(parts)
+        return self.search_vector(query, k, min_score, share)

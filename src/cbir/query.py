@@ -120,6 +120,13 @@ def combine(terms: Sequence[Term], embed: Callable[[Term], np.ndarray]) -> np.nd
     return sum(t.weight * unit(embed(t)) for t in terms)
 
 
+def photo_share(terms: Sequence[Term]) -> float:
+    """The share of the query's weight (added or subtracted) that photos carry: 0 for words only, 1
+    for photos only; it picks the calibration curve that scores the query (cbir.calibration)."""
+    total = sum(abs(t.weight) for t in terms)
+    return sum(abs(t.weight) for t in terms if t.kind != "text") / total if total else 0.0
+
+
 def image_term(path: Path | str) -> Term:
     """An `img:` term for a file given apart from the query (`--image FILE`)."""
     return Term("img", str(path))

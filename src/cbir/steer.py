@@ -14,7 +14,7 @@ import numpy as np
 
 from cbir.feedback import DEFAULT_FEEDBACK, Rocchio
 from cbir.filters import Filters
-from cbir.query import QueryError, Term, combine, image_term, parse_query, unit
+from cbir.query import QueryError, Term, combine, image_term, parse_query, photo_share, unit
 
 if TYPE_CHECKING:
     from cbir.index import SearchIndex, SearchResult
@@ -71,15 +71,18 @@ def steered_vector(
     less_like: Sequence[str] = (),
     feedback: Rocchio = DEFAULT_FEEDBACK,
     allow_files: bool = True,
-) -> np.ndarray:
-    """The query vector after arithmetic and feedback."""
+) -> tuple[np.ndarray, float]:
+    """The query vector after arithmetic and feedback, and how much of it is photos (`photo_share`,
+    for the scores' calibration)."""
     terms = query_terms(query, image)
     if not terms and not more_like:
         raise QueryError('give a query, an example photo, or photos marked good (e.g. "a dog" + "beach")')
     vector = embed_terms(index, terms, image, allow_files) if terms else None
+    share = photo_share(terms) if terms else None
     if not more_like and not less_like:
-        return vector  # type: ignore[return-value]
-    return feedback.refine(vector, vectors_of(index, more_like), vectors_of(index, less_like))
+        return vector, share  # type: ignore[return-value]
+    refined = feedback.refine(vector, vectors_of(index, more_like), vectors_of(index, less_like))
+    return refined, feedback.photo_share(share, bool(more_like), bool(less_like))
 
 
 def vectors_of(index: SearchIndex, ids: Sequence[str]) -> np.ndarray:
@@ -89,7 +92,12 @@ def vectors_of(index: SearchIndex, ids: Sequence[str]) -> np.ndarray:
 
 
 def rank_rows(
-    index: SearchIndex, vector: np.ndarray, rows: np.ndarray, n: int, min_score: float | None
+    index: SearchIndex,
+    vector: np.ndarray,
+    rows: np.ndarray,
+    n: int,
+    min_score: float | None,
+    photo_share: float = 0.0,
 ) -> list[SearchResult]:
     """The n best of the given index rows, exactly (a filtered search), scored and ranked as every
     search is (P(match) for a calibrated model, ranks from 1)."""
@@ -100,7 +108,7 @@ def rank_rows(
     best = np.argpartition(-similarities, n - 1)[:n] if 0 < n < len(rows) else np.arange(len(rows))
     best = best[np.argsort(-similarities[best], kind="stable")][:n]
     chosen = similarities[best]
-    return index._results(match_scores(index.model, chosen), chosen, rows[best], min_score)
+    return index._results(match_scores(index.model, chosen, photo_share), chosen, rows[best], min_score)
 
 
 def search_page(
@@ -110,11 +118,12 @@ def search_page(
     k: int,
     offset: int,
     min_score: float | None,
+    photo_share: float = 0.0,
 ) -> list[SearchResult]:
     """Results `offset+1 … offset+k` of the ranking, among the photos that pass the filters."""
     if offset < 0 or k < 0:
         raise ValueError("k and offset must not be negative")
     if not filters:
-        return index.search_vector(vector, offset + k, min_score)[offset:]
+        return index.search_vector(vector, offset + k, min_score, photo_share)[offset:]
     rows = np.flatnonzero(filters.allowed(index.ids, index.meta, index.mtimes_ns, index.root))
-    return rank_rows(index, vector, rows, offset + k, min_score)[offset:]
+    return rank_rows(index, vector, rows, offset + k, min_score, photo_share)[offset:]

@@ -247,12 +247,13 @@ class ClipEncoder(ImageEncoder):
         left, top = (w - p.crop) // 2, (h - p.crop) // 2
         return np.asarray(im.crop((left, top, left + p.crop, top + p.crop)), dtype=np.uint8)
 
-    def _network(self):
-        if self._net is None:
-            self._net, self._tokenizer = load_clip(self.checkpoint)
-        return self._net
+    def _network(self, bulk: bool = True):
+        """CLIP's towers (no tracing step to skip for small jobs: `bulk` is the image encoder's)."""
+        if not self._nets:
+            self._nets[True], self._tokenizer = load_clip(self.checkpoint)
+        return self._nets[True]
 
-    def _forward(self, pixels: np.ndarray) -> np.ndarray:
+    def _forward(self, pixels: np.ndarray, bulk: bool = True) -> np.ndarray:
         import torch
 
         p = self.checkpoint.preprocessing

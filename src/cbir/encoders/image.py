@@ -1,9 +1,11 @@
 """Image features from the packaged ImageNet EfficientNet-Lite0: 1,280-d pooled features, 1,000 logits,
 and the mean of each of its seven stages' outputs (784-d: texture and layout the last layer drops).
 
-Decoding and resizing run in a worker thread while the (traced, frozen) network runs on the
-previous batch, so the pipeline keeps close to the network's own rate. Features are cached by
-file content + view; unreadable images are reported and skipped, never abort a run.
+Decoding and resizing run in a worker thread while the network runs on the previous batch, so the
+pipeline keeps close to the network's own rate. Bulk work runs a traced, frozen network (faster per
+photo); a few photos run it as is, since tracing costs more than it saves on them (BENCHMARKS.md).
+Features are cached by file content + view; unreadable images are reported and skipped, never abort
+a run.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -53,6 +56,9 @@ VIEWS = (
     "crop-c",
 )
 CROP_SHARE = 0.8
+# From this many files in one `encode` call the network is traced and frozen before it runs: tracing
+# costs about as much CPU as ~50 photos through the untraced network, and saves a share of each photo.
+TRACE_FROM = 64
 
 
 @dataclass
@@ -158,12 +164,14 @@ class ImageEncoder:
         self.batch_size = batch_size
         self.cache_dir = cache_dir
         self.use_cache = cache
-        self._net = None
+        self._nets: dict[bool, Any] = {}  # traced or not -> network
 
-    def _network(self):
-        if self._net is None:
-            self._net = load_network()
-        return self._net
+    def _network(self, bulk: bool = True):
+        """The network to run: traced for bulk work, as is for a few photos (or the traced one when
+        it is already there)."""
+        if bulk not in self._nets and True not in self._nets:
+            self._nets[bulk] = load_network(traced=bulk)
+        return self._nets.get(True, self._nets.get(bulk))
 
     def _cache(self, view: str) -> FeatureCache | None:
         if not self.use_cache:
@@ -192,7 +200,7 @@ class ImageEncoder:
                 raise ValueError(f"unknown view '{view}' (known: {', '.join(self.views)})")
         n = len(paths)
         caches = {view: self._cache(view) for view in views}
-        batches = {view: _Batch(self, n, caches[view]) for view in views}
+        batches = {view: _Batch(self, n, caches[view], bulk=n >= TRACE_FROM) for view in views}
         keys = [""] * n
         failed: dict[int, str] = {}
         label = f"image features ({', '.join(views) or 'content keys'})"
@@ -219,13 +227,13 @@ class ImageEncoder:
                 batch.flush()
         return ImageFeatures({view: batch.out for view, batch in batches.items()}, keys, failed)
 
-    def _forward(self, pixels: np.ndarray) -> np.ndarray:
+    def _forward(self, pixels: np.ndarray, bulk: bool = True) -> np.ndarray:
         import torch
 
         x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float()
         x = ((x - 127.0) / 128.0).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            return torch.cat(self._network()(x), dim=1).numpy()
+            return torch.cat(self._network(bulk)(x), dim=1).numpy()
 
 
 def weights_path() -> Path:
@@ -240,8 +248,8 @@ class _Batch:
     """One view's rows: cache hits are filled at once, the rest run through the network a batch at a
     time and are cached."""
 
-    def __init__(self, encoder: ImageEncoder, n: int, cache: FeatureCache | None):
-        self.encoder, self.cache = encoder, cache
+    def __init__(self, encoder: ImageEncoder, n: int, cache: FeatureCache | None, bulk: bool):
+        self.encoder, self.cache, self.bulk = encoder, cache, bulk
         self.out = np.zeros((n, encoder.dim), dtype=np.float32)
         self.rows: list[int] = []
         self.keys: list[str] = []
@@ -261,16 +269,17 @@ class _Batch:
     def flush(self) -> None:
         if not self.rows:
             return
-        feats = self.encoder._forward(np.stack(self.pixels))
+        feats = self.encoder._forward(np.stack(self.pixels), self.bulk)
         self.out[self.rows] = feats
         if self.cache is not None:
             self.cache.put_many(self.keys, feats)
         self.rows, self.keys, self.pixels = [], [], []
 
 
-def load_network():
-    """The network as a traced, frozen module returning (pooled, logits, stage means); ~2x faster on CPU
-    than eager. This is `EfficientNet.extract_features` with each stage's last block output averaged."""
+def load_network(traced: bool = True):
+    """The network as a module returning (pooled, logits, stage means): `EfficientNet.extract_features`
+    with each stage's last block output averaged. `traced`: traced and frozen, ~2x faster per photo on
+    CPU, for a few seconds of tracing (not checked against eager: that would run it three more times)."""
     import torch
     from efficientnet_lite_pytorch import EfficientNet
 
@@ -301,6 +310,8 @@ def load_network():
             return pooled, n._fc(pooled), torch.cat(stages, dim=1)
 
     module = PooledLogitsStages(net).to(memory_format=torch.channels_last).eval()
+    if not traced:
+        return module
     example = torch.zeros(2, 3, INPUT_SIZE, INPUT_SIZE).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        return torch.jit.freeze(torch.jit.trace(module, example))
+        return torch.jit.freeze(torch.jit.trace(module, example, check_trace=False))

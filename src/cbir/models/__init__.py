@@ -16,10 +16,10 @@ from cbir.models.base import CONFIG_FILE, ModelError, Param, RetrievalModel, rea
 
 METHODS: dict[str, str] = {
     # classical family (issue 3)
-    "ridge": "cbir.models.classical:RidgeModel",
-    "kernel-ridge": "cbir.models.classical:KernelRidgeModel",
-    "cca": "cbir.models.classical:CCAModel",
-    "pls": "cbir.models.classical:PLSModel",
+    "ridge": "cbir.models.classical.model:RidgeModel",
+    "kernel-ridge": "cbir.models.classical.model:KernelRidgeModel",
+    "cca": "cbir.models.classical.model:CCAModel",
+    "pls": "cbir.models.classical.model:PLSModel",
     "fusion": "cbir.models.classical.fusion:FusionModel",
     # deep methods (issue 4)
     "autoencoder": "cbir.models.autoencoder:AutoencoderModel",

@@ -323,10 +323,10 @@ def create_app(
         if not filters and not more_like and not less_like and is_plain(terms):
             return lambda n: batcher.search_text(terms[0].value, n)
         with encoder_lock:
-            vector = steered_vector(index, q, None, more_like, less_like, allow_files=False)
+            vector, share = steered_vector(index, q, None, more_like, less_like, allow_files=False)
         if filters:
-            return lambda n: search_page(index, vector, filters, n, 0, None)
-        return lambda n: batcher.search_vector(vector, n)
+            return lambda n: search_page(index, vector, filters, n, 0, None, share)
+        return lambda n: batcher.search_vector(vector, n, share)
 
     def known(image_id: str) -> str:
         """The index's id of an image named as the API shows it."""
@@ -383,7 +383,8 @@ def create_app(
         """Images ranked by similarity to an indexed image."""
         index, batcher = loader.ready()
         vector = index.vector(known(image_id))
-        return page({"similar": image_id}, offset, k, lambda n: batcher.search_vector(vector, n), explain)
+        query = {"similar": image_id}
+        return page(query, offset, k, lambda n: batcher.search_vector(vector, n, photo_share=1.0), explain)
 
     @app.post("/api/search/image", response_model=Page, responses=errors(413, 415))
     def search_upload(
@@ -401,7 +402,7 @@ def create_app(
         except ValueError as e:  # the encoder could not use it after all
             raise HTTPException(422, f"'{file.filename}' could not be embedded") from e
         query = {"upload": file.filename or "upload"}
-        return page(query, offset, k, lambda n: batcher.search_vector(vector, n), explain)
+        return page(query, offset, k, lambda n: batcher.search_vector(vector, n, photo_share=1.0), explain)
 
     def indexed_file(image_id: str) -> Path:
         index, _ = loader.ready()

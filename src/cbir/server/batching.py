@@ -27,6 +27,7 @@ class Job:
     k: int
     text: str | None = None
     vector: np.ndarray | None = None
+    photo_share: float = 0.0  # how much of the query is photos (its calibration curve)
     done: Future = field(default_factory=Future)
 
 
@@ -43,8 +44,8 @@ class SearchBatcher:
     def search_text(self, text: str, k: int) -> list[SearchResult]:
         return self._submit(Job(k, text=text))
 
-    def search_vector(self, vector: np.ndarray, k: int) -> list[SearchResult]:
-        return self._submit(Job(k, vector=np.asarray(vector, dtype=np.float32)))
+    def search_vector(self, vector: np.ndarray, k: int, photo_share: float = 0.0) -> list[SearchResult]:
+        return self._submit(Job(k, vector=np.asarray(vector, dtype=np.float32), photo_share=photo_share))
 
     def _submit(self, job: Job) -> list[SearchResult]:
         self._jobs.put(job)
@@ -66,7 +67,8 @@ class SearchBatcher:
         index = self.index  # one snapshot per batch (the folder watcher may publish a newer one)
         try:
             vectors = self._vectors(index, batch)
-            found = index.search_vectors(vectors, max(job.k for job in batch))
+            shares = [job.photo_share for job in batch]
+            found = index.search_vectors(vectors, max(job.k for job in batch), photo_shares=shares)
         except Exception as e:
             if len(batch) == 1:
                 batch[0].done.set_exception(e)
