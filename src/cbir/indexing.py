@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
+import cbir.index
 from cbir.index import (
-    ANN_THRESHOLD,
     CHUNK_SIZE,
     LOCK_FILE,
     MODEL_DIR,
@@ -567,7 +567,7 @@ def compact(writer: ManifestWriter, gen: int, index_dir: Path) -> None:
 def _finish(writer: ManifestWriter, gen: int, index_dir: Path) -> None:
     """The ANN graph of a large index, then the sweep of what the live generation no longer names."""
     live = set(writer.checksums(gen))
-    if writer.count(gen) >= ANN_THRESHOLD:
+    if writer.count(gen) >= cbir.index.ANN_THRESHOLD:
         manifest = writer.load(gen)
         _write_ann(index_dir, manifest)
         live.add(_ann_path(index_dir, manifest["entries"]).name)
