@@ -23,6 +23,7 @@ import shutil
 import statistics
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -80,38 +81,42 @@ def write_vectors(index_dir: Path, n: int, dim: int, rng: np.random.Generator):
         out[start : start + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
     out.flush()
     del out
-    return name, indexing.file_hash(index_dir / indexing.SHARDS / name)
+    return name, indexing.file_hash(index_dir / indexing.SHARDS / name), (n, dim)
 
 
 def synthetic_index(
     index_dir: Path, root: Path, files: list[tuple[str, Path, Stat]], dim: int, rng: np.random.Generator
 ) -> None:
-    """An index of `files`, written through the manifest's own functions."""
+    """An index of `files` (listed, not on disk) with random unit vectors, the shipped model copied in."""
+    from cbir.indexing import SHARDS
+
+    root.mkdir(parents=True)
+    (index_dir / SHARDS).mkdir(parents=True)
+    meta = {"taken": None, "camera": None}
+    entries = (
+        {"id": i, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha1": f"{row:040x}", "meta": meta}
+        for row, (i, _, st) in enumerate(files)
+    )
+    write_manifest(index_dir, root, entries, write_vectors(index_dir, len(files), dim, rng), "default")
+
+
+def write_manifest(
+    index_dir: Path, root: Path, entries: Iterable[dict], shard: tuple[str, str, int], model: Path | str
+) -> None:
+    """A new index: `entries` (id, size, mtime_ns, sha1, meta), row by row of one shard (name, SHA-1,
+    (rows, dim)), and a copy of `model`, written through the manifest's own functions."""
     from cbir import indexing
     from cbir.manifest import ManifestWriter, add_shard, create_manifest, put_entries
 
-    n = len(files)
-    root.mkdir(parents=True)
-    index_dir.mkdir(parents=True)
+    name, sha1, (n, dim) = shard
     create_manifest(index_dir, root)
-    (index_dir / indexing.SHARDS).mkdir()
-    keys = indexing._install_model(index_dir, "default")
-    name, sha1 = write_vectors(index_dir, n, dim, rng)
-    meta = {"taken": None, "camera": None}
+    keys = indexing._install_model(index_dir, model)
     writer = ManifestWriter(index_dir)
     try:
         gen = writer.start({"root": str(root), **keys, "dim": dim}, live=True)
         with writer.commit() as conn:
             add_shard(conn, gen, name, sha1, n)
-            put_entries(
-                conn,
-                gen,
-                (
-                    {"id": i, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha1": f"{row:040x}"}
-                    | {"shard": name, "row": row, "meta": meta}
-                    for row, (i, _, st) in enumerate(files)
-                ),
-            )
+            put_entries(conn, gen, ({**e, "shard": name, "row": row} for row, e in enumerate(entries)))
     finally:
         writer.close()
 

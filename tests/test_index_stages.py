@@ -201,31 +201,32 @@ def test_upgrade_keeps_a_generation_that_was_being_built_aside(tmp_path):
         writer.close()
 
 
-def test_a_failed_commit_leaves_the_manifest_as_it_was(tmp_path):
+@pytest.fixture
+def small_index(tmp_path) -> Path:
     root = make_folder(tmp_path, 3)
-    index_dir = tmp_path / "ix"
-    update_index(root, index_dir, "default", progress=False, encode=backwards_encode)
-    before = read_manifest(index_dir)
-    writer = ManifestWriter(index_dir)
+    update_index(root, tmp_path / "ix", "default", progress=False, encode=backwards_encode)
+    return tmp_path / "ix"
+
+
+def test_a_failed_commit_leaves_the_manifest_as_it_was(small_index):
+    before = read_manifest(small_index)
+    writer = ManifestWriter(small_index)
     try:
         with pytest.raises(sqlite3.IntegrityError), writer.commit() as conn:
             conn.execute("DELETE FROM entries")  # half a change, then a fault
             conn.execute("INSERT INTO info VALUES ('format', 'twice')")
     finally:
         writer.close()
-    assert read_manifest(index_dir) == before
+    assert read_manifest(small_index) == before
 
 
-def test_a_reader_sees_the_last_committed_chunk_while_a_writer_is_mid_transaction(tmp_path):
-    root = make_folder(tmp_path, 3)
-    index_dir = tmp_path / "ix"
-    update_index(root, index_dir, "default", progress=False, encode=backwards_encode)
-    before = read_manifest(index_dir)
-    writer = ManifestWriter(index_dir)
+def test_a_reader_sees_the_last_committed_chunk_while_a_writer_is_mid_transaction(small_index):
+    before = read_manifest(small_index)
+    writer = ManifestWriter(small_index)
     try:
         with writer.commit() as conn:
             conn.execute("DELETE FROM entries")
-            assert read_manifest(index_dir) == before  # not blocked, and not the half-done change
+            assert read_manifest(small_index) == before  # not blocked, and not the half-done change
     finally:
         writer.close()
-    assert read_manifest(index_dir)["entries"] == []
+    assert read_manifest(small_index)["entries"] == []

@@ -155,21 +155,15 @@ def update_index(
     `LockBusyError` names it. Readers are never blocked. `encode` embeds the chunks of files to index
     (None: `local_encode_chunks`, in this process).
     """
-    report = index_folder(folder, out, model, progress, chunk_size, on_chunk, wait, encode)
+    options = {"progress": progress, "chunk_size": chunk_size, "on_chunk": on_chunk, "encode": encode}
+    report = index_folder(folder, out, model, wait, **options)
     return SearchIndex.open(Path(out).expanduser().resolve()), report
 
 
 def index_folder(
-    folder: Path | str,
-    out: Path | str,
-    model: Path | str | None = None,
-    progress: bool = True,
-    chunk_size: int = CHUNK_SIZE,
-    on_chunk: Callable[[int, int], None] | None = None,
-    wait: float = 0.0,
-    encode: EncodeStage | None = None,
+    folder: Path | str, out: Path | str, model: Path | str | None = None, wait: float = 0.0, **options: Any
 ) -> IndexReport:
-    """`update_index` without opening the result: the write path alone."""
+    """`update_index` without opening the result: the write path alone (`options`: its stage options)."""
     from cbir.datasets import DatasetError
 
     root = Path(folder).expanduser().resolve()
@@ -183,7 +177,7 @@ def index_folder(
         _open_manifest(index_dir, root)
         writer = ManifestWriter(index_dir)
         try:
-            return _run_stages(writer, root, index_dir, model, progress, chunk_size, on_chunk, encode)
+            return _run_stages(writer, root, index_dir, model, **options)
         finally:
             writer.close()
 
@@ -231,10 +225,10 @@ def _run_stages(
     root: Path,
     index_dir: Path,
     model: Path | str | None,
-    progress: bool,
-    chunk_size: int,
-    on_chunk: Callable[[int, int], None] | None,
-    encode: EncodeStage | None,
+    progress: bool = True,
+    chunk_size: int = CHUNK_SIZE,
+    on_chunk: Callable[[int, int], None] | None = None,
+    encode: EncodeStage | None = None,
 ) -> IndexReport:
     """`update_index` once it holds the lock: every stage, in order."""
     gen, model_dir = prepare_generation(writer, index_dir, root, model)
