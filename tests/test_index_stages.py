@@ -72,6 +72,19 @@ def test_encode_stage_is_pluggable_and_its_chunks_may_come_in_any_order(tmp_path
     assert read_manifest(ix.path)["dim"] == DIM and ix.failed == {"bad.jpg": "not a readable image"}
 
 
+def test_an_encode_stage_that_loses_a_chunk_is_an_error_and_the_rest_is_kept(tmp_path):
+    root = make_folder(tmp_path, 6)
+
+    def loses_the_first(model_dir, root, chunks):
+        yield from ((n, e) for n, e in backwards_encode(model_dir, root, chunks) if n != 0)
+
+    with pytest.raises(RuntimeError, match="ended without 1 of 3 chunks"):
+        update_index(root, tmp_path / "ix", "default", progress=False, chunk_size=2, encode=loses_the_first)
+    assert len(read_manifest(tmp_path / "ix")["entries"]) == 4  # the chunks that came are committed
+    ix, report = update_index(root, tmp_path / "ix", "default", progress=False, encode=backwards_encode)
+    assert len(report.added) == 2 and report.unchanged == 4 and len(ix) == 6
+
+
 def test_local_encode_chunks_is_the_models_embedding_of_each_chunk():
     from cbir.datasets import Dataset
     from cbir.models import load_model, model_dir

@@ -415,7 +415,8 @@ def local_encode_chunks(
 
     model = None
     for number, chunk in enumerate(chunks):
-        model = model or load_model(model_dir)
+        if model is None:
+            model = load_model(model_dir)
         yield number, model.embed(Dataset.from_paths(chunk, root))
 
 
@@ -440,11 +441,14 @@ def encode_and_commit(
     if not todo:
         return
     chunks = [list(todo[start : start + chunk_size]) for start in range(0, len(todo), chunk_size)]
-    done = 0
+    done, left = 0, set(range(len(chunks)))
     with progress_bar("indexing images", len(todo), enabled=progress) as advance:
         for number, embedding in (encode or local_encode_chunks)(
             model_dir, root, [[t.path for t in chunk] for chunk in chunks]
         ):
+            if number not in left:
+                raise RuntimeError(f"the encode stage returned chunk {number} twice or out of range")
+            left.remove(number)
             chunk = chunks[number]
             ids = Dataset.from_paths([t.path for t in chunk], root).image_ids
             result = record_chunk(chunk, ids, embedding, report)
@@ -454,6 +458,8 @@ def encode_and_commit(
             advance(len(chunk))
             if on_chunk is not None:
                 on_chunk(done, len(todo))
+    if left:  # what came is committed; a rerun embeds the rest
+        raise RuntimeError(f"the encode stage ended without {len(left)} of {len(chunks)} chunks")
 
 
 def record_chunk(

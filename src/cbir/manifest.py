@@ -100,7 +100,10 @@ def read_manifest(path: Path) -> dict[str, Any]:
     if (path / MANIFEST).is_file():
         return _read_sqlite(path / MANIFEST)
     if (path / LEGACY_MANIFEST).is_file():
-        return read_legacy(path / LEGACY_MANIFEST)
+        try:
+            return read_legacy(path / LEGACY_MANIFEST)
+        except FileNotFoundError:  # upgraded to SQLite since the check above
+            return _read_sqlite(path / MANIFEST)
     raise IndexFormatError(f"{path}: not an index directory (no {MANIFEST}); build one with `cbir index`")
 
 
@@ -215,6 +218,8 @@ def _publish_new(index_dir: Path, generations: dict[str, dict[str, Any] | None])
                     conn.execute("INSERT INTO pointers VALUES (?, ?)", (name, gen))
                     _import_rows(conn, gen, generation)
         conn.execute("PRAGMA journal_mode=WAL")
+    for side in SQLITE_SIDE_FILES:  # never let a stray log of some earlier file apply to this one
+        (index_dir / f"{MANIFEST}{side}").unlink(missing_ok=True)
     os.replace(staging, target)
 
 
@@ -293,28 +298,24 @@ class ManifestWriter:
             return load_generation(self.conn, gen)
 
     def start(self, generation: dict[str, str], live: bool) -> int:
-        """A new, empty generation: live at once (when nothing is served meanwhile), else aside
-        under `next`, replacing any earlier one there. The generation it displaces is dropped."""
-        name = "live" if live else NEXT
+        """A new, empty generation: live at once (when nothing is served meanwhile; every other one is
+        dropped), else aside under `next`, replacing any earlier one there."""
         with _transaction(self.conn) as conn:
             gen = _insert_generation(conn, generation)
-            old = conn.execute("SELECT gen FROM pointers WHERE name = ?", (name,)).fetchone()
-            conn.execute("INSERT OR REPLACE INTO pointers VALUES (?, ?)", (name, gen))
-            if old is not None:
-                _drop_generation(conn, old[0])
+            if live:
+                _make_live(conn, gen)
+            else:
+                _, aside = _pointers(conn)
+                conn.execute("INSERT OR REPLACE INTO pointers VALUES (?, ?)", (NEXT, gen))
+                if aside is not None:
+                    _drop_generation(conn, aside)
         return gen
 
     def go_live(self, gen: int) -> None:
-        """One transaction switches readers to the generation built aside and drops the old one."""
+        """One transaction switches readers to `gen` (built aside, or live already) and drops the
+        generations it replaces."""
         with _transaction(self.conn) as conn:
-            live, aside = _pointers(conn)
-            if gen == live:
-                return
-            conn.execute("UPDATE pointers SET gen = ? WHERE name = 'live'", (gen,))
-            conn.execute("DELETE FROM pointers WHERE name = ?", (NEXT,))
-            _drop_generation(conn, live)
-            if aside is not None and aside != gen:
-                _drop_generation(conn, aside)
+            _make_live(conn, gen)
 
     @contextmanager
     def commit(self) -> Iterator[sqlite3.Connection]:
@@ -366,6 +367,13 @@ def drop_unused_shards(conn: sqlite3.Connection, gen: int) -> None:
         " (SELECT 1 FROM entries e WHERE e.gen = shards.gen AND e.shard = shards.name)",
         (gen,),
     )
+
+
+def _make_live(conn: sqlite3.Connection, gen: int) -> None:
+    conn.execute("INSERT OR REPLACE INTO pointers VALUES ('live', ?)", (gen,))
+    conn.execute("DELETE FROM pointers WHERE name = ?", (NEXT,))
+    for (other,) in conn.execute("SELECT gen FROM generations WHERE gen != ?", (gen,)).fetchall():
+        _drop_generation(conn, other)
 
 
 def _drop_generation(conn: sqlite3.Connection, gen: int) -> None:
