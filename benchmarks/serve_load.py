@@ -53,36 +53,30 @@ def synthetic_index(index_dir: Path, n: int, model: Path, seed: int = 0) -> None
     seconds. `model` is copied in as the index's model (the one that embeds text queries)."""
     from PIL import Image
 
-    from cbir import index as ix
+    from benchmarks.index_growth import write_manifest
+    from cbir import indexing
+    from cbir.filters import photo_metadata
+    from cbir.models import load_model
 
-    if (index_dir / ix.MANIFEST).exists():
+    if indexing.is_index(index_dir):
         return
     print(f"writing a synthetic index of {n} photos to {index_dir}", flush=True)
     rng = np.random.default_rng(seed)
     photos = index_dir.parent / f"{index_dir.name}-photos"
     photos.mkdir(parents=True, exist_ok=True)
-    (index_dir / ix.SHARDS).mkdir(parents=True, exist_ok=True)
+    (index_dir / indexing.SHARDS).mkdir(parents=True, exist_ok=True)
     entries = []
     for i in range(n):
         path = photos / f"{i // 1000:02d}" / f"photo{i:05d}.jpg"
         path.parent.mkdir(exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((64, 64)).save(path)
-        image_id = path.relative_to(photos).as_posix()
-        entries.append({**ix._stat_entry(image_id, path.stat(), ix.file_hash(path)), "row": i})
-    source, fingerprint = ix._install_model(index_dir, model)
-    from cbir.models import load_model
-
-    dim = int(load_model(index_dir / ix.MODEL_DIR).embed_texts(["a photo"]).shape[1])
+        todo = indexing.Todo(path.relative_to(photos).as_posix(), path, path.stat(), None, False)
+        entries.append({**todo.entry(indexing.file_hash(path)), "meta": photo_metadata(path)})
+    dim = int(load_model(model).embed_texts(["a photo"]).shape[1])
     vectors = rng.standard_normal((n, dim)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    shard = "synthetic.npy"
-    checksum = ix._write_npy_atomic(index_dir / ix.SHARDS / shard, vectors)
-    manifest = {
-        "format": ix.FORMAT, "version": ix.VERSION, "root": str(photos.resolve()), "model_source": source,
-        "model_fingerprint": fingerprint, "dim": dim, "shards": {shard: checksum},
-        "entries": [{**e, "shard": shard} for e in entries], "failed": [],
-    }  # fmt: skip
-    ix._write_json_atomic(index_dir / ix.MANIFEST, manifest)
+    shard = indexing.write_shard(index_dir, vectors)
+    write_manifest(index_dir, photos.resolve(), entries, (shard.name, shard.sha1, (n, dim)), model)
 
 
 def baseline_source(rev: str, into: Path) -> Path:

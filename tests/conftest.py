@@ -93,3 +93,21 @@ def kaggle_mini():
     from cbir.datasets import load_dataset
 
     return load_dataset(KAGGLE_MINI)
+
+
+def write_legacy_manifest(index_dir: Path, edit=None) -> dict:
+    """Rewrite an index's manifest as the JSON file that cbir wrote before its SQLite manifest (format
+    1: `index.json`, the live generation with its entries sorted by id), optionally edited first."""
+    import json
+
+    from cbir.manifest import LEGACY_MANIFEST, MANIFEST, read_manifest
+
+    manifest = read_manifest(index_dir)
+    manifest.pop("gen", None)
+    manifest.update(version=1, entries=sorted(manifest["entries"], key=lambda e: e["id"]))
+    if edit is not None:
+        edit(manifest)
+    for path in index_dir.glob(f"{MANIFEST}*"):
+        path.unlink()
+    (index_dir / LEGACY_MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest

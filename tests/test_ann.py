@@ -3,14 +3,17 @@ it (filters before ranking, pages) through a real index directory."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
 import pytest
 
 import cbir.index as ix
+import cbir.indexing as ing
 from cbir import ann
 from cbir.filters import Filters
+from cbir.manifest import LEGACY_MANIFEST
 from cbir.steer import search_page
 
 
@@ -73,20 +76,20 @@ def ivfpq_index(data, tmp_path_factory):
     root = tmp_path_factory.mktemp("ivfpq")
     (root / ix.SHARDS).mkdir()
     vectors = data[0][:2000]
-    checksum = ix._write_npy_atomic(root / ix.SHARDS / "s.npy", vectors)
+    checksum = ing._write_npy_atomic(root / ix.SHARDS / "s.npy", vectors)
     create_model("zero-shot").fit().save(root / "model-x")
     entries = [
         {"id": f"{'ab'[i % 2]}/{i:04d}.jpg", "size": 1, "mtime_ns": 0, "sha1": "", "shard": "s.npy", "row": i}
         for i in range(len(vectors))
     ]
     manifest = {
-        "format": ix.FORMAT,
-        "version": ix.VERSION,
+        "format": "cbir-index",
+        "version": 1,
         "root": str(root / "photos"),
         "model_dir": "model-x",
     }
     manifest |= {"entries": entries, "failed": [], "shards": {"s.npy": checksum}}
-    ix._write_json_atomic(root / ix.MANIFEST, manifest)
+    (root / LEGACY_MANIFEST).write_text(json.dumps(manifest))  # opens as is: no writer ran
     ix._write_ann(root, manifest)
     yield ix.SearchIndex.open(root), vectors
     mp.undo()
@@ -96,7 +99,7 @@ def test_searches_over_an_ivfpq_index_rank_like_exact_search(ivfpq_index, data):
     index, vectors = ivfpq_index
     assert index.approximate and index._ann.suffix == ".ivfpq"
     assert isinstance(index._index(), ann.IVFPQIndex)
-    assert sorted(os.listdir(index.path / ix.SHARDS)) == ["s.ivfpq", "s.npy"]
+    assert sorted(os.listdir(index.path / ix.SHARDS)) == sorted([index._ann.name, "s.npy"])
     hits = 0
     for query in data[1][:20]:
         exact = np.argsort(-(vectors @ query), kind="stable")[:10]

@@ -1,11 +1,11 @@
-"""The index's write path, function by function, without a network: atomic files, the scan that
-decides what to embed, the bookkeeping of one embedded chunk, orphan sweeping, the HNSW graph.
-Fast, so that mutation testing can run them against every mutant (BENCHMARKS.md)."""
+"""The index's write path, function by function, without a network: atomic files, the scan and plan
+that decide what to embed, the bookkeeping of one embedded chunk, orphan sweeping, the HNSW graph.
+Fast, so that mutation testing can run them against every mutant (BENCHMARKS.md). The manifest and the
+stages that commit to it: tests/test_index_stages.py."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -13,6 +13,9 @@ import numpy as np
 import pytest
 
 import cbir.index as ix
+import cbir.indexing as ing
+from cbir.manifest import MANIFEST, create_manifest, is_index
+from cbir.manifest import tmp_path as tmp_path_of
 from cbir.models.base import ImageEmbedding
 
 
@@ -21,30 +24,32 @@ def sha1(path: Path) -> str:
 
 
 def test_tmp_path_is_a_hidden_unique_sibling(tmp_path):
-    target = tmp_path / "index.json"
-    a, b = ix._tmp_path(target), ix._tmp_path(target)
+    target = tmp_path / MANIFEST
+    a, b = tmp_path_of(target), tmp_path_of(target)
     assert a != b and a.parent == b.parent == tmp_path
-    assert a.name.startswith(".index.json.") and a.name.endswith(ix.TMP_SUFFIX)
-    assert ix._is_ours(a.name) and ix._is_ours(ix.LOCK_FILE) and not ix._is_ours("index.json")
+    assert a.name.startswith(".index.sqlite.") and a.name.endswith(ing.TMP_SUFFIX)
+    assert ing._is_ours(a.name) and ing._is_ours(ix.LOCK_FILE) and not ing._is_ours(MANIFEST)
+    assert ing._is_ours(f"{a.name}-journal") and not ing._is_ours(f"{MANIFEST}-wal")
 
 
-def test_json_is_published_by_rename_only(tmp_path, monkeypatch):
-    target = tmp_path / "index.json"
-    ix._write_json_atomic(target, {"a": [1, 2]})
-    assert json.loads(target.read_text()) == {"a": [1, 2]} and os.listdir(tmp_path) == ["index.json"]
-    monkeypatch.setattr(ix.os, "replace", lambda src, dst: None)  # a crash before the rename
-    ix._write_json_atomic(target, {"a": "new"})
-    assert json.loads(target.read_text()) == {"a": [1, 2]}
+def test_a_new_manifest_is_published_by_rename_only(tmp_path, monkeypatch):
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: None)  # a crash before the rename
+    create_manifest(tmp_path, tmp_path / "photos")
+    assert not is_index(tmp_path) and all(ing._is_ours(name) for name in os.listdir(tmp_path))
+    monkeypatch.setattr(os, "replace", real_replace)
+    create_manifest(tmp_path, tmp_path / "photos")
+    assert ix.read_manifest(tmp_path)["entries"] == [] and (tmp_path / MANIFEST).is_file()
 
 
 def test_npy_shard_is_float32_renamed_into_place_and_its_checksum_returned(tmp_path, monkeypatch):
     target = tmp_path / "s.npy"
-    digest = ix._write_npy_atomic(target, np.arange(6, dtype=np.float64).reshape(3, 2)[:, ::-1])
+    digest = ing._write_npy_atomic(target, np.arange(6, dtype=np.float64).reshape(3, 2)[:, ::-1])
     loaded = np.load(target)
     assert loaded.dtype == np.float32 and loaded.tolist() == [[1, 0], [3, 2], [5, 4]]
     assert digest == sha1(target) == ix.file_hash(target) and os.listdir(tmp_path) == ["s.npy"]
-    monkeypatch.setattr(ix.os, "replace", lambda src, dst: None)
-    ix._write_npy_atomic(target, np.zeros((1, 2)))
+    monkeypatch.setattr(ing.os, "replace", lambda src, dst: None)
+    ing._write_npy_atomic(target, np.zeros((1, 2)))
     assert np.load(target).shape == (3, 2)
 
 
@@ -55,56 +60,52 @@ def test_file_hash_reads_large_files_whole(tmp_path):
 
 
 def test_out_folder_check(tmp_path):
-    ix._check_out_folder(tmp_path / "new")  # not there yet: fine
-    ix._check_out_folder(tmp_path)  # empty
+    ing._check_out_folder(tmp_path / "new")  # not there yet: fine
+    ing._check_out_folder(tmp_path)  # empty
     (tmp_path / ix.LOCK_FILE).touch()
-    (tmp_path / f".x{ix.TMP_SUFFIX}").touch()
-    ix._check_out_folder(tmp_path)  # only what the indexer leaves
+    (tmp_path / f".x{ing.TMP_SUFFIX}").touch()
+    ing._check_out_folder(tmp_path)  # only what the indexer leaves
     (tmp_path / ix.SHARDS).mkdir()
     with pytest.raises(ix.IndexFormatError, match=r"exists and is not an index \(it holds shards\)"):
-        ix._check_out_folder(tmp_path)
-    ix._check_out_folder(tmp_path, another_writer_may_be_starting=True)
+        ing._check_out_folder(tmp_path)
+    ing._check_out_folder(tmp_path, another_writer_may_be_starting=True)
     for name in ("b", "c"):
         (tmp_path / name).touch()
     with pytest.raises(ix.IndexFormatError, match=r"\(it holds b, c, shards\); choose"):
-        ix._check_out_folder(tmp_path)
+        ing._check_out_folder(tmp_path)
     (tmp_path / "d").touch()
     with pytest.raises(ix.IndexFormatError, match=r"\(it holds b, c, d, …\); choose an empty or new"):
-        ix._check_out_folder(tmp_path)
-    (tmp_path / ix.MANIFEST).touch()
-    ix._check_out_folder(tmp_path)  # an index: fine
+        ing._check_out_folder(tmp_path)
+    (tmp_path / MANIFEST).touch()
+    ing._check_out_folder(tmp_path)  # an index: fine
     with pytest.raises(ix.IndexFormatError, match="exists and is not a folder"):
-        ix._check_out_folder(tmp_path / "b")
+        ing._check_out_folder(tmp_path / "b")
 
 
-def test_orphans_and_temporaries_are_swept_and_nothing_else(tmp_path, monkeypatch):
-    from cbir import ann
-
-    monkeypatch.setattr(ann, "ANN_THRESHOLD", 1)  # the live shard's approximate index is an HNSW graph
+def test_orphans_and_temporaries_are_swept_and_nothing_else(tmp_path):
     shards = tmp_path / ix.SHARDS
     shards.mkdir()
     names = (
         "live.npy",
         "live.hnsw",
-        "live.ivfpq",
         "dead.npy",
         "dead.hnsw",
         "dead.ivfpq",
-        f".t{ix.TMP_SUFFIX}",
+        f".t{ing.TMP_SUFFIX}",
+        "notes.txt",
     )
-    names = (*names, "notes.txt")
     for name in names:
         (shards / name).touch()
     for model in ("model-live", "model-old", ix.MODEL_DIR):  # the live, a replaced and a legacy model folder
         (tmp_path / model).mkdir()
         (tmp_path / model / "weights").touch()
-    (tmp_path / f".m{ix.TMP_SUFFIX}").mkdir()
-    (tmp_path / f".m{ix.TMP_SUFFIX}" / "f").touch()
-    (tmp_path / f".j{ix.TMP_SUFFIX}").touch()
+    (tmp_path / f".m{ing.TMP_SUFFIX}").mkdir()
+    (tmp_path / f".m{ing.TMP_SUFFIX}" / "f").touch()
+    (tmp_path / f".j{ing.TMP_SUFFIX}").touch()
     (tmp_path / "ann.faiss").touch()  # an older layout's single graph
     (tmp_path / "keep.json").touch()
-    manifest = {"entries": [{"shard": "live.npy", "row": 0}], "model_dir": "model-live"}
-    ix._remove_orphans(tmp_path, manifest)
+    (tmp_path / f".{MANIFEST}.1{ing.TMP_SUFFIX}-journal").touch()  # SQLite's, beside a killed run's
+    ing._remove_orphans(tmp_path, {"live.npy", "live.hnsw"}, "model-live")
     assert sorted(os.listdir(shards)) == ["live.hnsw", "live.npy", "notes.txt"]
     assert sorted(os.listdir(tmp_path)) == ["keep.json", "model-live", ix.SHARDS]
     assert os.listdir(tmp_path / "model-live") == ["weights"]
@@ -112,25 +113,13 @@ def test_orphans_and_temporaries_are_swept_and_nothing_else(tmp_path, monkeypatc
 
 def write_shard(index_dir: Path, name: str, rows: int) -> str:
     (index_dir / ix.SHARDS).mkdir(exist_ok=True)
-    return ix._write_npy_atomic(index_dir / ix.SHARDS / name, np.eye(rows, 4, dtype=np.float32))
-
-
-def test_compact_means_one_shard_holding_exactly_the_entries_in_order(tmp_path):
-    write_shard(tmp_path, "a.npy", 3)
-    write_shard(tmp_path, "b.npy", 1)
-    entries = [{"shard": "a.npy", "row": i} for i in range(3)]
-    assert ix._is_compact(tmp_path, entries)
-    write_shard(tmp_path, "one.npy", 1)
-    assert ix._is_compact(tmp_path, [{"shard": "one.npy", "row": 0}])
-    assert not ix._is_compact(tmp_path, entries[:2])  # the shard holds more
-    assert not ix._is_compact(tmp_path, [entries[1], entries[0], entries[2]])
-    assert not ix._is_compact(tmp_path, [*entries[:2], {"shard": "b.npy", "row": 2}])
+    return ing._write_npy_atomic(index_dir / ix.SHARDS / name, np.eye(rows, 4, dtype=np.float32))
 
 
 def test_damaged_shards_are_named(tmp_path):
     good = write_shard(tmp_path, "good.npy", 2)
     write_shard(tmp_path, "bad.npy", 2)
-    damaged = ix._damaged_shards(
+    damaged = ing._damaged_shards(
         tmp_path, {"good.npy", "bad.npy", "gone.npy"}, {"good.npy": good, "bad.npy": "0"}
     )
     assert sorted(damaged) == ["bad.npy", "gone.npy"]
@@ -155,7 +144,7 @@ NO_META = {"taken": None, "camera": None}  # what `photo_metadata` finds in a fi
 CAMERA_META = {"taken": "2020-05-01T10:00:00", "camera": "Canon EOS"}
 
 
-def test_scan_sorts_files_into_kept_failed_and_to_embed(tmp_path):
+def test_scan_and_plan_sort_files_into_kept_failed_and_to_embed(tmp_path):
     root = photo_folder(tmp_path)
     old_entries = {
         "a.jpg": entry_of(root, "a.jpg", shard="s", row=0),  # unchanged
@@ -170,16 +159,27 @@ def test_scan_sorts_files_into_kept_failed_and_to_embed(tmp_path):
     }
     (root / "new.jpg").write_bytes(b"new")
     (root / "dangling.jpg").symlink_to(root / "nowhere.jpg")
-    report = ix.IndexReport()
-    entries, failed, todo = ix._scan(root, old_entries, old_failed, {"sub/d.jpg"}, report)
-    assert entries == {
-        "a.jpg": {**old_entries["a.jpg"], "meta": NO_META},  # recorded now, for filters
-        "b.jpg": old_entries["b.jpg"],  # still served as it was until its new content is embedded
-        "sub/f.jpg": old_entries["sub/f.jpg"],  # metadata already recorded: not read again
-    }
-    assert failed == {"c.jpg": old_failed["c.jpg"]} and report.unchanged == 2
+    report = ing.IndexReport()
+    found = ing.scan_folder(root, report)
+    assert [i for i, _, _ in found] == [
+        "a.jpg",
+        "b.jpg",
+        "c.jpg",
+        "e.jpg",
+        "new.jpg",
+        "sub/d.jpg",
+        "sub/f.jpg",
+    ]
+    assert all(path == root / i and st.st_size == path.stat().st_size for i, path, st in found)
+    plan = ing.plan_update(found, old_entries, old_failed, {"sub/d.jpg"}, report)
+    # b.jpg keeps its entry, still served as it was until its new content is embedded; sub/d.jpg's
+    # shard is damaged: dropped now, embedded again
+    assert plan.drop_entries == {"gone.jpg", "sub/d.jpg"}
+    assert plan.missing_meta == {"a.jpg": root / "a.jpg"}  # recorded now, for filters; f.jpg has it
+    assert plan.drop_failed == {"e.jpg"} and report.unchanged == 2  # c.jpg's failure stands
     assert report.failed["c.jpg"] == "not a readable image"
     assert report.failed["dangling.jpg"].startswith("broken symbolic link: ")
+    todo = plan.todo
     assert [(t.image_id, t.old is not None, t.repair) for t in todo] == [
         ("b.jpg", True, False),
         ("e.jpg", True, False),
@@ -213,6 +213,14 @@ class StubModel:
         return ImageEmbedding(vectors, keys, failed)
 
 
+def record(root: Path, chunk: list, report: ing.IndexReport) -> ing.ChunkResult:
+    """What the encode stage hands `record_chunk`: the chunk's embedding and its ids."""
+    from cbir.datasets import Dataset
+
+    data = Dataset.from_paths([t.path for t in chunk], root)
+    return ing.record_chunk(chunk, data.image_ids, StubModel().embed(data), report)
+
+
 def test_one_embedded_chunk_is_recorded(tmp_path):
     root = tmp_path / "photos"
     root.mkdir()
@@ -228,7 +236,7 @@ def test_one_embedded_chunk_is_recorded(tmp_path):
     (root / "fix.jpg").write_bytes(b"fix")
 
     def todo(name, old=None, repair=False):
-        return ix.Todo(name, root / name, (root / name).stat(), old, repair)
+        return ing.Todo(name, root / name, (root / name).stat(), old, repair)
 
     same_old = {
         "id": "same.jpg",
@@ -240,9 +248,7 @@ def test_one_embedded_chunk_is_recorded(tmp_path):
     }
     chg_old = {"id": "chg.jpg", "size": 3, "mtime_ns": 1, "sha1": "other", "shard": "s", "row": 1}
     bad_old = {"id": "bad.jpg", "size": 2, "mtime_ns": 1, "sha1": "b", "shard": "s", "row": 2}
-    entries = {"same.jpg": same_old, "chg.jpg": chg_old, "bad.jpg": bad_old}
-    failed: dict = {}
-    report = ix.IndexReport()
+    report = ing.IndexReport()
     chunk = [
         todo("add.jpg"),
         todo("same.jpg", same_old),
@@ -251,24 +257,22 @@ def test_one_embedded_chunk_is_recorded(tmp_path):
         todo("fix.jpg", repair=True),
         todo("xnew.jpg"),  # new and unreadable: it was in no entry
     ]
-    keep, vectors = ix._embed_chunk(StubModel(), root, chunk, entries, failed, report)
-    assert [(t.image_id, key) for t, key in keep] == [
+    result = record(root, chunk, report)
+    assert [(t.image_id, key) for t, key in result.ok] == [
         ("add.jpg", hashlib.sha1(b"add").hexdigest()),
         ("chg.jpg", hashlib.sha1(b"new").hexdigest()),
         ("fix.jpg", hashlib.sha1(b"fix").hexdigest()),
     ]
-    assert vectors.tolist() == [[3, ord("a"), 1], [3, ord("n"), 1], [3, ord("f"), 1]]
+    assert result.vectors.tolist() == [[3, ord("a"), 1], [3, ord("n"), 1], [3, ord("f"), 1]]
     assert report.added == ["add.jpg"] and report.changed == ["chg.jpg"] and report.repaired == ["fix.jpg"]
     assert report.unchanged == 1
     assert report.failed == {"bad.jpg": "not a readable image", "xnew.jpg": "not a readable image"}
     st = (root / "same.jpg").stat()
-    assert entries == {
-        "same.jpg": {**same_old, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "meta": NO_META},
-        "chg.jpg": chg_old,  # replaced by the caller once its new vector is written
-    }
+    # touched, not changed: keeps its vector, with the new size and time (and meta, read once)
+    assert result.touched == [{**same_old, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "meta": NO_META}]
     bad = (root / "bad.jpg").stat()
-    assert sorted(failed) == ["bad.jpg", "xnew.jpg"]
-    assert failed["bad.jpg"] == {
+    assert [f["id"] for f in result.failed] == ["bad.jpg", "xnew.jpg"]
+    assert result.failed[0] == {
         "id": "bad.jpg",
         "size": 2,
         "mtime_ns": bad.st_mtime_ns,
@@ -285,10 +289,10 @@ def test_every_touched_but_unchanged_file_is_counted(tmp_path):
         (root / name).write_bytes(name.encode())
         digest = hashlib.sha1(name.encode()).hexdigest()
         old = {"id": name, "size": 5, "mtime_ns": 1, "sha1": digest, "shard": "s", "row": 0}
-        chunk.append(ix.Todo(name, root / name, (root / name).stat(), old, False))
-    report = ix.IndexReport()
-    keep, vectors = ix._embed_chunk(StubModel(), root, chunk, {}, {}, report)
-    assert keep == [] and len(vectors) == 0 and report.unchanged == 2
+        chunk.append(ing.Todo(name, root / name, (root / name).stat(), old, False))
+    report = ing.IndexReport()
+    result = record(root, chunk, report)
+    assert result.ok == [] and len(result.vectors) == 0 and report.unchanged == 2
 
 
 def test_a_failed_file_that_was_failed_before_counts_as_changed_when_it_now_reads(tmp_path):
@@ -302,15 +306,14 @@ def test_a_failed_file_that_was_failed_before_counts_as_changed_when_it_now_read
         "sha1": hashlib.sha1(b"content").hexdigest(),
         "reason": "r",
     }
-    report = ix.IndexReport()
-    t = ix.Todo("c.jpg", root / "c.jpg", (root / "c.jpg").stat(), old, False)
-    keep, _ = ix._embed_chunk(StubModel(), root, [t], {}, {}, report)
-    assert (
-        [k[0].image_id for k in keep] == ["c.jpg"] and report.changed == ["c.jpg"] and report.unchanged == 0
-    )
+    report = ing.IndexReport()
+    t = ing.Todo("c.jpg", root / "c.jpg", (root / "c.jpg").stat(), old, False)
+    result = record(root, [t], report)
+    assert [k[0].image_id for k in result.ok] == ["c.jpg"]
+    assert report.changed == ["c.jpg"] and report.unchanged == 0
 
 
-def test_hnsw_graph_is_written_per_compacted_shard_above_the_threshold(tmp_path, monkeypatch):
+def test_hnsw_graph_is_written_per_layout_above_the_threshold(tmp_path, monkeypatch):
     import faiss
 
     from cbir import ann
@@ -319,30 +322,32 @@ def test_hnsw_graph_is_written_per_compacted_shard_above_the_threshold(tmp_path,
     shards = tmp_path / ix.SHARDS
     shards.mkdir()
     vectors = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
-    checksum = ix._write_npy_atomic(shards / "a.npy", vectors)
+    checksum = ing._write_npy_atomic(shards / "a.npy", vectors)
     manifest = {"entries": [{"shard": "a.npy", "row": i} for i in range(4)], "shards": {"a.npy": checksum}}
     ix._write_ann(tmp_path, manifest)
-    assert ix._ann_path(tmp_path, manifest["entries"]) == shards / "a.hnsw"
-    graph = faiss.read_index(str(shards / "a.hnsw"))
+    (graph_file,) = shards.glob(f"*{'.hnsw'}")
+    assert graph_file == ix._ann_path(tmp_path, manifest["entries"])
+    graph = faiss.read_index(str(graph_file))
     assert graph.ntotal == 4 and isinstance(graph, faiss.IndexHNSWFlat)
     assert graph.metric_type == faiss.METRIC_INNER_PRODUCT
-    before = (shards / "a.hnsw").stat().st_mtime_ns
-    ix._write_ann(tmp_path, manifest)  # same shard: not rebuilt
-    assert (shards / "a.hnsw").stat().st_mtime_ns == before
-    assert not [p for p in [*tmp_path.iterdir(), *shards.iterdir()] if p.name.endswith(ix.TMP_SUFFIX)]
-    # a new compacted shard (another index content) gets its own graph; the old one is an orphan
-    checksum = ix._write_npy_atomic(shards / "b.npy", np.vstack([vectors, vectors[:1]]))
-    bigger = {"entries": [{"shard": "b.npy", "row": i} for i in range(5)], "shards": {"b.npy": checksum}}
+    before = graph_file.stat().st_mtime_ns
+    ix._write_ann(tmp_path, manifest)  # same layout: not rebuilt
+    assert graph_file.stat().st_mtime_ns == before
+    assert not [p for p in [*tmp_path.iterdir(), *shards.iterdir()] if p.name.endswith(ing.TMP_SUFFIX)]
+    # another layout (a row dropped, another shard added) gets its own graph, over its own vectors
+    checksum = ing._write_npy_atomic(shards / "b.npy", vectors[:1])
+    entries = [*manifest["entries"][1:], {"shard": "b.npy", "row": 0}]
+    bigger = {"entries": entries, "shards": {**manifest["shards"], "b.npy": checksum}}
     ix._write_ann(tmp_path, bigger)
-    assert faiss.read_index(str(shards / "b.hnsw")).ntotal == 5
-    (shards / "old.ivfpq").write_bytes(b"an IVF-PQ index of a shard since replaced")
+    other = ix._ann_path(tmp_path, entries)
+    assert other != graph_file and faiss.read_index(str(other)).ntotal == 4
+    (shards / "old.ivfpq").write_bytes(b"an IVF-PQ index of a layout since replaced")
     # below the threshold: no graph
-    checksum = ix._write_npy_atomic(shards / "c.npy", vectors[:3])
-    smaller = {"entries": [{"shard": "c.npy", "row": i} for i in range(3)], "shards": {"c.npy": checksum}}
+    smaller = {"entries": manifest["entries"][:3], "shards": manifest["shards"]}
     ix._write_ann(tmp_path, smaller)
-    assert not (shards / "c.hnsw").exists() and ix._ann_path(tmp_path, smaller["entries"]) is None
-    ix._remove_orphans(tmp_path, {**smaller, "model_dir": "model-x"})  # the graphs go with their shards
-    assert sorted(os.listdir(shards)) == ["c.npy"]
+    assert ix._ann_path(tmp_path, smaller["entries"]) is None
+    ing._remove_orphans(tmp_path, {"a.npy"}, "model-x")  # graphs the live layout does not name go
+    assert sorted(os.listdir(shards)) == ["a.npy"]
 
 
 def test_scan_reports_a_file_that_vanished_after_listing(tmp_path, monkeypatch):
@@ -350,9 +355,9 @@ def test_scan_reports_a_file_that_vanished_after_listing(tmp_path, monkeypatch):
 
     root = photo_folder(tmp_path)
     monkeypatch.setattr(cbir.datasets, "list_images", lambda folder: [folder / "a.jpg", folder / "gone.jpg"])
-    report = ix.IndexReport()
-    _, _, todo = ix._scan(root, {}, {}, set(), report)
-    assert [t.image_id for t in todo] == ["a.jpg"]
+    report = ing.IndexReport()
+    found = ing.scan_folder(root, report)
+    assert [image_id for image_id, _, _ in found] == ["a.jpg"]
     assert (
         report.failed["gone.jpg"].startswith("cannot read: ") and "No such file" in report.failed["gone.jpg"]
     )

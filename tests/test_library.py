@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from cbir.cli import app
-from cbir.index import SearchIndex
+from cbir.index import MANIFEST, SearchIndex
 from cbir.library import FOLDER_INDEX, data_dir, default_index_dir, find_index
 from cbir.server import create_app
 from tests.test_search import photos, zero_shot_dir  # noqa: F401 (a fixture)
@@ -33,7 +33,7 @@ def library(tmp_path, monkeypatch) -> Path:
 def test_index_then_search_without_out_or_index(library, zero_shot_dir, monkeypatch, tmp_path):  # noqa: F811
     indexed = runner.invoke(app, ["index", str(library), "--model", str(zero_shot_dir)])
     assert indexed.exit_code == 0, indexed.output
-    assert (library / FOLDER_INDEX / "index.json").is_file()
+    assert (library / FOLDER_INDEX / MANIFEST).is_file()
     assert default_index_dir(library) == library / FOLDER_INDEX
     # From inside the folder (or below it), the folder's own index is found.
     monkeypatch.chdir(library / "2024")

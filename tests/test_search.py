@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cbir.cli import app
-from cbir.index import MANIFEST, IndexFormatError, SearchIndex, build_index, update_index
+from cbir.index import MANIFEST, IndexFormatError, SearchIndex, build_index, read_manifest, update_index
 from tests.conftest import KAGGLE_MINI, REPO
 
 runner = CliRunner()
@@ -46,7 +46,7 @@ def folder(tmp_path) -> Path:
 
 
 def manifest_ids(index_dir: Path) -> list[str]:
-    return [e["id"] for e in json.loads((index_dir / MANIFEST).read_text())["entries"]]
+    return [e["id"] for e in read_manifest(index_dir)["entries"]]
 
 
 def test_incremental_add_change_delete(folder, tmp_path, zero_shot_dir):
@@ -232,7 +232,7 @@ def test_indexing_reads_and_hashes_each_file_once(folder, tmp_path, zero_shot_di
     ix, report = update_index(folder, tmp_path / "ix", zero_shot_dir, progress=False)
     assert len(ix) == 10 and list(report.failed) == ["broken.jpg"]
     assert sorted(reads) == sorted(p.name for p in folder.rglob("*.jpg")) and len(hashes) == 11
-    entries = json.loads((tmp_path / "ix" / MANIFEST).read_text())["entries"]
+    entries = read_manifest(tmp_path / "ix")["entries"]
     assert {e["sha1"] for e in entries} == {file_hash(folder / e["id"]) for e in entries}
     # a touched file is read once to learn it did not change, and keeps its vector
     reads.clear()
@@ -268,7 +268,7 @@ def test_approximate_search_above_the_threshold_matches_exact(folder, tmp_path, 
     shards = tmp_path / "ix" / index_module.SHARDS
     (shard,) = index_module.read_manifest(tmp_path / "ix")["shards"]  # compacted: one shard
     graphs = [p.name for p in shards.glob("*.hnsw")]
-    assert graphs == [Path(shard).with_suffix(".hnsw").name] and ix.approximate
+    assert graphs == [ix._ann.name] and ix.approximate
     assert isinstance(ix._index(), faiss.IndexHNSWFlat)
     vectors = np.asarray(ix.vectors, dtype=np.float32)
     for query in (ix.embed_text("people outdoors"), ix.vector("4.jpg")):

@@ -15,8 +15,9 @@ from typer.testing import CliRunner
 from cbir.cli import app
 from cbir.feedback import Rocchio
 from cbir.filters import FilterError, Filters
-from cbir.index import MANIFEST, SearchIndex, update_index
+from cbir.index import SearchIndex, update_index
 from cbir.query import QueryError, Term, parse_query, photo_share, unit
+from tests.conftest import write_legacy_manifest
 from tests.test_search import photos, zero_shot_dir  # noqa: F401 (a fixture)
 
 runner = CliRunner()
@@ -161,10 +162,12 @@ def test_offset_pages_continue_the_ranking(steer_index):
 def test_an_index_without_metadata_says_so_and_a_rerun_records_it(steer_index, tmp_path, zero_shot_dir):  # noqa: F811
     ix_dir = tmp_path / "ix"
     shutil.copytree(steer_index.path, ix_dir)
-    manifest = json.loads((ix_dir / MANIFEST).read_text())
-    for entry in manifest["entries"]:
-        del entry["meta"]  # as an index written before filters existed
-    (ix_dir / MANIFEST).write_text(json.dumps(manifest))
+
+    def without_meta(manifest: dict) -> None:
+        for entry in manifest["entries"]:
+            del entry["meta"]  # as an index written before filters existed
+
+    write_legacy_manifest(ix_dir, without_meta)
     old = SearchIndex.open(ix_dir)
     assert old.find("a dog", filters=Filters.parse(folder="trip"), k=3)  # the folder needs no metadata
     with pytest.raises(FilterError, match="built before cameras were recorded; rerun `cbir index`"):

@@ -380,10 +380,11 @@ def index(
     """Embed every photo below FOLDER into an index; reruns embed only new or changed files."""
     from cbir.index import update_index
     from cbir.library import default_index_dir, remember
+    from cbir.manifest import is_index
 
     start = time.perf_counter()
     target = out_dir or default_index_dir(folder)
-    if model == "zero-shot" and not (target / "index.json").exists():
+    if model == "zero-shot" and not is_index(target):
         err.print(
             "[dim]first zero-shot index here: preparing its vocabulary (the 1,000 ImageNet class names, "
             "embedded once and cached, so later indexes skip this)[/]",

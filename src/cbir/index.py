@@ -1,56 +1,51 @@
-"""A searchable index of a photo folder: build it incrementally, open it, query it by text or image.
+"""A searchable index of a photo folder: open it, query it by text or image (`cbir.indexing` builds it).
 
 On disk an index is a directory:
-  `index.json`   manifest: the indexed folder, the model folder, and one entry per image (id, size,
-                 mtime, content hash, and where its vector lives: shard file + row); unreadable files too.
-  `shards/*.npy` float32 vectors, one shard per committed chunk (compacted into one at the end).
-  `shards/*.hnsw`, `shards/*.ivfpq`  the approximate index (HNSW, or IVF-PQ for the largest) of a
-                 compacted shard, only above `cbir.ann.ANN_THRESHOLD` images (see `cbir.ann`).
+  `index.sqlite` manifest (`cbir.manifest`): the indexed folder, the model folder, the vector shards
+                 with their SHA-1, and one entry per image (id, size, mtime, content hash, EXIF meta, and
+                 where its vector lives: shard file + row); unreadable files too.
+  `shards/*.npy` float32 vectors, one shard per committed chunk, merged as the index grows
+                 (`cbir.indexing.compaction_group`); a small index is one shard, memory-mapped on open.
+  `shards/*.hnsw`, `shards/*.ivfpq`  the approximate index (HNSW, or IVF-PQ for the largest) of the
+                 vectors, only above `cbir.ann.ANN_THRESHOLD` images (see `cbir.ann`), named after the
+                 exact layout of the vectors it holds.
   `model-<fingerprint>/`  a copy of the model that embedded the images (the shipped default unless
                  named), so an index is self-contained and queries are embedded by the same model.
 
-Every change is written to new files first and published by `os.replace` of the manifest, so the
-index on disk is always consistent: a killed run loses at most the chunk it was embedding, and a
-rerun finds what is done, embeds only new or changed files, and drops deleted ones. Files are never
-changed once written, and the manifest names every file a reader opens (model folder and shards), so a
-reader gets one consistent snapshot. A new model (or folder) is built aside, under the manifest's
-`next`, while readers keep the complete old index; one manifest write switches them over. One writer
-at a time holds `.cbir-lock`; readers take no lock and reread the manifest if a file they listed is gone.
-The manifest records a SHA-1 per shard: opening an index verifies it (up to `VERIFY_ON_OPEN_MAX_BYTES`),
-every rerun verifies all, and re-embeds the images of a damaged shard (from the feature cache).
+Files are written aside and renamed into place, never changed once written, and published by one
+SQLite transaction per chunk, so the index on disk is always consistent: a killed run loses at most the
+chunks it was embedding, and a rerun finds what is done, embeds only new or changed files, and drops
+deleted ones. The manifest names every file a reader opens (model folder and shards), and a reader reads
+it in one transaction, so it gets one consistent snapshot. A new model (or folder) is built aside, in a
+generation under `next`, while readers keep the complete old one; one transaction switches them over.
+One writer at a time holds `.cbir-lock`; readers take no lock and reread the manifest if a file they
+listed is gone. Each shard's SHA-1 is verified on open (up to `VERIFY_ON_OPEN_MAX_BYTES`) and by every
+rerun, which re-embeds the images of a damaged shard (from the feature cache).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import shutil
 import stat
 import tempfile
-import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cbir import ann
-from cbir.lockfile import exclusive_lock
+from cbir.manifest import MANIFEST, IndexFormatError, read_manifest, tmp_path
 
 if TYPE_CHECKING:
     from cbir.filters import Filters
     from cbir.models.base import RetrievalModel
 
-MANIFEST = "index.json"
 SHARDS = "shards"
 LOCK_FILE = ".cbir-lock"
-TMP_SUFFIX = ".cbir-tmp"  # every temporary file or folder the index writes ends so; nothing else is swept
 MODEL_DIR = "model"  # the model folder of indexes written before it was named by fingerprint
-NEXT = "next"  # the manifest key of a generation being built for a new model or folder
-FORMAT = "cbir-index"
-VERSION = 1
 CHUNK_SIZE = 256
 # Opening verifies shard checksums up to this many bytes of shards (~40k 1,664-d images; SHA-1 runs at
 # 0.7-1.4 GB/s here, see BENCHMARKS.md); larger indexes are verified by every `cbir index` rerun.
@@ -58,8 +53,14 @@ VERIFY_ON_OPEN_MAX_BYTES = 256 << 20
 OPEN_ATTEMPTS = 5  # a reader rereads a manifest that changed under it this many times at most
 
 
-class IndexFormatError(ValueError):
-    """A path that is not a usable index directory; the message says which file and why."""
+def __getattr__(name: str) -> Any:
+    """The write path lives in `cbir.indexing` (which imports this module); its public names are still
+    importable from here (`from cbir.index import build_index, update_index`)."""
+    if name in ("build_index", "update_index", "IndexReport", "EncodeStage", "local_encode_chunks"):
+        import cbir.indexing
+
+        return getattr(cbir.indexing, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ShardError(IndexFormatError):
@@ -82,19 +83,6 @@ class SearchResult:
         return {**asdict(self), "path": str(self.path)}
 
 
-@dataclass
-class IndexReport:
-    """What one `build_index` run did, for the CLI to print."""
-
-    added: list[str] = field(default_factory=list)
-    changed: list[str] = field(default_factory=list)
-    removed: list[str] = field(default_factory=list)
-    unchanged: int = 0
-    failed: dict[str, str] = field(default_factory=dict)  # id -> reason (corrupt, unreadable)
-    damaged: dict[str, str] = field(default_factory=dict)  # shard -> error naming its file
-    repaired: list[str] = field(default_factory=list)  # re-embedded because their shard was damaged
-
-
 def printable(name: Path | str) -> str:
     """A file name or path as valid text that any terminal, JSON reader or URL takes: the bytes of a
     name that is not UTF-8 appear as \\xNN (the exact name is `os.fsencode` of the id, with its \\udcNN
@@ -110,53 +98,6 @@ def file_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-def _tmp_path(path: Path) -> Path:
-    """A hidden sibling for writing `path` before publishing it; only such names are ever swept."""
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex}{TMP_SUFFIX}")
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = _tmp_path(path)
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
-def _write_npy_atomic(path: Path, array: np.ndarray) -> str:
-    """Write a shard and return the SHA-1 of its bytes, for the manifest."""
-    tmp = _tmp_path(path)
-    with tmp.open("wb") as f:
-        np.save(f, np.ascontiguousarray(array, dtype=np.float32))
-    digest = file_hash(tmp)
-    os.replace(tmp, path)
-    return digest
-
-
-def model_fingerprint(model_dir: Path) -> str:
-    """Content hash of a model directory: an index re-embeds everything when its model changes."""
-    h = hashlib.sha1()
-    for f in sorted(p for p in model_dir.rglob("*") if p.is_file()):
-        h.update(f.relative_to(model_dir).as_posix().encode())
-        h.update(file_hash(f).encode())
-    return h.hexdigest()
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    file = path / MANIFEST
-    if not path.is_dir():
-        raise IndexFormatError(
-            f"{path}: no such index directory; build one with `cbir index FOLDER --out {path}`"
-        )
-    if not file.is_file():
-        raise IndexFormatError(f"{path}: not an index directory (no {MANIFEST}); build one with `cbir index`")
-    try:
-        manifest = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise IndexFormatError(f"{file}:{e.lineno}: malformed JSON: {e.msg}") from e
-    if manifest.get("format") != FORMAT:
-        raise IndexFormatError(f"{file}: not a cbir index manifest (format={manifest.get('format')!r})")
-    return manifest
-
-
 def _source_of(manifest: dict[str, Any]) -> str:
     """The model an index was built with; indexes written before the shipped default recorded the
     zero-shot model as no source."""
@@ -169,27 +110,6 @@ def _model_dir_of(manifest: dict[str, Any]) -> str:
 
 def _is_model_dir(name: str) -> bool:
     return name == MODEL_DIR or name.startswith(f"{MODEL_DIR}-")
-
-
-def _install_model(index_dir: Path, model: Path | str | None) -> dict[str, str]:
-    """Put the model into `index_dir/model-<fingerprint>` (a checked copy of its directory, or the
-    zero-shot model written out), beside any model the manifest still names; the manifest keys."""
-    from cbir.models import ZERO_SHOT_MODEL, create_model, load_model, model_dir, model_source
-
-    staging = _tmp_path(index_dir / MODEL_DIR)
-    source, path = model_source(model), model_dir(model)
-    if path is None:
-        create_model(ZERO_SHOT_MODEL).fit().save(staging)
-    else:
-        load_model(model)  # a clear error before anything is copied
-        shutil.copytree(path, staging)
-    fingerprint = model_fingerprint(staging)
-    target = index_dir / f"{MODEL_DIR}-{fingerprint[:16]}"
-    if target.is_dir():  # installed by an earlier run (folders appear only whole, by rename)
-        shutil.rmtree(staging)
-    else:
-        os.replace(staging, target)
-    return {"model_source": source, "model_fingerprint": fingerprint, "model_dir": target.name}
 
 
 def _load_shard(index_dir: Path, name: str, checksum: str | None, mmap: bool = True) -> np.ndarray:
@@ -209,378 +129,59 @@ def _load_shard(index_dir: Path, name: str, checksum: str | None, mmap: bool = T
 def _vectors_of(
     index_dir: Path,
     entries: Sequence[dict[str, Any]],
-    checksums: dict[str, str] | None = None,
+    checksums: dict[str, str | None] | None = None,
     mmap: bool = True,
 ) -> np.ndarray:
-    """Vectors in entry order; one compacted shard is memory-mapped, several are gathered."""
+    """Vectors in entry order. One shard holding exactly the entries, in order, is memory-mapped as is;
+    otherwise each shard's rows are gathered at once into a new array."""
     if not entries:
         return np.zeros((0, 0), dtype=np.float32)
     sums = checksums or {}
-    loaded = {s: _load_shard(index_dir, s, sums.get(s), mmap) for s in {e["shard"] for e in entries}}
+    positions: dict[str, list[int]] = {}
+    for i, e in enumerate(entries):
+        positions.setdefault(e["shard"], []).append(i)
+    loaded = {s: _load_shard(index_dir, s, sums.get(s), mmap) for s in positions}
     rows = np.fromiter((e["row"] for e in entries), dtype=np.int64, count=len(entries))
     try:
-        if len(loaded) > 1:
-            return np.stack([loaded[e["shard"]][e["row"]] for e in entries]).astype(np.float32)
-        (arr,) = loaded.values()
-        if len(arr) == len(rows) and np.array_equal(rows, np.arange(len(rows))):
-            return arr
-        return np.asarray(arr[rows])
-    except IndexError as e:
+        if len(loaded) == 1:
+            (arr,) = loaded.values()
+            if len(arr) == len(rows) and np.array_equal(rows, np.arange(len(rows))):
+                return arr
+            return np.asarray(arr[rows], dtype=np.float32)
+        dim = next(iter(loaded.values())).shape[1]
+        vectors = np.empty((len(entries), dim), dtype=np.float32)
+        for name, where in positions.items():
+            at = np.asarray(where)
+            vectors[at] = loaded[name][rows[at]]
+        return vectors
+    except (IndexError, ValueError) as e:
         raise IndexFormatError(f"{index_dir / MANIFEST}: an entry points past the end of its shard") from e
 
 
-def build_index(
-    folder: Path | str, out: Path | str, model: Path | str | None = None, **options: Any
-) -> SearchIndex:
-    """Index every image below `folder` into `out` (created or updated), then open it.
-
-    `model` is a model directory from `cbir train` or a model name (`default`, the shipped model, which
-    None also means; `zero-shot`, no training); `options` are those of `update_index`.
-    """
-    return update_index(folder, out, model, **options)[0]
-
-
-def update_index(
-    folder: Path | str,
-    out: Path | str,
-    model: Path | str | None = None,
-    progress: bool = True,
-    chunk_size: int = CHUNK_SIZE,
-    on_chunk: Callable[[int, int], None] | None = None,
-    wait: float = 0.0,
-) -> tuple[SearchIndex, IndexReport]:
-    """`build_index` that also says what changed: added, changed, removed, failed, repaired files.
-
-    One writer at a time: another run on the same `out` is waited for up to `wait` seconds, then
-    `LockBusyError` names it. Readers are never blocked.
-    """
-    from cbir.datasets import DatasetError
-
-    root = Path(folder).expanduser().resolve()
-    if not root.is_dir():
-        raise DatasetError("no such folder to index", root)
-    index_dir = Path(out).expanduser().resolve()
-    _check_out_folder(index_dir, another_writer_may_be_starting=True)  # before the lock file goes in
-    index_dir.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(index_dir / LOCK_FILE, wait, what=f"the index {index_dir}"):
-        _check_out_folder(index_dir)
-        return _update_locked(root, index_dir, model, progress, chunk_size, on_chunk)
-
-
-def _check_out_folder(index_dir: Path, another_writer_may_be_starting: bool = False) -> None:
-    """Refuse an --out that is neither an index nor empty (hidden entries count): the index sweeps
-    the files it made, so it must never move in with someone else's. Before the lock is held, a
-    writer that is creating the index may have made its folders but not yet its manifest: those
-    names pass then, and the check under the lock decides."""
-    if index_dir.exists() and not index_dir.is_dir():
-        raise IndexFormatError(f"{index_dir}: exists and is not a folder; choose a new --out folder")
-    if not index_dir.is_dir() or (index_dir / MANIFEST).exists():
-        return
-
-    def starting(name: str) -> bool:
-        return another_writer_may_be_starting and (name in (MANIFEST, SHARDS) or _is_model_dir(name))
-
-    foreign = sorted(p.name for p in index_dir.iterdir() if not _is_ours(p.name) and not starting(p.name))
-    if foreign:
-        shown = ", ".join(foreign[:3]) + (", …" if len(foreign) > 3 else "")
-        raise IndexFormatError(
-            f"{index_dir}: exists and is not an index (it holds {shown}); choose an empty or new --out folder"
-        )
-
-
-def _is_ours(name: str) -> bool:
-    """Names the indexer leaves in a folder before its first manifest: the lock and temporaries."""
-    return name == LOCK_FILE or name.endswith(TMP_SUFFIX)
-
-
-def _new_manifest(index_dir: Path, root: Path) -> dict[str, Any]:
-    """An empty manifest, published first: a run killed early leaves an index, not a foreign folder."""
-    manifest = {"format": FORMAT, "version": VERSION, "root": str(root), "entries": [], "failed": []}
-    _write_json_atomic(index_dir / MANIFEST, manifest)
-    return manifest
-
-
-def _prepare(
-    index_dir: Path, root: Path, model: Path | str | None, manifest: dict[str, Any]
-) -> tuple[dict[str, str], dict[str, Any]]:
-    """The model to index with (installed when new: its manifest keys), and the generation whose
-    entries carry over: the live one, one an interrupted model switch left under `next`, or none."""
-    from cbir.models import model_dir, model_source
-
-    wanted_source, wanted_dir = model_source(model), model_dir(model)
-    wanted_fingerprint = None if wanted_dir is None else model_fingerprint(wanted_dir)  # retrained in place?
-    generations = (manifest, manifest.get(NEXT) or {})
-    installed = next(
-        (g for g in generations if _has_model(index_dir, g, wanted_source, wanted_fingerprint)), None
-    )
-    if installed is None:
-        model_keys = _install_model(index_dir, model)
-    else:
-        model_keys = {
-            "model_source": wanted_source,
-            "model_fingerprint": installed["model_fingerprint"],
-            "model_dir": _model_dir_of(installed),
-        }
-    fingerprint, folder = model_keys["model_fingerprint"], str(root)
-    kept = (g for g in generations if g.get("model_fingerprint") == fingerprint and g.get("root") == folder)
-    return model_keys, next(kept, {})
-
-
-def _has_model(index_dir: Path, generation: dict[str, Any], source: str, fingerprint: str | None) -> bool:
-    """Whether a manifest generation's model folder is there and is the model wanted (by source,
-    and by content when it is a directory)."""
-    have = generation.get("model_fingerprint")
-    return (
-        have is not None
-        and (index_dir / _model_dir_of(generation)).is_dir()
-        and _source_of(generation) == source
-        and fingerprint in (None, have)
-    )
-
-
-def _serving_meanwhile(manifest: dict[str, Any], kept: dict[str, Any]) -> dict[str, Any] | None:
-    """The live index to keep publishing while a new model or folder is built aside under `next`, so
-    readers search it whole until the final commit; None builds in place (the live index is the one
-    being updated, or holds nothing)."""
-    if kept is manifest or not manifest.get("entries"):
-        return None
-    return {k: v for k, v in manifest.items() if k != NEXT}
-
-
-def _damaged_shards(index_dir: Path, names: set[str], checksums: dict[str, str]) -> dict[str, str]:
-    """Shards that are missing, unreadable or fail their checksum: name -> the error naming the file."""
-    damaged = {}
-    for name in sorted(names):
-        try:
-            _load_shard(index_dir, name, checksums.get(name))
-        except ShardError as e:
-            damaged[name] = e.problem
-    return damaged
-
-
-def _scan(
-    root: Path,
-    old_entries: dict[str, dict[str, Any]],
-    old_failed: dict[str, dict[str, Any]],
-    redo: set[str],
-    report: IndexReport,
-) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], list[Todo]]:
-    """What is on disk now, against what the index holds: (kept entries, kept failures, to embed).
-    Only file sizes and times are read here: a file to embed is read (and hashed) once, by `embed`."""
-    from cbir.datasets import list_images
-
-    entries: dict[str, dict[str, Any]] = {}
-    failed: dict[str, dict[str, Any]] = {}
-    todo: list[Todo] = []
-    for path in list_images(root):
-        image_id = path.relative_to(root).as_posix()
-        try:
-            st = path.stat()
-        except OSError as e:
-            link = "broken symbolic link" if path.is_symlink() else "cannot read"
-            report.failed[image_id] = f"{link}: {e.strerror or e}"
-            continue
-        old = None if image_id in redo else old_entries.get(image_id) or old_failed.get(image_id)
-        if old and old["size"] == st.st_size and old["mtime_ns"] == st.st_mtime_ns:
-            if image_id in old_entries:
-                entries[image_id] = _with_meta(old, path)
-                report.unchanged += 1
-            else:
-                failed[image_id] = old
-                report.failed[image_id] = old["reason"]
-            continue
-        if old and image_id in old_entries:
-            entries[image_id] = old  # still served until its new content is embedded
-        todo.append(Todo(image_id, path, st, old, image_id in redo))
-    report.removed = sorted(set(old_entries) - set(entries) - {t.image_id for t in todo})
-    return entries, failed, todo
-
-
-@dataclass
-class Todo:
-    """A file to embed: new, changed size or time (`old`: its entry or failure), or in a damaged shard."""
-
-    image_id: str
-    path: Path
-    stat: os.stat_result
-    old: dict[str, Any] | None
-    repair: bool
-
-    def entry(self, digest: str) -> dict[str, Any]:
-        """What a rerun compares to decide whether the file changed."""
-        return {
-            "id": self.image_id,
-            "size": self.stat.st_size,
-            "mtime_ns": self.stat.st_mtime_ns,
-            "sha1": digest,
-        }
-
-
-def _embed_chunk(
-    loaded: Any,
-    root: Path,
-    chunk: Sequence[Todo],
-    entries: dict[str, dict[str, Any]],
-    failed: dict[str, dict[str, Any]],
-    report: IndexReport,
-) -> tuple[list[tuple[Todo, str]], np.ndarray]:
-    """Embed one chunk (each file read and hashed once) and record what it found; (the files to
-    write with their content keys, their vectors). A file only touched (same content) keeps its entry."""
-    from cbir.datasets import Dataset
-
-    data = Dataset.from_paths([t.path for t in chunk], root)
-    embedding = loaded.embed(data)
-    keep = []
-    for row, (t, key) in enumerate(zip(chunk, embedding.keys, strict=True)):
-        stat_entry = t.entry(key)
-        reason = embedding.failed.get(data.image_ids[row])
-        if reason is not None:
-            failed[t.image_id] = {**stat_entry, "reason": reason}
-            entries.pop(t.image_id, None)
-            report.failed[t.image_id] = reason
-        elif t.old is not None and t.old["sha1"] == key and "shard" in t.old:  # touched, not changed
-            entries[t.image_id] = _with_meta(
-                {**t.old, "size": t.stat.st_size, "mtime_ns": t.stat.st_mtime_ns}, t.path
-            )
-            report.unchanged += 1
-        else:
-            (report.changed if t.old else report.repaired if t.repair else report.added).append(t.image_id)
-            keep.append(row)
-    return [(chunk[row], embedding.keys[row]) for row in keep], embedding.vectors[keep]
-
-
-def _update_locked(
-    root: Path,
-    index_dir: Path,
-    model: Path | str | None,
-    progress: bool,
-    chunk_size: int,
-    on_chunk: Callable[[int, int], None] | None,
-) -> tuple[SearchIndex, IndexReport]:
-    """`update_index` once it holds the lock."""
-    from cbir.models import load_model
-    from cbir.progress import progress_bar
-
-    has_manifest = (index_dir / MANIFEST).exists()
-    manifest = read_manifest(index_dir) if has_manifest else _new_manifest(index_dir, root)
-    (index_dir / SHARDS).mkdir(exist_ok=True)
-    model_keys, kept = _prepare(index_dir, root, model, manifest)
-    serving = _serving_meanwhile(manifest, kept)
-    old_entries = {e["id"]: e for e in kept.get("entries", [])}
-    checksums: dict[str, str] = dict(kept.get("shards", {}))
-    report = IndexReport()
-    report.damaged = _damaged_shards(index_dir, {e["shard"] for e in old_entries.values()}, checksums)
-    redo = {i for i, e in old_entries.items() if e["shard"] in report.damaged}
-    old_failed = {f["id"]: f for f in kept.get("failed", [])}
-    entries, failed, todo = _scan(root, old_entries, old_failed, redo, report)
-    manifest_dim = kept.get("dim")
-
-    def commit(final: bool = False) -> dict[str, Any]:
-        """Publish progress (under `next` while building aside); the final commit compacts and goes live."""
-        ordered = [entries[k] for k in sorted(entries)]
-        if final and ordered and not _is_compact(index_dir, ordered):
-            name = f"{uuid.uuid4().hex}.npy"
-            vectors = _vectors_of(index_dir, ordered, checksums, mmap=False)
-            checksums[name] = _write_npy_atomic(index_dir / SHARDS / name, vectors)
-            ordered = [{**e, "shard": name, "row": i} for i, e in enumerate(ordered)]
-        live = sorted({e["shard"] for e in ordered})
-        for name in live:  # an index written before checksums gets them now
-            checksums.setdefault(name, file_hash(index_dir / SHARDS / name))
-        data = {
-            "format": FORMAT,
-            "version": VERSION,
-            "root": str(root),
-            **model_keys,
-            "dim": manifest_dim,
-            "shards": {name: checksums[name] for name in live},
-            "entries": ordered,
-            "failed": [failed[k] for k in sorted(failed)],
-        }
-        published = data if final or serving is None else {**serving, NEXT: data}
-        _write_json_atomic(index_dir / MANIFEST, published)
-        return data
-
-    commit()  # publish removals (and a fresh manifest) before the long part
-
-    loaded = None
-    if todo:
-        loaded = load_model(index_dir / model_keys["model_dir"])
-        with progress_bar("indexing images", len(todo), enabled=progress) as advance:
-            for start in range(0, len(todo), chunk_size):
-                chunk = todo[start : start + chunk_size]
-                ok, vectors = _embed_chunk(loaded, root, chunk, entries, failed, report)
-                if ok:
-                    manifest_dim = int(vectors.shape[1])
-                    name = f"{uuid.uuid4().hex}.npy"
-                    checksums[name] = _write_npy_atomic(index_dir / SHARDS / name, vectors)
-                    for row, (t, key) in enumerate(ok):
-                        failed.pop(t.image_id, None)
-                        entries[t.image_id] = _with_meta({**t.entry(key), "shard": name, "row": row}, t.path)
-                commit()
-                advance(len(chunk))
-                if on_chunk is not None:
-                    on_chunk(start + len(chunk), len(todo))
-
-    final = commit(final=True)
-    _write_ann(index_dir, final)
-    _remove_orphans(index_dir, final)
-    for listed in (report.added, report.changed, report.repaired):  # a file that failed was not added
-        listed[:] = [i for i in listed if i not in report.failed]
-    return SearchIndex.open(index_dir, loaded), report
-
-
-def _with_meta(entry: dict[str, Any], path: Path) -> dict[str, Any]:
-    """The entry with the photo's capture date and camera (for filters), read once per file version:
-    entries of indexes written before they were recorded get them on the next run."""
-    from cbir.filters import photo_metadata
-
-    return entry if "meta" in entry else {**entry, "meta": photo_metadata(path)}
-
-
-def _is_compact(index_dir: Path, entries: Sequence[dict[str, Any]]) -> bool:
-    """One shard holding exactly the entries, in order: what `SearchIndex` can memory-map as is."""
-    shard = entries[0]["shard"]
-    if any(e["shard"] != shard or e["row"] != i for i, e in enumerate(entries)):
-        return False
-    return len(_load_shard(index_dir, shard, None)) == len(entries)
-
-
-def _remove_orphans(index_dir: Path, manifest: dict[str, Any]) -> None:
-    """What the published manifest no longer names: shards (replaced, compacted, or left by a killed
-    run) and their HNSW graphs, older model folders, an older layout's `ann.faiss`, and the
-    temporaries of killed runs. Only names the index writes, under its lock."""
-    live = {e["shard"] for e in manifest["entries"]}
-    live_ann = {p.name for p in [_ann_path(index_dir, manifest["entries"])] if p is not None}
-    ann_files = [f for suffix in ann.SUFFIXES.values() for f in (index_dir / SHARDS).glob(f"*{suffix}")]
-    for f in [*(index_dir / SHARDS).glob("*.npy"), *ann_files]:
-        if f.name not in live | live_ann:
-            f.unlink(missing_ok=True)
-    old_models = [d for d in index_dir.iterdir() if _is_model_dir(d.name) and d.name != manifest["model_dir"]]
-    for f in [*index_dir.glob(f".*{TMP_SUFFIX}"), *(index_dir / SHARDS).glob(f".*{TMP_SUFFIX}"), *old_models]:
-        if f.is_dir():
-            shutil.rmtree(f, ignore_errors=True)
-        else:
-            f.unlink(missing_ok=True)
-    for legacy in ("ann.faiss", "ann.faiss.source"):
-        (index_dir / legacy).unlink(missing_ok=True)
-
-
 def _ann_path(index_dir: Path, entries: Sequence[dict[str, Any]]) -> Path | None:
-    """The approximate index of a compacted shard is named after it (so it always matches the vectors)
-    and by its kind, which the collection's size decides; None: searched exactly."""
-    return ann.ann_path(index_dir / SHARDS / entries[0]["shard"], len(entries)) if entries else None
+    """The approximate index of a generation, named after the layout of its vectors (shard and row of
+    each, in order: it always matches the vectors a reader gathers) and by its kind, which the
+    collection's size decides; None: searched exactly."""
+    kind = ann.kind_for(len(entries))
+    if kind is None:
+        return None
+    layout = hashlib.sha1()
+    for e in entries:
+        layout.update(f"{e['shard']}:{e['row']}\n".encode())
+    return index_dir / SHARDS / f"{layout.hexdigest()[:32]}{ann.SUFFIXES[kind]}"
 
 
-def _write_ann(index_dir: Path, manifest: dict[str, Any]) -> None:
-    """The approximate index for large collections (readers search exactly until it is there)."""
+def _write_ann(index_dir: Path, manifest: dict[str, Any]) -> Path | None:
+    """The approximate index for large collections (readers search exactly until it is there); its path."""
     entries = manifest["entries"]
     path = _ann_path(index_dir, entries)
     if path is None or path.exists():
-        return
-    vectors = _vectors_of(index_dir, entries, manifest.get("shards"))  # memory-mapped: compacted
-    tmp = _tmp_path(path)
+        return path
+    vectors = _vectors_of(index_dir, entries, manifest.get("shards"))
+    tmp = tmp_path(path)
     ann.write(vectors, tmp, ann.kind_for(len(entries)))
     os.replace(tmp, path)
+    return path
 
 
 def vector_search(vectors: np.ndarray, exact: bool = True):

@@ -16,7 +16,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from cbir.index import MANIFEST, IndexFormatError, SearchIndex, read_manifest, update_index
+from cbir.index import IndexFormatError, SearchIndex, read_manifest, update_index
+from cbir.manifest import is_index
 
 FOLDER_INDEX = ".cbir"
 LAST_INDEX = "last-index"
@@ -56,10 +57,10 @@ def find_index(start: Path | None = None) -> Path:
     here = (start or Path.cwd()).resolve()
     for folder in (here, *here.parents):
         for candidate in (folder / FOLDER_INDEX, _keyed_dir(folder)):
-            if (candidate / MANIFEST).is_file():
+            if is_index(candidate):
                 return candidate
     last = data_dir() / LAST_INDEX
-    if last.is_file() and (Path(last.read_text().strip()) / MANIFEST).is_file():
+    if last.is_file() and is_index(Path(last.read_text().strip())):
         return Path(last.read_text().strip())
     raise IndexFormatError(
         f"no index found for {here} or the folders above it, and none built before: "

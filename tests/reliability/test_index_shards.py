@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 import cbir.index
 from cbir.cli import app
-from cbir.index import MANIFEST, SHARDS, IndexFormatError, SearchIndex, update_index
+from cbir.index import SHARDS, IndexFormatError, SearchIndex, file_hash, read_manifest, update_index
+from tests.conftest import write_legacy_manifest
 
 runner = CliRunner()
 
 
 def only_shard(index_dir):
-    (shard,) = {e["shard"] for e in json.loads((index_dir / MANIFEST).read_text())["entries"]}
+    (shard,) = {e["shard"] for e in read_manifest(index_dir)["entries"]}
     return index_dir / SHARDS / shard
 
 
@@ -70,13 +69,12 @@ def test_missing_shard_is_named_and_rebuilt(folder, tmp_path, zero_shot_dir):
 def test_index_written_before_checksums_gets_them(folder, tmp_path, zero_shot_dir):
     index_dir = tmp_path / "ix"
     update_index(folder, index_dir, zero_shot_dir, progress=False)
-    manifest = json.loads((index_dir / MANIFEST).read_text())
-    del manifest["shards"]
-    (index_dir / MANIFEST).write_text(json.dumps(manifest))
+    write_legacy_manifest(index_dir, lambda manifest: manifest.pop("shards"))  # a JSON manifest of old
     assert len(SearchIndex.open(index_dir)) == 10  # still opens
     _, report = update_index(folder, index_dir, zero_shot_dir, progress=False)
     assert report.unchanged == 10
-    assert set(json.loads((index_dir / MANIFEST).read_text())["shards"]) == {only_shard(index_dir).name}
+    shard = only_shard(index_dir)
+    assert read_manifest(index_dir)["shards"] == {shard.name: file_hash(shard)}
 
 
 def test_large_index_skips_verify_on_open_but_a_rerun_repairs(folder, tmp_path, zero_shot_dir, monkeypatch):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import threading
@@ -14,7 +13,7 @@ from typer.testing import CliRunner
 
 import cbir.index
 from cbir.cli import app
-from cbir.index import LOCK_FILE, MANIFEST, IndexFormatError, SearchIndex, update_index
+from cbir.index import LOCK_FILE, IndexFormatError, SearchIndex, update_index
 from cbir.lockfile import LockBusyError, exclusive_lock
 from tests.reliability.conftest import photos
 
@@ -81,7 +80,7 @@ def test_reader_whose_shards_were_swept_rereads_the_manifest(folder, tmp_path, z
     """A reader that listed shards just before a writer replaced them opens the new index."""
     index_dir = tmp_path / "ix"
     update_index(folder, index_dir, zero_shot_dir, progress=False)
-    stale = json.loads((index_dir / MANIFEST).read_text())
+    stale = cbir.index.read_manifest(index_dir)
     for p in photos(3, start=40):
         shutil.copy(p, folder / p.name)
     update_index(folder, index_dir, zero_shot_dir, progress=False)  # compacts: the old shard is gone

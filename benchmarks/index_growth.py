@@ -1,0 +1,244 @@
+"""Time to add 1,000 photos to an index of 10k and of 1M photos, stage by stage (issue 16): flat.
+
+    PYTHONPATH=src OMP_NUM_THREADS=2 python -m benchmarks.index_growth --sizes 10000 1000000 --add 1000
+
+Each index is synthetic: N entries written straight into the SQLite manifest (EXIF meta already
+recorded), random unit vectors in one shard, the shipped default model copied in. Then `--rounds`
+times, `--add` new (real, small) files appear and `cbir.indexing.index_folder` runs on the folder (what
+`cbir index` does, without opening the result). Two stages are stubbed so that the figure is the
+index's own cost: the encode stage returns random vectors (not the network), and the N existing photos
+are not files: the scan lists them from memory with the sizes and times the manifest holds (a real
+scan stats every file, see `--scan-files`), next to the new files it really lists. The ANN stage is off
+(`ANN_THRESHOLD` above N): an HNSW graph is rebuilt whole whenever the collection changes, an O(N) cost
+of its own (issue 16 part 2, IVF-PQ). Indexes go under runs/bench-index-growth/ (git-ignored) and are
+deleted after each size. `--scan-files K` also times the real scan of K files on this disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import shutil
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+RUNS = REPO / "runs" / "bench-index-growth"
+PER_FOLDER = 1000
+STAGES = (
+    "prepare_generation",
+    "_damaged_shards",
+    "scan_folder",
+    "plan_update",
+    "commit_plan",
+    "encode_and_commit",
+    "compact",
+    "_finish",
+)
+
+
+def write_files(root: Path, start: int, n: int) -> list[tuple[str, int, int]]:
+    """`n` small files named after their number; (id, size, mtime_ns) of each."""
+    made = []
+    for i in range(start, start + n):
+        folder = root / f"d{i // PER_FOLDER:04d}"
+        if i % PER_FOLDER == 0 or i == start:
+            folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"p{i:07d}.jpg"
+        path.write_bytes(i.to_bytes(4, "little"))
+        st = path.stat()
+        made.append((path.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
+    return made
+
+
+class Stat:
+    """What the plan reads of a file's `os.stat_result`."""
+
+    def __init__(self, size: int, mtime_ns: int):
+        self.st_size, self.st_mtime_ns = size, mtime_ns
+
+
+def synthetic_files(root: Path, n: int) -> list[tuple[str, Path, Stat]]:
+    """The scan's listing of `n` photos that are not on disk: (id, path, stat)."""
+    ids = (f"old/d{i // PER_FOLDER:04d}/p{i:07d}.jpg" for i in range(n))
+    return [(i, root / i, Stat(4, 1_700_000_000_000_000_000 + row)) for row, i in enumerate(ids)]
+
+
+def write_vectors(index_dir: Path, n: int, dim: int, rng: np.random.Generator):
+    """One shard of `n` random unit vectors, written in blocks (a 1M x 898 shard is 3.6 GB)."""
+    from cbir import indexing
+
+    name = f"{n}-synthetic.npy"
+    out = np.lib.format.open_memmap(index_dir / indexing.SHARDS / name, "w+", np.float32, (n, dim))
+    for start in range(0, n, 50_000):
+        block = rng.standard_normal((min(50_000, n - start), dim), dtype=np.float32)
+        out[start : start + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    out.flush()
+    del out
+    return name, indexing.file_hash(index_dir / indexing.SHARDS / name), (n, dim)
+
+
+def synthetic_index(
+    index_dir: Path, root: Path, files: list[tuple[str, Path, Stat]], dim: int, rng: np.random.Generator
+) -> None:
+    """An index of `files` (listed, not on disk) with random unit vectors, the shipped model copied in."""
+    from cbir.indexing import SHARDS
+
+    root.mkdir(parents=True)
+    (index_dir / SHARDS).mkdir(parents=True)
+    meta = {"taken": None, "camera": None}
+    entries = (
+        {"id": i, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha1": f"{row:040x}", "meta": meta}
+        for row, (i, _, st) in enumerate(files)
+    )
+    write_manifest(index_dir, root, entries, write_vectors(index_dir, len(files), dim, rng), "default")
+
+
+def write_manifest(
+    index_dir: Path, root: Path, entries: Iterable[dict], shard: tuple[str, str, int], model: Path | str
+) -> None:
+    """A new index: `entries` (id, size, mtime_ns, sha1, meta), row by row of one shard (name, SHA-1,
+    (rows, dim)), and a copy of `model`, written through the manifest's own functions."""
+    from cbir import indexing
+    from cbir.manifest import ManifestWriter, add_shard, create_manifest, put_entries
+
+    name, sha1, (n, dim) = shard
+    create_manifest(index_dir, root)
+    keys = indexing._install_model(index_dir, model)
+    writer = ManifestWriter(index_dir)
+    try:
+        gen = writer.start({"root": str(root), **keys, "dim": dim}, live=True)
+        with writer.commit() as conn:
+            add_shard(conn, gen, name, sha1, n)
+            put_entries(conn, gen, ({**e, "shard": name, "row": row} for row, e in enumerate(entries)))
+    finally:
+        writer.close()
+
+
+def random_encode(dim: int, rng: np.random.Generator):
+    """A stub `EncodeStage`: random unit vectors for every chunk, content keys from the file names."""
+    from cbir.models.base import ImageEmbedding
+
+    def encode(model_dir: Path, root: Path, chunks):
+        for number, chunk in enumerate(chunks):
+            vectors = rng.standard_normal((len(chunk), dim), dtype=np.float32)
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+            keys = [hashlib.sha1(Path(p).name.encode()).hexdigest() for p in chunk]
+            yield number, ImageEmbedding(vectors, keys, {})
+
+    return encode
+
+
+@contextlib.contextmanager
+def stage_timers(seconds: dict[str, float], existing: list[tuple[str, Path, Stat]]):
+    """Time each stage function of `cbir.indexing` (wrapped for the run, then restored); the scan
+    lists `existing` from memory and the folder's real files."""
+    from cbir import indexing
+    from cbir.manifest import ManifestWriter
+
+    real = {name: getattr(indexing, name) for name in STAGES}
+    scan = indexing.scan_folder
+    real["scan_folder"] = lambda root, report: [*existing, *scan(root, report)]
+    real_load = ManifestWriter.load
+
+    def timed(name):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return real[name](*args, **kwargs)
+            finally:
+                seconds[name] += time.perf_counter() - start
+
+        return run
+
+    originals = {name: getattr(indexing, name) for name in STAGES}
+    for name in STAGES:
+        setattr(indexing, name, timed(name))
+    real["load"] = real_load
+    ManifestWriter.load = timed("load")
+    try:
+        yield
+    finally:
+        for name, function in originals.items():
+            setattr(indexing, name, function)
+        ManifestWriter.load = real_load
+
+
+def measure(n: int, add: int, rounds: int, dim: int) -> list[dict[str, float]]:
+    """Build an index of `n`, then add `add` photos `rounds` times; seconds per stage of each round."""
+    import cbir.ann
+    from cbir.indexing import index_folder
+
+    rng = np.random.default_rng(0)
+    base = RUNS / f"n{n}"
+    shutil.rmtree(base, ignore_errors=True)
+    root, index_dir = base / "photos", base / "index"
+    start = time.perf_counter()
+    existing = synthetic_files(root, n)
+    synthetic_index(index_dir, root, existing, dim, rng)
+    print(f"synthetic index of {n:,} photos written in {time.perf_counter() - start:.1f}s", flush=True)
+    cbir.ann.ANN_THRESHOLD = 10 * (n + add * rounds)
+    results = []
+    for r in range(rounds):
+        write_files(root, n + r * add, add)
+        seconds: dict[str, float] = defaultdict(float)
+        with stage_timers(seconds, existing):
+            start = time.perf_counter()
+            report = index_folder(root, index_dir, "default", progress=False, encode=random_encode(dim, rng))
+            seconds["total"] = time.perf_counter() - start
+        assert len(report.added) == add and report.unchanged == n + r * add, report
+        results.append(dict(seconds))
+        print(f"  n={n:,} round {r + 1}: {seconds['total']:.2f}s", flush=True)
+    shutil.rmtree(base, ignore_errors=True)
+    return results
+
+
+def real_scan_seconds(n: int) -> None:
+    """The scan stage on `n` real files of this disk: seconds per file."""
+    from cbir.indexing import IndexReport, scan_folder
+
+    root = RUNS / "scan"
+    shutil.rmtree(root, ignore_errors=True)
+    write_files(root, 0, n)
+    start = time.perf_counter()
+    found = scan_folder(root, IndexReport())
+    seconds = time.perf_counter() - start
+    assert len(found) == n
+    print(f"scan of {n:,} real files: {seconds:.2f}s, {1e6 * seconds / n:.0f} µs per file", flush=True)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 1_000_000])
+    parser.add_argument("--add", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dim", type=int, default=None, help="vector size (default: the shipped model's)")
+    parser.add_argument("--scan-files", type=int, default=0, help="also time a real scan of this many files")
+    args = parser.parse_args()
+    if args.scan_files:
+        real_scan_seconds(args.scan_files)
+    from cbir.models import load_model
+
+    dim = args.dim or int(load_model("default").embed_texts(["a photo"]).shape[1])
+    table = {n: measure(n, args.add, args.rounds, dim) for n in args.sizes}
+    rounds = f"median of {args.rounds} rounds [min-max]"
+    print(f"\nadding {args.add:,} photos ({dim}-d vectors), seconds, {rounds}")
+    print(f"| stage | {' | '.join(f'index of {n:,}' for n in args.sizes)} |")
+    print(f"|---|{'---|' * len(args.sizes)}")
+    for stage in ("load", *STAGES, "total"):
+        cells = []
+        for n in args.sizes:
+            values = [r.get(stage, 0.0) for r in table[n]]
+            cells.append(f"{statistics.median(values):.3f} [{min(values):.3f}-{max(values):.3f}]")
+        print(f"| {stage} | {' | '.join(cells)} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,381 @@
+"""The index manifest, in SQLite: what a reader opens and what each chunk of a writer commits.
+
+One file, `index.sqlite` (WAL mode), holds generations of an index: the folder and model of each, the
+vector shards with their SHA-1, one entry per image (size, mtime, content hash, shard + row, EXIF meta)
+and the files that failed. The pointer `live` names the generation readers open; `next` names one being
+built aside (another model or folder) while readers keep the live one, and one transaction switches
+them. A writer commits each chunk in one transaction that touches only that chunk's rows, so adding N
+photos costs O(N) whatever the size of the collection; a reader reads one snapshot in one read
+transaction, so it never sees a half-written state and never waits for the writer.
+
+Indexes written before (a JSON manifest, `index.json`, rewritten whole per chunk) still open; the next
+`cbir index` run upgrades them (`upgrade_legacy`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "index.sqlite"
+LEGACY_MANIFEST = "index.json"
+SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
+TMP_SUFFIX = ".cbir-tmp"  # every temporary file or folder the index writes ends so; nothing else is swept
+FORMAT = "cbir-index"
+VERSION = 2
+NEXT = "next"  # the key under which `read_manifest` shows a generation being built aside
+HEADER = ("root", "model_source", "model_fingerprint", "model_dir", "dim")
+
+SCHEMA = """
+CREATE TABLE info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE generations (gen INTEGER PRIMARY KEY, root BLOB NOT NULL, model_source TEXT,
+    model_fingerprint TEXT, model_dir TEXT, dim INTEGER);
+CREATE TABLE pointers (name TEXT PRIMARY KEY, gen INTEGER NOT NULL);
+CREATE TABLE shards (gen INTEGER NOT NULL, name TEXT NOT NULL, sha1 TEXT, rows INTEGER NOT NULL,
+    seq INTEGER NOT NULL, PRIMARY KEY (gen, name));
+CREATE TABLE entries (gen INTEGER NOT NULL, id BLOB NOT NULL, size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL, sha1 TEXT NOT NULL, shard TEXT NOT NULL, row INTEGER NOT NULL, meta TEXT,
+    PRIMARY KEY (gen, id));
+CREATE INDEX entries_by_shard ON entries (gen, shard, row);
+CREATE TABLE failed (gen INTEGER NOT NULL, id BLOB NOT NULL, size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL, sha1 TEXT NOT NULL, reason TEXT NOT NULL, PRIMARY KEY (gen, id));
+"""
+ENTRIES = (
+    "SELECT e.id, e.size, e.mtime_ns, e.sha1, e.shard, e.row, e.meta FROM entries e"
+    " JOIN shards s ON s.gen = e.gen AND s.name = e.shard WHERE e.gen = ? {where} ORDER BY s.seq, e.row"
+)
+
+
+class IndexFormatError(ValueError):
+    """A path that is not a usable index directory; the message says which file and why."""
+
+
+def tmp_path(path: Path) -> Path:
+    """A hidden sibling for writing `path` before publishing it; only such names are ever swept."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex}{TMP_SUFFIX}")
+
+
+def is_index(index_dir: Path) -> bool:
+    """Whether a folder holds an index manifest (this format or the JSON one before it)."""
+    return (index_dir / MANIFEST).is_file() or (index_dir / LEGACY_MANIFEST).is_file()
+
+
+def _key(image_id: str) -> bytes:
+    """Ids are stored as the bytes of the file name: names that are not UTF-8 survive unchanged."""
+    return os.fsencode(image_id)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, timeout=60)
+    conn.execute("PRAGMA synchronous=NORMAL")
+    return conn
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection, kind: str = "IMMEDIATE") -> Iterator[sqlite3.Connection]:
+    conn.execute(f"BEGIN {kind}")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+# Reading ----------------------------------------------------------------------------------------
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The live generation as plain data (root, model keys, dim, shards, entries in vector order,
+    failed), with the header of a generation built aside under `NEXT`; one consistent snapshot."""
+    if not path.is_dir():
+        raise IndexFormatError(
+            f"{path}: no such index directory; build one with `cbir index FOLDER --out {path}`"
+        )
+    if (path / MANIFEST).is_file():
+        return _read_sqlite(path / MANIFEST)
+    if (path / LEGACY_MANIFEST).is_file():
+        try:
+            return read_legacy(path / LEGACY_MANIFEST)
+        except FileNotFoundError:  # upgraded to SQLite since the check above
+            return _read_sqlite(path / MANIFEST)
+    raise IndexFormatError(f"{path}: not an index directory (no {MANIFEST}); build one with `cbir index`")
+
+
+def read_legacy(file: Path) -> dict[str, Any]:
+    """A manifest of the JSON format, as `read_manifest` shows it."""
+    try:
+        manifest = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise IndexFormatError(f"{file}:{e.lineno}: malformed JSON: {e.msg}") from e
+    if manifest.get("format") != FORMAT:
+        raise IndexFormatError(f"{file}: not a cbir index manifest (format={manifest.get('format')!r})")
+    return manifest
+
+
+def _read_sqlite(file: Path) -> dict[str, Any]:
+    try:
+        with closing(_connect(file)) as conn, _transaction(conn, "DEFERRED"):
+            live, next_gen = _pointers(conn)
+            manifest = {"format": FORMAT, "version": VERSION, **load_generation(conn, live)}
+            if next_gen is not None:
+                manifest[NEXT] = header(conn, next_gen)
+            return manifest
+    except sqlite3.DatabaseError as e:
+        raise IndexFormatError(f"{file}: not a readable cbir index manifest ({e})") from e
+
+
+def _pointers(conn: sqlite3.Connection) -> tuple[int, int | None]:
+    found = dict(conn.execute("SELECT name, gen FROM pointers"))
+    if "live" not in found:
+        raise sqlite3.DatabaseError("no live generation")
+    return found["live"], found.get(NEXT)
+
+
+def header(conn: sqlite3.Connection, gen: int) -> dict[str, Any]:
+    """A generation's folder, model keys and vector dimension."""
+    row = conn.execute(f"SELECT {', '.join(HEADER)} FROM generations WHERE gen = ?", (gen,)).fetchone()
+    if row is None:
+        raise sqlite3.DatabaseError(f"generation {gen} is missing")
+    data = dict(zip(HEADER, row, strict=True))
+    data["root"] = os.fsdecode(data["root"])
+    return {"gen": gen, **data}
+
+
+def load_generation(conn: sqlite3.Connection, gen: int) -> dict[str, Any]:
+    """A generation whole: header, shard checksums, entries (in vector order) and failures."""
+    shards = dict(conn.execute("SELECT name, sha1 FROM shards WHERE gen = ? ORDER BY seq", (gen,)))
+    entries = entries_of(conn, gen)
+    failed = [
+        {"id": os.fsdecode(i), "size": size, "mtime_ns": mtime, "sha1": sha1, "reason": reason}
+        for i, size, mtime, sha1, reason in conn.execute(
+            "SELECT id, size, mtime_ns, sha1, reason FROM failed WHERE gen = ? ORDER BY id", (gen,)
+        )
+    ]
+    return {**header(conn, gen), "shards": shards, "entries": entries, "failed": failed}
+
+
+def entries_of(
+    conn: sqlite3.Connection, gen: int, shards: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
+    """A generation's entries (of some shards only, when named), in vector order: shard, then row."""
+    where = "" if shards is None else f"AND e.shard IN ({', '.join('?' * len(shards))})"
+    return [_entry(*row) for row in conn.execute(ENTRIES.format(where=where), (gen, *(shards or ())))]
+
+
+def _entry(
+    image_id: bytes, size: int, mtime_ns: int, sha1: str, shard: str, row: int, meta: str | None
+) -> dict[str, Any]:
+    entry = {"id": os.fsdecode(image_id), "size": size, "mtime_ns": mtime_ns, "sha1": sha1}
+    entry.update(shard=shard, row=row)
+    if meta is not None:
+        entry["meta"] = json.loads(meta)
+    return entry
+
+
+# Writing ----------------------------------------------------------------------------------------
+@dataclass
+class ShardInfo:
+    """A vector shard of a generation: its file rows, how many of them entries use, its order."""
+
+    name: str
+    rows: int
+    live: int
+    seq: int
+    sha1: str | None = None
+
+
+def create_manifest(index_dir: Path, root: Path) -> None:
+    """An empty index, published whole by rename: a run killed early leaves an index, not a foreign
+    folder."""
+    _publish_new(index_dir, {"live": {"root": str(root), "entries": [], "failed": []}})
+
+
+def upgrade_legacy(index_dir: Path) -> None:
+    """Rewrite a JSON manifest (and the generation it built aside) as SQLite, then drop the JSON."""
+    legacy = read_legacy(index_dir / LEGACY_MANIFEST)
+    _publish_new(index_dir, {"live": legacy, NEXT: legacy.get(NEXT)})
+    (index_dir / LEGACY_MANIFEST).unlink()
+
+
+def _publish_new(index_dir: Path, generations: dict[str, dict[str, Any] | None]) -> None:
+    """A manifest holding these generations (by pointer name), written aside and renamed into place."""
+    target = index_dir / MANIFEST
+    staging = tmp_path(target)
+    with closing(_connect(staging)) as conn:
+        conn.executescript(SCHEMA)
+        with _transaction(conn):
+            info = [("format", FORMAT), ("version", str(VERSION))]
+            conn.executemany("INSERT INTO info VALUES (?, ?)", info)
+            for name, generation in generations.items():
+                if generation:
+                    gen = _insert_generation(conn, generation)
+                    conn.execute("INSERT INTO pointers VALUES (?, ?)", (name, gen))
+                    _import_rows(conn, gen, generation)
+        conn.execute("PRAGMA journal_mode=WAL")
+    for side in SQLITE_SIDE_FILES:  # never let a stray log of some earlier file apply to this one
+        (index_dir / f"{MANIFEST}{side}").unlink(missing_ok=True)
+    os.replace(staging, target)
+
+
+def _insert_generation(conn: sqlite3.Connection, generation: dict[str, Any]) -> int:
+    values = [os.fsencode(generation["root"]), *(generation.get(k) for k in HEADER[1:])]
+    cursor = conn.execute(f"INSERT INTO generations ({', '.join(HEADER)}) VALUES (?, ?, ?, ?, ?)", values)
+    return int(cursor.lastrowid)
+
+
+def _import_rows(conn: sqlite3.Connection, gen: int, generation: dict[str, Any]) -> None:
+    """A JSON generation's shards (ordered by first use; checksums where it had them), entries and
+    failures."""
+    entries = generation.get("entries", [])
+    rows: dict[str, int] = {}
+    for e in entries:
+        rows[e["shard"]] = max(rows.get(e["shard"], 0), e["row"] + 1)
+    sums = generation.get("shards") or {}
+    conn.executemany(
+        "INSERT INTO shards VALUES (?, ?, ?, ?, ?)",
+        [(gen, name, sums.get(name), n, seq) for seq, (name, n) in enumerate(rows.items())],
+    )
+    put_entries(conn, gen, entries)
+    put_failed(conn, gen, generation.get("failed", []))
+
+
+def put_entries(conn: sqlite3.Connection, gen: int, entries: Iterable[dict[str, Any]]) -> None:
+    conn.executemany(
+        "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (gen, _key(e["id"]), e["size"], e["mtime_ns"], e["sha1"], e["shard"], e["row"], _meta(e))
+            for e in entries
+        ],
+    )
+
+
+def _meta(entry: dict[str, Any]) -> str | None:
+    return json.dumps(entry["meta"]) if "meta" in entry else None
+
+
+def put_failed(conn: sqlite3.Connection, gen: int, failed: Iterable[dict[str, Any]]) -> None:
+    conn.executemany(
+        "INSERT OR REPLACE INTO failed VALUES (?, ?, ?, ?, ?, ?)",
+        [(gen, _key(f["id"]), f["size"], f["mtime_ns"], f["sha1"], f["reason"]) for f in failed],
+    )
+
+
+def delete(conn: sqlite3.Connection, gen: int, table: str, ids: Iterable[str]) -> None:
+    """Drop rows of `entries` or `failed` by image id."""
+    assert table in ("entries", "failed")
+    conn.executemany(f"DELETE FROM {table} WHERE gen = ? AND id = ?", [(gen, _key(i)) for i in ids])
+
+
+class ManifestWriter:
+    """The writer's connection (it holds the index lock): generations and per-chunk transactions."""
+
+    def __init__(self, index_dir: Path):
+        self.conn = _connect(index_dir / MANIFEST)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def generations(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """The headers of the live generation and of one built aside (None when there is none)."""
+        live, aside = _pointers(self.conn)
+        return header(self.conn, live), None if aside is None else header(self.conn, aside)
+
+    def count(self, gen: int) -> int:
+        return self.conn.execute("SELECT COUNT(*) FROM entries WHERE gen = ?", (gen,)).fetchone()[0]
+
+    def checksums(self, gen: int) -> dict[str, str | None]:
+        """The generation's shards (in order) and their SHA-1 (None where never recorded)."""
+        return dict(self.conn.execute("SELECT name, sha1 FROM shards WHERE gen = ? ORDER BY seq", (gen,)))
+
+    def load(self, gen: int) -> dict[str, Any]:
+        with _transaction(self.conn, "DEFERRED"):
+            return load_generation(self.conn, gen)
+
+    def start(self, generation: dict[str, str], live: bool) -> int:
+        """A new, empty generation: live at once (when nothing is served meanwhile; every other one is
+        dropped), else aside under `next`, replacing any earlier one there."""
+        with _transaction(self.conn) as conn:
+            gen = _insert_generation(conn, generation)
+            if live:
+                _make_live(conn, gen)
+            else:
+                _, aside = _pointers(conn)
+                conn.execute("INSERT OR REPLACE INTO pointers VALUES (?, ?)", (NEXT, gen))
+                if aside is not None:
+                    _drop_generation(conn, aside)
+        return gen
+
+    def go_live(self, gen: int) -> None:
+        """One transaction switches readers to `gen` (built aside, or live already) and drops the
+        generations it replaces."""
+        with _transaction(self.conn) as conn:
+            _make_live(conn, gen)
+
+    @contextmanager
+    def commit(self) -> Iterator[sqlite3.Connection]:
+        """One transaction (a chunk, the removals of a run, a compaction): all or nothing."""
+        with _transaction(self.conn) as conn:
+            yield conn
+
+    def shards(self, gen: int) -> list[ShardInfo]:
+        """The generation's shards in order, with how many of their rows are in use."""
+        rows = self.conn.execute(
+            "SELECT s.name, s.rows, COUNT(e.id), s.seq, s.sha1 FROM shards s LEFT JOIN entries e"
+            " ON e.gen = s.gen AND e.shard = s.name WHERE s.gen = ? GROUP BY s.name ORDER BY s.seq",
+            (gen,),
+        )
+        return [ShardInfo(*row) for row in rows]
+
+
+def add_shard(conn: sqlite3.Connection, gen: int, name: str, sha1: str, rows: int) -> None:
+    """A new shard, after every shard the generation has."""
+    seq = conn.execute("SELECT COALESCE(MAX(seq), -1) + 1 FROM shards WHERE gen = ?", (gen,)).fetchone()[0]
+    conn.execute("INSERT INTO shards VALUES (?, ?, ?, ?, ?)", (gen, name, sha1, rows, seq))
+
+
+def set_checksums(conn: sqlite3.Connection, gen: int, checksums: dict[str, str]) -> None:
+    conn.executemany(
+        "UPDATE shards SET sha1 = ? WHERE gen = ? AND name = ?", [(s, gen, n) for n, s in checksums.items()]
+    )
+
+
+def update_header(conn: sqlite3.Connection, gen: int, values: dict[str, Any]) -> None:
+    """Set a generation's model keys or vector dimension."""
+    assert set(values) <= set(HEADER[1:])
+    for key, value in values.items():
+        conn.execute(f"UPDATE generations SET {key} = ? WHERE gen = ?", (value, gen))
+
+
+def set_meta(conn: sqlite3.Connection, gen: int, meta: dict[str, dict[str, Any]]) -> None:
+    """Record the EXIF meta (capture date, camera) of entries, by image id."""
+    conn.executemany(
+        "UPDATE entries SET meta = ? WHERE gen = ? AND id = ?",
+        [(json.dumps(m), gen, _key(i)) for i, m in meta.items()],
+    )
+
+
+def drop_unused_shards(conn: sqlite3.Connection, gen: int) -> None:
+    """Forget shards no entry points to any more (their files are swept at the end of the run)."""
+    conn.execute(
+        "DELETE FROM shards WHERE gen = ? AND NOT EXISTS"
+        " (SELECT 1 FROM entries e WHERE e.gen = shards.gen AND e.shard = shards.name)",
+        (gen,),
+    )
+
+
+def _make_live(conn: sqlite3.Connection, gen: int) -> None:
+    conn.execute("INSERT OR REPLACE INTO pointers VALUES ('live', ?)", (gen,))
+    conn.execute("DELETE FROM pointers WHERE name = ?", (NEXT,))
+    for (other,) in conn.execute("SELECT gen FROM generations WHERE gen != ?", (gen,)).fetchall():
+        _drop_generation(conn, other)
+
+
+def _drop_generation(conn: sqlite3.Connection, gen: int) -> None:
+    for table in ("entries", "failed", "shards", "generations"):
+        conn.execute(f"DELETE FROM {table} WHERE gen = ?", (gen,))
