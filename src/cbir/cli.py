@@ -346,6 +346,9 @@ def print_results(results, as_json: bool, calibrated: bool = True, explanations=
             out.print(f"     {explanations[i].line()}", highlight=False, markup=False)
 
 
+LOCAL_RAY = "local"  # `--ray` without an address
+
+
 @app.command()
 def index(
     folder: Annotated[Path, typer.Argument(help="Folder of photos (searched recursively).")],
@@ -370,8 +373,21 @@ def index(
     wait: Annotated[
         float, typer.Option(help="Seconds to wait for another `cbir index` run on the same --out.")
     ] = 0.0,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            flag_value=LOCAL_RAY,
+            help="Embed on a Ray cluster: `--ray ADDRESS` (e.g. 10.0.0.5:6379, or `auto`), or `--ray` alone "
+            "for a local Ray. Every node must see FOLDER at the same path; needs cbir's ray extra.",
+        ),
+    ] = None,
+    ray_workers: Annotated[
+        int, typer.Option(min=1, help="With --ray: actors that hold the model (one CPU each).")
+    ] = 2,
 ) -> None:
     """Embed every photo below FOLDER into an index; reruns embed only new or changed files."""
+    from cbir.distributed import RayUnavailableError, ray_encode_chunks
     from cbir.index import update_index
     from cbir.library import default_index_dir, remember
 
@@ -384,9 +400,12 @@ def index(
             highlight=False,
         )
     try:
-        ix, report = update_index(folder, target, model, wait=wait)
+        encode = (
+            None if ray is None else ray_encode_chunks(None if ray == LOCAL_RAY else ray, workers=ray_workers)
+        )
+        ix, report = update_index(folder, target, model, wait=wait, encode=encode)
         remember(ix.path)
-    except search_errors() as e:
+    except (*search_errors(), RayUnavailableError) as e:
         fail(str(e))
     out.print(
         f"indexed {len(ix)} images of {shown(ix.root)} in {time.perf_counter() - start:.1f}s "

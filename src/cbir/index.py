@@ -28,7 +28,7 @@ import shutil
 import stat
 import tempfile
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +39,11 @@ from cbir.lockfile import exclusive_lock
 
 if TYPE_CHECKING:
     from cbir.filters import Filters
+    from cbir.models.base import ImageEmbedding
+
+# The encode stage: (model folder, indexed folder, chunks of image paths) -> (chunk number, embedding of
+# that chunk) for every chunk, in any order. `local_encode` here; `cbir.distributed` runs one on Ray.
+EncodeStage = Callable[[Path, Path, Sequence[Sequence[Path]]], Iterator[tuple[int, "ImageEmbedding"]]]
 
 MANIFEST = "index.json"
 SHARDS = "shards"
@@ -251,11 +256,14 @@ def update_index(
     chunk_size: int = CHUNK_SIZE,
     on_chunk: Callable[[int, int], None] | None = None,
     wait: float = 0.0,
+    encode: EncodeStage | None = None,
 ) -> tuple[SearchIndex, IndexReport]:
     """`build_index` that also says what changed: added, changed, removed, failed, repaired files.
 
     One writer at a time: another run on the same `out` is waited for up to `wait` seconds, then
-    `LockBusyError` names it. Readers are never blocked.
+    `LockBusyError` names it. Readers are never blocked. `encode` embeds the chunks of files to index
+    (None: `local_encode`; `cbir.distributed.ray_encode_chunks()`: on a Ray cluster); each chunk is
+    committed as it comes back, so a killed run loses at most the chunks still being embedded.
     """
     from cbir.datasets import DatasetError
 
@@ -267,7 +275,7 @@ def update_index(
     index_dir.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(index_dir / LOCK_FILE, wait, what=f"the index {index_dir}"):
         _check_out_folder(index_dir)
-        return _update_locked(root, index_dir, model, progress, chunk_size, on_chunk)
+        return _update_locked(root, index_dir, model, progress, chunk_size, on_chunk, encode)
 
 
 def _check_out_folder(index_dir: Path, another_writer_may_be_starting: bool = False) -> None:
@@ -419,24 +427,36 @@ class Todo:
         }
 
 
-def _embed_chunk(
-    loaded: Any,
+def local_encode(
+    model_dir: Path, root: Path, chunks: Sequence[Sequence[Path]]
+) -> Iterator[tuple[int, ImageEmbedding]]:
+    """The encode stage in this process: the model loads once, each file is read and hashed once,
+    chunks come back in order. `cbir.distributed.ray_encode_chunks` makes one that runs on Ray."""
+    from cbir.datasets import Dataset
+    from cbir.models import load_model
+
+    loaded = load_model(model_dir)
+    for number, chunk in enumerate(chunks):
+        yield number, loaded.embed(Dataset.from_paths(chunk, root))
+
+
+def _record_chunk(
+    embedding: ImageEmbedding,
     root: Path,
     chunk: Sequence[Todo],
     entries: dict[str, dict[str, Any]],
     failed: dict[str, dict[str, Any]],
     report: IndexReport,
 ) -> tuple[list[tuple[Todo, str]], np.ndarray]:
-    """Embed one chunk (each file read and hashed once) and record what it found; (the files to
-    write with their content keys, their vectors). A file only touched (same content) keeps its entry."""
+    """Record what one chunk's embedding found; (the files to write with their content keys, their
+    vectors). A file only touched (same content) keeps its entry."""
     from cbir.datasets import Dataset
 
-    data = Dataset.from_paths([t.path for t in chunk], root)
-    embedding = loaded.embed(data)
+    ids = Dataset.from_paths([t.path for t in chunk], root).image_ids  # as the embedding names failures
     keep = []
     for row, (t, key) in enumerate(zip(chunk, embedding.keys, strict=True)):
         stat_entry = t.entry(key)
-        reason = embedding.failed.get(data.image_ids[row])
+        reason = embedding.failed.get(ids[row])
         if reason is not None:
             failed[t.image_id] = {**stat_entry, "reason": reason}
             entries.pop(t.image_id, None)
@@ -459,9 +479,9 @@ def _update_locked(
     progress: bool,
     chunk_size: int,
     on_chunk: Callable[[int, int], None] | None,
+    encode: EncodeStage | None,
 ) -> tuple[SearchIndex, IndexReport]:
     """`update_index` once it holds the lock."""
-    from cbir.models import load_model
     from cbir.progress import progress_bar
 
     has_manifest = (index_dir / MANIFEST).exists()
@@ -506,11 +526,15 @@ def _update_locked(
     commit()  # publish removals (and a fresh manifest) before the long part
 
     if todo:
-        loaded = load_model(index_dir / model_keys["model_dir"])
+        chunks = [todo[start : start + chunk_size] for start in range(0, len(todo), chunk_size)]
+        paths = [[t.path for t in chunk] for chunk in chunks]
+        done = 0
         with progress_bar("indexing images", len(todo), enabled=progress) as advance:
-            for start in range(0, len(todo), chunk_size):
-                chunk = todo[start : start + chunk_size]
-                ok, vectors = _embed_chunk(loaded, root, chunk, entries, failed, report)
+            for number, embedding in (encode or local_encode)(
+                index_dir / model_keys["model_dir"], root, paths
+            ):
+                chunk = chunks[number]
+                ok, vectors = _record_chunk(embedding, root, chunk, entries, failed, report)
                 if ok:
                     manifest_dim = int(vectors.shape[1])
                     name = f"{uuid.uuid4().hex}.npy"
@@ -519,9 +543,10 @@ def _update_locked(
                         failed.pop(t.image_id, None)
                         entries[t.image_id] = _with_meta({**t.entry(key), "shard": name, "row": row}, t.path)
                 commit()
+                done += len(chunk)
                 advance(len(chunk))
                 if on_chunk is not None:
-                    on_chunk(start + len(chunk), len(todo))
+                    on_chunk(done, len(todo))
 
     final = commit(final=True)
     _write_ann(index_dir, final)

@@ -67,7 +67,12 @@ def encode_images(
 ) -> EncodedImages:
     """Every view of each image file from one read and one hash of it; the failures are returned,
     not reported anywhere."""
-    feats = shared_image_encoder().encode(dataset.images, views, progress)
+    return attach_features(dataset, shared_image_encoder().encode(dataset.images, views, progress))
+
+
+def attach_features(dataset: Dataset, feats: ImageFeatures) -> EncodedImages:
+    """The dataset with its images' computed features attached, wherever they were computed (here, or
+    on Ray workers from files decoded there)."""
     attached = {computed_features_key(view): rows for view, rows in feats.views.items()}
     return EncodedImages(
         replace(dataset, features={**dataset.features, **attached}), feats.keys, feats.failed
@@ -121,6 +126,7 @@ __all__ = [
     "UnreadableImagesWarning",
     "VIEWS",
     "FeatureCache",
+    "attach_features",
     "ImageEncoder",
     "ImageFeatures",
     "TextEncoder",
