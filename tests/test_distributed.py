@@ -17,6 +17,7 @@ import pytest
 from tests.conftest import FLICKR8K
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'cbir[ray]')")
+pytestmark = pytest.mark.slow  # Ray start-up and worker processes: a minute or more on a busy machine
 
 from cbir.distributed import KILL_ONCE_ENV, connect, ray_encode_chunks  # noqa: E402
 from cbir.index import SearchIndex, read_manifest, update_index  # noqa: E402
@@ -94,12 +95,12 @@ def test_ray_index_equals_local_index(cluster, photos, local_index, tmp_path):
 def test_a_crashed_worker_is_restarted_and_nothing_is_lost(cluster, photos, local_index, tmp_path):
     marker = tmp_path / "killed"
     crash_once = {"runtime_env": {"env_vars": {KILL_ONCE_ENV: str(marker)}}}
-    ix, report = update_index(
+    ix, _ = update_index(
         photos,
         tmp_path / "ix",
         chunk_size=CHUNK,
         progress=False,
-        encode=ray_encode_chunks(workers=2, actor_options=crash_once),
+        encode=ray_encode_chunks(workers=1, actor_options=crash_once),
     )
     assert marker.exists()  # an actor did kill itself mid-run
     assert_same_index(ix, local_index)
@@ -115,7 +116,7 @@ def stop_after_first_chunk(done, total):
     time.sleep(600)  # killed here, mid-run, with one chunk committed
 
 update_index(sys.argv[1], sys.argv[2], chunk_size=int(sys.argv[4]), progress=False,
-             encode=ray_encode_chunks(sys.argv[3]), on_chunk=stop_after_first_chunk)
+             encode=ray_encode_chunks(sys.argv[3], workers=1), on_chunk=stop_after_first_chunk)
 """
 
 
@@ -137,7 +138,7 @@ def test_a_killed_driver_loses_nothing_and_a_cli_rerun_finishes(cluster, photos,
 
     cbir = Path(sys.executable).with_name("cbir")
     rerun = subprocess.run(
-        [str(cbir), "index", str(photos), "--out", str(out), "--ray", cluster],
+        [str(cbir), "index", str(photos), "--out", str(out), "--ray-address", cluster, "--ray-workers", "1"],
         capture_output=True,
         text=True,
         timeout=300,

@@ -201,6 +201,14 @@ class StubModel:
         return ImageEmbedding(vectors, keys, failed)
 
 
+def record_chunk(model, root, chunk, entries, failed, report):
+    """One chunk through the encode stage (`model.embed`) and then recorded, as `update_index` does."""
+    from cbir.datasets import Dataset
+
+    embedding = model.embed(Dataset.from_paths([t.path for t in chunk], root))
+    return ix._record_chunk(embedding, root, chunk, entries, failed, report)
+
+
 def test_one_embedded_chunk_is_recorded(tmp_path):
     root = tmp_path / "photos"
     root.mkdir()
@@ -239,7 +247,7 @@ def test_one_embedded_chunk_is_recorded(tmp_path):
         todo("fix.jpg", repair=True),
         todo("xnew.jpg"),  # new and unreadable: it was in no entry
     ]
-    keep, vectors = ix._embed_chunk(StubModel(), root, chunk, entries, failed, report)
+    keep, vectors = record_chunk(StubModel(), root, chunk, entries, failed, report)
     assert [(t.image_id, key) for t, key in keep] == [
         ("add.jpg", hashlib.sha1(b"add").hexdigest()),
         ("chg.jpg", hashlib.sha1(b"new").hexdigest()),
@@ -275,7 +283,7 @@ def test_every_touched_but_unchanged_file_is_counted(tmp_path):
         old = {"id": name, "size": 5, "mtime_ns": 1, "sha1": digest, "shard": "s", "row": 0}
         chunk.append(ix.Todo(name, root / name, (root / name).stat(), old, False))
     report = ix.IndexReport()
-    keep, vectors = ix._embed_chunk(StubModel(), root, chunk, {}, {}, report)
+    keep, vectors = record_chunk(StubModel(), root, chunk, {}, {}, report)
     assert keep == [] and len(vectors) == 0 and report.unchanged == 2
 
 
@@ -292,7 +300,7 @@ def test_a_failed_file_that_was_failed_before_counts_as_changed_when_it_now_read
     }
     report = ix.IndexReport()
     t = ix.Todo("c.jpg", root / "c.jpg", (root / "c.jpg").stat(), old, False)
-    keep, _ = ix._embed_chunk(StubModel(), root, [t], {}, {}, report)
+    keep, _ = record_chunk(StubModel(), root, [t], {}, {}, report)
     assert (
         [k[0].image_id for k in keep] == ["c.jpg"] and report.changed == ["c.jpg"] and report.unchanged == 0
     )

@@ -346,9 +346,6 @@ def print_results(results, as_json: bool, calibrated: bool = True, explanations=
             out.print(f"     {explanations[i].line()}", highlight=False, markup=False)
 
 
-LOCAL_RAY = "local"  # `--ray` without an address
-
-
 @app.command()
 def index(
     folder: Annotated[Path, typer.Argument(help="Folder of photos (searched recursively).")],
@@ -374,13 +371,16 @@ def index(
         float, typer.Option(help="Seconds to wait for another `cbir index` run on the same --out.")
     ] = 0.0,
     ray: Annotated[
-        str | None,
+        bool,
         typer.Option(
             "--ray",
-            flag_value=LOCAL_RAY,
-            help="Embed on a Ray cluster: `--ray ADDRESS` (e.g. 10.0.0.5:6379, or `auto`), or `--ray` alone "
-            "for a local Ray. Every node must see FOLDER at the same path; needs cbir's ray extra.",
+            help="Embed on Ray: a private local Ray, or the cluster of --ray-address. Every node must see "
+            "FOLDER at the same path; needs cbir's ray extra.",
         ),
+    ] = False,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="A running Ray cluster to embed on (implies --ray), e.g. 10.0.0.5:6379 or `auto`."),
     ] = None,
     ray_workers: Annotated[
         int, typer.Option(min=1, help="With --ray: actors that hold the model (one CPU each).")
@@ -400,9 +400,7 @@ def index(
             highlight=False,
         )
     try:
-        encode = (
-            None if ray is None else ray_encode_chunks(None if ray == LOCAL_RAY else ray, workers=ray_workers)
-        )
+        encode = ray_encode_chunks(ray_address, workers=ray_workers) if ray or ray_address else None
         ix, report = update_index(folder, target, model, wait=wait, encode=encode)
         remember(ix.path)
     except (*search_errors(), RayUnavailableError) as e:

@@ -91,6 +91,7 @@ def connect(address: str | None = None, workers: int = DEFAULT_WORKERS) -> None:
     quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
     try:
         if address is None:
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a private Ray reports nowhere
             ray.init(num_cpus=workers + 1, _node_ip_address="127.0.0.1", **quiet)
         else:
             ray.init(address=address, **{k: v for k, v in quiet.items() if k != "include_dashboard"})
@@ -141,7 +142,8 @@ def _run(
             fn_constructor_kwargs={"model_files": [ray.put(_files_of(model_dir))], "root": str(root)},
             batch_size=None,
             batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=workers),  # Ray Data restarts a crashed actor
+            # A crashed actor is restarted by Ray Data and its batch retried; no more actors than chunks.
+            compute=ray.data.ActorPoolStrategy(size=min(workers, len(tables))),
             **{"num_cpus": 1, **actor_options},
         )
     )
