@@ -14,13 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cbir.distributed import KILL_ONCE_ENV, connect, ray_encode_chunks
+from cbir.index import SearchIndex, read_manifest, update_index
 from tests.conftest import FLICKR8K
-
-ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'cbir[ray]')")
-pytestmark = pytest.mark.slow  # Ray start-up and worker processes: a minute or more on a busy machine
-
-from cbir.distributed import KILL_ONCE_ENV, connect, ray_encode_chunks  # noqa: E402
-from cbir.index import SearchIndex, read_manifest, update_index  # noqa: E402
 
 N_PHOTOS = 12
 CHUNK = 3
@@ -42,6 +38,7 @@ def photos(tmp_path_factory) -> Path:
 def cluster(tmp_path_factory) -> str:
     """One local Ray for the module (its address, for drivers in other processes). Its workers get an empty
     feature cache, so they compute every feature themselves, and this checkout's cbir."""
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'cbir[ray]')")
     worker_env = {
         "CBIR_CACHE_DIR": str(tmp_path_factory.mktemp("ray-worker-cache")),
         "PYTHONPATH": os.pathsep.join(
@@ -76,6 +73,8 @@ def _entries(ix: SearchIndex) -> list[dict]:
     return read_manifest(ix.path)["entries"]
 
 
+# Ray start-up and worker processes: a minute or more on a busy machine.
+@pytest.mark.slow
 def test_ray_index_equals_local_index(cluster, photos, local_index, tmp_path):
     arrived = []
     ix, report = update_index(
@@ -92,6 +91,7 @@ def test_ray_index_equals_local_index(cluster, photos, local_index, tmp_path):
     assert len(arrived) == 5 and done == sorted(done) and arrived[-1] == (N_PHOTOS + 1, N_PHOTOS + 1)
 
 
+@pytest.mark.slow
 def test_a_crashed_worker_is_restarted_and_nothing_is_lost(cluster, photos, local_index, tmp_path):
     marker = tmp_path / "killed"
     crash_once = {"runtime_env": {"env_vars": {KILL_ONCE_ENV: str(marker)}}}
@@ -120,6 +120,7 @@ update_index(sys.argv[1], sys.argv[2], chunk_size=int(sys.argv[4]), progress=Fal
 """
 
 
+@pytest.mark.slow
 def test_a_killed_driver_loses_nothing_and_a_cli_rerun_finishes(cluster, photos, local_index, tmp_path):
     out = tmp_path / "ix"
     driver = subprocess.Popen(
@@ -146,3 +147,15 @@ def test_a_killed_driver_loses_nothing_and_a_cli_rerun_finishes(cluster, photos,
     assert rerun.returncode == 0, rerun.stderr
     assert f"(added {N_PHOTOS - kept}, changed 0, removed 0, unchanged {kept};" in rerun.stdout
     assert_same_index(SearchIndex.open(out), local_index)
+
+
+def test_without_ray_the_cli_says_how_to_install_it(photos, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from cbir.cli import app
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the ray extra were not installed
+    result = CliRunner().invoke(app, ["index", str(photos), "--out", str(tmp_path / "ix"), "--ray"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "pip install 'cbir[ray]'" in result.output
+    assert not (tmp_path / "ix").exists()  # refused before anything was written

@@ -29,7 +29,9 @@ REPORT_LINES = 5
 
 
 def fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    from rich.markup import escape
+
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)  # `cbir[ray]` is no markup
     raise typer.Exit(code)
 
 
