@@ -29,7 +29,9 @@ REPORT_LINES = 5
 
 
 def fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    from rich.markup import escape
+
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)  # `cbir[ray]` is no markup
     raise typer.Exit(code)
 
 
@@ -376,8 +378,24 @@ def index(
     wait: Annotated[
         float, typer.Option(help="Seconds to wait for another `cbir index` run on the same --out.")
     ] = 0.0,
+    ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray",
+            help="Embed on Ray: a private local Ray, or the cluster of --ray-address. Every node must see "
+            "FOLDER at the same path; needs cbir's ray extra.",
+        ),
+    ] = False,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="A running Ray cluster to embed on (implies --ray), e.g. 10.0.0.5:6379 or `auto`."),
+    ] = None,
+    ray_workers: Annotated[
+        int, typer.Option(min=1, help="With --ray: actors that hold the model (one CPU each).")
+    ] = 2,
 ) -> None:
     """Embed every photo below FOLDER into an index; reruns embed only new or changed files."""
+    from cbir.distributed import RayUnavailableError, ray_encode_chunks
     from cbir.index import update_index
     from cbir.library import default_index_dir, remember
     from cbir.manifest import is_index
@@ -391,9 +409,10 @@ def index(
             highlight=False,
         )
     try:
-        ix, report = update_index(folder, target, model, wait=wait)
+        encode = ray_encode_chunks(ray_address, workers=ray_workers) if ray or ray_address else None
+        ix, report = update_index(folder, target, model, wait=wait, encode=encode)
         remember(ix.path)
-    except search_errors() as e:
+    except (*search_errors(), RayUnavailableError) as e:
         fail(str(e))
     out.print(
         f"indexed {len(ix)} images of {shown(ix.root)} in {time.perf_counter() - start:.1f}s "

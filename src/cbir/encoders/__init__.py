@@ -109,6 +109,15 @@ def encode_images(
     return EncodedImages(replace(dataset, features={**dataset.features, **attached}), runs[0][1].keys, failed)
 
 
+def attach_features(dataset: Dataset, feats: ImageFeatures) -> EncodedImages:
+    """The dataset with its images' computed features attached, wherever they were computed (here, or
+    on Ray workers from files decoded there)."""
+    attached = {computed_features_key(view): rows for view, rows in feats.views.items()}
+    return EncodedImages(
+        replace(dataset, features={**dataset.features, **attached}), feats.keys, feats.failed
+    )
+
+
 def _computed_rows(dataset: Dataset, view: str, progress: bool) -> np.ndarray:
     """The dataset's computed features of `view` (or `clip:PATH` kind): attached by `encode_images`, or
     encoded now and kept on the dataset (so training reads each file once), with a warning naming
@@ -161,6 +170,7 @@ __all__ = [
     "UnreadableImagesWarning",
     "VIEWS",
     "FeatureCache",
+    "attach_features",
     "ImageEncoder",
     "ImageFeatures",
     "TextEncoder",

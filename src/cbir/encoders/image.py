@@ -131,11 +131,13 @@ def read_image_file(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def _read_and_prepare(
-    path: Path, caches: dict[str, FeatureCache | None], prepare: Callable[[bytes, str], np.ndarray]
+def read_and_prepare(
+    path: Path,
+    caches: dict[str, FeatureCache | None],
+    prepare: Callable[[bytes, str], np.ndarray] = preprocess,
 ) -> tuple[str, dict[str, np.ndarray], str | None]:
     """(content key, pixels of each view to compute, error), from one read and one hash of the file;
-    runs in the decode thread. Views already cached are not decoded."""
+    runs in the decode thread (or a Ray read task, with no caches). Views already cached are not decoded."""
     try:
         data = read_image_file(path)
     except OSError as e:
@@ -212,7 +214,7 @@ class ImageEncoder:
             next_row = 0
             while next_row < n or ahead:
                 while next_row < n and len(ahead) < 4 * self.batch_size:
-                    job = pool.submit(_read_and_prepare, paths[next_row], caches, self.prepare)
+                    job = pool.submit(read_and_prepare, paths[next_row], caches, self.prepare)
                     ahead.append((next_row, job))
                     next_row += 1
                 row, fut = ahead.popleft()
@@ -226,6 +228,26 @@ class ImageEncoder:
             for batch in batches.values():
                 batch.flush()
         return ImageFeatures({view: batch.out for view, batch in batches.items()}, keys, failed)
+
+    def encode_decoded(
+        self, keys: Sequence[str], pixels: dict[str, np.ndarray], failed: dict[int, str]
+    ) -> ImageFeatures:
+        """`encode` of files read and decoded elsewhere (Ray read tasks, by `read_and_prepare` without
+        caches): `pixels` holds each view's (n, 224, 224, 3) rows. Cached rows come from this process's
+        cache, the rest from the network; `failed` rows stay zero."""
+        caches = {view: self._cache(view) for view in pixels}
+        batches = {
+            view: _Batch(self, len(keys), caches[view], bulk=len(keys) >= TRACE_FROM) for view in pixels
+        }
+        for row, key in enumerate(keys):
+            if row in failed:
+                continue
+            for view, batch in batches.items():
+                cached = caches[view] is not None and caches[view].get(key) is not None
+                batch.add(row, key, None if cached else pixels[view][row])
+        for batch in batches.values():
+            batch.flush()
+        return ImageFeatures({view: batch.out for view, batch in batches.items()}, list(keys), dict(failed))
 
     def _forward(self, pixels: np.ndarray, bulk: bool = True) -> np.ndarray:
         import torch

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Self, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
 
 import numpy as np
 
@@ -22,6 +22,9 @@ from cbir.calibration import Calibration
 from cbir.datasets import Dataset, DatasetError
 from cbir.feature_kinds import CLIP_KIND, FEATURE_KINDS
 from cbir.progress import progress_bar
+
+if TYPE_CHECKING:
+    from cbir.encoders import EncodedImages
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -196,10 +199,13 @@ class RetrievalModel:
         file read and hashed once for all the views the model needs."""
         from cbir.encoders import encode_images
 
-        encoded = encode_images(images, self.image_views(), progress)
+        return self.embed_encoded(encode_images(images, self.image_views(), progress))
+
+    def embed_encoded(self, encoded: EncodedImages) -> ImageEmbedding:
+        """`embed` of image files already encoded (here, or by Ray workers: cbir.distributed)."""
         vectors = np.array(self.embed_images(encoded.dataset), dtype=np.float32)
         vectors[list(encoded.failed)] = 0.0
-        ids = images.image_ids
+        ids = encoded.dataset.image_ids
         failed = {ids[row]: reason for row, reason in sorted(encoded.failed.items())}
         return ImageEmbedding(vectors, encoded.keys, failed)
 
