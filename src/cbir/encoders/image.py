@@ -1,9 +1,11 @@
 """Image features from the packaged ImageNet EfficientNet-Lite0: 1,280-d pooled features, 1,000 logits,
 and the mean of each of its seven stages' outputs (784-d: texture and layout the last layer drops).
 
-Decoding and resizing run in a worker thread while the (traced, frozen) network runs on the
-previous batch, so the pipeline keeps close to the network's own rate. Features are cached by
-file content + view; unreadable images are reported and skipped, never abort a run.
+The network runs in ONNX Runtime (exported once from the torch module, `cbir.encoders.runtime`) or,
+without it, as a traced, frozen torch module. Decoding and resizing run in worker threads while the
+network runs on the previous batch (PIL lets go of the GIL while it decodes), so the pipeline keeps
+close to the network's own rate. Features are cached by file content + view; unreadable images are
+reported and skipped, never abort a run.
 """
 
 from __future__ import annotations
@@ -11,15 +13,17 @@ from __future__ import annotations
 import io
 import os
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from cbir.encoders.cache import FeatureCache, content_key
+from cbir.encoders.cache import FeatureCache, content_key, default_cache_dir
+from cbir.encoders.runtime import OPSET, check_runtime, exported, file_hash, resolve_runtime, torch_exporter
 from cbir.feature_kinds import (
     COMPUTED_DIM,
     EFFNET_LOGITS,
@@ -146,18 +150,49 @@ def _read_and_prepare(
     return key, pixels, None
 
 
-class ImageEncoder:
-    """EfficientNet-Lite0 (ImageNet) as a feature extractor; CPU, batched, cached."""
+class _Inline:
+    """An executor that runs each task at once in the caller's thread (decoding without overlap)."""
 
-    def __init__(self, batch_size: int = 8, cache: bool = True, cache_dir: Path | str | None = None):
+    def submit(self, fn: Callable, *args) -> Future:
+        done: Future = Future()
+        done.set_result(fn(*args))
+        return done
+
+
+def _decoder(threads: int) -> ThreadPoolExecutor | nullcontext[_Inline]:
+    return ThreadPoolExecutor(threads) if threads else nullcontext(_Inline())
+
+
+class ImageEncoder:
+    """EfficientNet-Lite0 (ImageNet) as a feature extractor; CPU, batched, cached.
+
+    `runtime` runs the network in ONNX Runtime (`onnx`), torch, or the first of them installed
+    (`auto`); `decode_threads` decode and resize images while the network runs (0: in turn with it)."""
+
+    def __init__(
+        self,
+        batch_size: int = 8,
+        cache: bool = True,
+        cache_dir: Path | str | None = None,
+        runtime: str = "auto",
+        decode_threads: int = 2,
+    ):
+        if decode_threads < 0:
+            raise ValueError(f"decode_threads must be 0 or more, got {decode_threads}")
         self.batch_size = batch_size
         self.cache_dir = cache_dir
         self.use_cache = cache
-        self._net = None
+        self.runtime = check_runtime(runtime)
+        self.decode_threads = decode_threads
+        self._net: Callable[[np.ndarray], np.ndarray] | None = None
 
-    def _network(self):
+    def _network(self) -> Callable[[np.ndarray], np.ndarray]:
+        """The network as a function of pixels: its outputs side by side, however many there are."""
         if self._net is None:
-            self._net = load_network()
+            if resolve_runtime(self.runtime) == "onnx":
+                self._net = _onnx_backbone(self.cache_dir)
+            else:
+                self._net = _torch_backbone()
         return self._net
 
     def _cache(self, view: str) -> FeatureCache | None:
@@ -184,7 +219,7 @@ class ImageEncoder:
         failed: dict[int, str] = {}
         label = f"image features ({', '.join(views) or 'content keys'})"
         with (
-            ThreadPoolExecutor(max_workers=1) as pool,
+            _decoder(self.decode_threads) as pool,
             progress_bar(label, n, enabled=progress and n > 32) as advance,
         ):
             ahead: deque[tuple[int, Future]] = deque()
@@ -206,12 +241,47 @@ class ImageEncoder:
         return ImageFeatures({view: batch.out for view, batch in batches.items()}, keys, failed)
 
     def _forward(self, pixels: np.ndarray) -> np.ndarray:
+        """(n, 224, 224, 3) uint8 pixels -> (n, COMPUTED_DIM) rows."""
+        return self._network()(pixels)
+
+
+def network_input(pixels: np.ndarray) -> np.ndarray:
+    """(n, 224, 224, 3) uint8 -> the network's (n, 3, 224, 224) float32 input, in [-1, 1)."""
+    return (pixels.transpose(0, 3, 1, 2).astype(np.float32) - 127.0) / 128.0
+
+
+def _torch_backbone() -> Callable[[np.ndarray], np.ndarray]:
+    import torch
+
+    net = load_network()
+
+    def forward(pixels: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(network_input(pixels)).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            return torch.cat(net(x), dim=1).numpy()
+
+    return forward
+
+
+def onnx_path(cache_dir: Path | str | None = None) -> Path:
+    """Where the exported network is cached: named by its weights' hash and output layout."""
+    name = f"{CACHE_LAYOUT}-{file_hash(weights_path())[:16]}-opset{OPSET}.onnx"
+    return Path(cache_dir or default_cache_dir()) / MODEL_ID / "onnx" / name
+
+
+def _onnx_backbone(cache_dir: Path | str | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    def export(path: Path) -> None:
         import torch
 
-        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float()
-        x = ((x - 127.0) / 128.0).contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            return torch.cat(self._network()(x), dim=1).numpy()
+        example = torch.zeros(2, 3, INPUT_SIZE, INPUT_SIZE)
+        torch_exporter(network_module(), [example], ["pixels"], {"pixels": {0: "batch"}})(path)
+
+    net = exported(onnx_path(cache_dir), export)
+
+    def forward(pixels: np.ndarray) -> np.ndarray:
+        return np.concatenate(net.run(None, {"pixels": network_input(pixels)}), axis=1)
+
+    return forward
 
 
 def weights_path() -> Path:
@@ -255,13 +325,23 @@ class _Batch:
 
 
 def load_network():
-    """The network as a traced, frozen module returning (pooled, logits, stage means); ~2x faster on CPU
-    than eager. This is `EfficientNet.extract_features` with each stage's last block output averaged."""
+    """The network as a traced, frozen module (`network_module`); ~2x faster on CPU than eager."""
     import torch
-    from efficientnet_lite_pytorch import EfficientNet
 
     if "CBIR_TORCH_THREADS" in os.environ:
         torch.set_num_threads(int(os.environ["CBIR_TORCH_THREADS"]))
+    module = network_module().to(memory_format=torch.channels_last)
+    example = torch.zeros(2, 3, INPUT_SIZE, INPUT_SIZE).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        return torch.jit.freeze(torch.jit.trace(module, example))
+
+
+def network_module():
+    """The eager module returning (pooled, logits, stage means) of a (n, 3, 224, 224) float batch: this
+    is `EfficientNet.extract_features` with each stage's last block output averaged."""
+    import torch
+    from efficientnet_lite_pytorch import EfficientNet
+
     with torch.random.fork_rng():  # random init before loading weights must not shift callers' seeds
         net = EfficientNet.from_name("efficientnet-lite0")
     net.load_state_dict(torch.load(weights_path(), map_location="cpu", weights_only=True))
@@ -286,7 +366,4 @@ def load_network():
             pooled = n._swish(n._bn1(n._conv_head(x))).mean(dim=(2, 3))
             return pooled, n._fc(pooled), torch.cat(stages, dim=1)
 
-    module = PooledLogitsStages(net).to(memory_format=torch.channels_last).eval()
-    example = torch.zeros(2, 3, INPUT_SIZE, INPUT_SIZE).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        return torch.jit.freeze(torch.jit.trace(module, example))
+    return PooledLogitsStages(net).eval()
