@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cbir.encoders.cache import FeatureCache, content_key, default_cache_dir
-from cbir.encoders.runtime import OPSET, check_runtime, exported, file_hash, resolve_runtime, torch_exporter
+from cbir.encoders.cache import FeatureCache, content_key
+from cbir.encoders.runtime import check_runtime, exported, onnx_path, resolve_runtime, torch_exporter
 from cbir.feature_kinds import (
     COMPUTED_DIM,
     EFFNET_LOGITS,
@@ -190,7 +190,7 @@ class ImageEncoder:
         """The network as a function of pixels: its outputs side by side, however many there are."""
         if self._net is None:
             if resolve_runtime(self.runtime) == "onnx":
-                self._net = _onnx_backbone(self.cache_dir)
+                self._net = _onnx_backbone()
             else:
                 self._net = _torch_backbone()
         return self._net
@@ -263,20 +263,14 @@ def _torch_backbone() -> Callable[[np.ndarray], np.ndarray]:
     return forward
 
 
-def onnx_path(cache_dir: Path | str | None = None) -> Path:
-    """Where the exported network is cached: named by its weights' hash and output layout."""
-    name = f"{CACHE_LAYOUT}-{file_hash(weights_path())[:16]}-opset{OPSET}.onnx"
-    return Path(cache_dir or default_cache_dir()) / MODEL_ID / "onnx" / name
-
-
-def _onnx_backbone(cache_dir: Path | str | None = None) -> Callable[[np.ndarray], np.ndarray]:
+def _onnx_backbone() -> Callable[[np.ndarray], np.ndarray]:
     def export(path: Path) -> None:
         import torch
 
         example = torch.zeros(2, 3, INPUT_SIZE, INPUT_SIZE)
         torch_exporter(network_module(), [example], ["pixels"], {"pixels": {0: "batch"}})(path)
 
-    net = exported(onnx_path(cache_dir), export)
+    net = exported(onnx_path(f"{MODEL_ID}-{CACHE_LAYOUT}", weights_path()), export)
 
     def forward(pixels: np.ndarray) -> np.ndarray:
         return np.concatenate(net.run(None, {"pixels": network_input(pixels)}), axis=1)

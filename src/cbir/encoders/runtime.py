@@ -2,9 +2,10 @@
 
 ONNX Runtime runs the same graphs faster than torch on a small CPU (benchmarks/encoding_speed.py,
 benchmarks/text_encoding.py) and imports in a fraction of torch's time. An exported file lives in the
-feature cache, named by the hash of the weights it was made from, so it is exported once per weights
-version; it is written beside its final name and renamed into place, and a file that does not load
-(corrupt, cut short) is exported again. Without onnxruntime installed the encoders fall back to torch.
+feature cache's `onnx/` folder (`$CBIR_ONNX_DIR` when set), named by the hash of the weights it was
+made from, so it is exported once per weights version whatever feature cache a run uses; it is
+written beside its final name and renamed into place, and a file that does not load (corrupt, cut
+short) is exported again. Without onnxruntime installed the encoders fall back to torch.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from cbir.encoders.cache import default_cache_dir
 
 OPSET = 17
 RUNTIMES = ("auto", "onnx", "torch")
@@ -51,6 +54,12 @@ def file_hash(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def onnx_path(name: str, weights: Path) -> Path:
+    """Where the network `name` exported from `weights` is kept."""
+    folder = Path(os.environ.get("CBIR_ONNX_DIR", default_cache_dir() / "onnx"))
+    return folder / f"{name}-{file_hash(weights)[:16]}-opset{OPSET}.onnx"
 
 
 def session(path: Path, threads: int = 0) -> Any:

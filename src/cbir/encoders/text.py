@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cbir.encoders.cache import FeatureCache, default_cache_dir, text_key
-from cbir.encoders.runtime import OPSET, check_runtime, exported, file_hash, resolve_runtime, torch_exporter
+from cbir.encoders.cache import FeatureCache, text_key
+from cbir.encoders.runtime import check_runtime, exported, onnx_path, resolve_runtime, torch_exporter
 from cbir.progress import progress_bar
 
 MODEL_ID = "all-MiniLM-L6-v2"
@@ -56,10 +56,10 @@ def _gelu(x: np.ndarray) -> np.ndarray:
 class MiniLM:
     """BERT forward pass over safetensors weights; `__call__` maps token ids + mask to pooled vectors."""
 
-    def __init__(self, path: Path, cache_dir: Path | str | None = None):
+    def __init__(self, path: Path):
         from safetensors.numpy import load_file
 
-        self.path, self.cache_dir = path, cache_dir
+        self.path = path
         cfg = json.loads((path / "config.json").read_text())
         self.heads = cfg["num_attention_heads"]
         self.layers = cfg["num_hidden_layers"]
@@ -124,13 +124,10 @@ class MiniLM:
         """`__call__` in ONNX Runtime, the bulk path: fused attention and the cores in parallel make
         it faster on many sentences (benchmarks/text_encoding.py)."""
         if self._onnx is None:
-            self._onnx = exported(self.onnx_path(), self._export)
+            self._onnx = exported(
+                onnx_path(f"{MODEL_ID}-pooled", self.path / "model.safetensors"), self._export
+            )
         return self._onnx.run(None, {"ids": ids, "mask": mask})[0]
-
-    def onnx_path(self) -> Path:
-        """Where the exported network is cached, named by its weights' hash."""
-        name = f"pooled-{file_hash(self.path / 'model.safetensors')[:16]}-opset{OPSET}.onnx"
-        return Path(self.cache_dir or default_cache_dir()) / MODEL_ID / "onnx" / name
 
     def _export(self, path: Path) -> None:
         import torch
@@ -205,7 +202,7 @@ class TextEncoder:
             self._tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
             self._tokenizer.no_padding()
             self._tokenizer.enable_truncation(MAX_TOKENS)
-            self._model = MiniLM(path, self.cache_dir)
+            self._model = MiniLM(path)
 
     def encode(self, texts: Sequence[str], progress: bool = True) -> np.ndarray:
         texts = list(texts)
