@@ -10,7 +10,6 @@ short) is exported again. Without onnxruntime installed the encoders fall back t
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import uuid
@@ -19,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cbir.encoders.cache import default_cache_dir
+from cbir.encoders.cache import default_cache_dir, file_hash
 
 OPSET = 17
 RUNTIMES = ("auto", "onnx", "torch")
@@ -45,15 +44,6 @@ def resolve_runtime(runtime: str) -> str:
         warnings.warn(f"{MISSING}: running in torch, slower", stacklevel=3)
         return "torch"
     return runtime
-
-
-def file_hash(path: Path) -> str:
-    """SHA-1 of a weights file: the name of what is exported from it."""
-    digest = hashlib.sha1()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def onnx_path(name: str, weights: Path) -> Path:
