@@ -4,8 +4,8 @@
 
 All encode the same Flickr8k captions, cache off, in one run; prints sentences/s for each in batches
 (the bulk path), their ratio to NumPy and the largest difference to the NumPy embeddings; then one
-sentence at a time (a search query) in NumPy and ONNX Runtime, and the wall time of a new process that
-embeds one query (the cold start), each way.
+sentence at a time (a search query, on one BLAS thread as search runs it) in NumPy and ONNX Runtime,
+and the wall time of a new process that embeds one query (the cold start), each way.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from cbir.datasets import load_dataset
 from cbir.encoders.text import TextEncoder
@@ -74,7 +75,8 @@ def main() -> None:
         print(f"  {runtime:6s} {rates[runtime]:6.0f}/s  {ratio:5.2f}x  max |diff| {diff:.1e}")
     queries = tokens[:: max(1, len(tokens) // args.queries)][: args.queries]
     for runtime in ("numpy", "onnx"):
-        ms = [1000 / rate(encoder, [q], runtime, 1)[0] for q in queries]
+        with threadpool_limits(1, user_api="blas"):  # as `SearchIndex.embed_texts` runs a query
+            ms = [1000 / rate(encoder, [q], runtime, 1)[0] for q in queries]
         cold = cold_seconds(runtime, args.cold_runs)
         warm = statistics.median(ms)
         print(f"one query, {runtime}: p50 {warm:.1f} ms warm; new process {cold:.2f} s (median)")
