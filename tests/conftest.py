@@ -23,6 +23,8 @@ EVALUATE_JSON_KEYS = (
 
 # Features computed by tests are cached inside the repo (ignored by git): reruns are fast.
 os.environ.setdefault("CBIR_CACHE_DIR", str(REPO / ".cache" / "test-features"))
+# Networks exported for ONNX Runtime, kept there even by tests that switch to an empty feature cache.
+os.environ.setdefault("CBIR_ONNX_DIR", str(REPO / ".cache" / "test-onnx"))
 os.environ["CBIR_NO_PROGRESS"] = "1"
 # `cbir index` remembers the last index in a data folder: a throwaway one, never the user's.
 os.environ.setdefault("CBIR_DATA_DIR", tempfile.mkdtemp(prefix="cbir-test-data-"))

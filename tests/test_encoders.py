@@ -22,20 +22,24 @@ def test_text_encoder_matches_sentence_transformers(rsicd_slice):
     np.testing.assert_allclose(ours, ref, atol=1e-4)
 
 
-def test_bulk_text_encoding_runs_in_torch_and_matches_numpy(rsicd_slice, monkeypatch):
+@pytest.mark.parametrize("runtime", ["onnx", "torch"])
+def test_bulk_text_encoding_matches_numpy(rsicd_slice, monkeypatch, runtime):
+    """Bulk runs in ONNX Runtime (torch without it), in padded batches, with NumPy's outputs."""
     from cbir.encoders import text
     from cbir.encoders.text import MiniLM
 
-    texts = rsicd_slice.captions[:30]
+    if runtime == "onnx":
+        pytest.importorskip("onnxruntime")
+    texts = rsicd_slice.captions[:30] + ["a dog", "a dog running on the beach with a red ball in its mouth"]
     one_by_one = np.concatenate([TextEncoder(cache=False).encode([t], progress=False) for t in texts])
-    torch_batches = []
-    forward_torch = MiniLM.forward_torch
-    monkeypatch.setattr(MiniLM, "forward_torch", lambda m, ids, mask: torch_batches.append(len(ids)) or
-                        forward_torch(m, ids, mask))  # fmt: skip
+    bulk_batches = []
+    forward = getattr(MiniLM, f"forward_{runtime}")
+    monkeypatch.setattr(MiniLM, f"forward_{runtime}", lambda m, ids, mask: bulk_batches.append(len(ids)) or
+                        forward(m, ids, mask))  # fmt: skip
     monkeypatch.setattr(text, "BULK", 16)
-    bulk = TextEncoder(cache=False, batch_size=8).encode(texts, progress=False)
-    assert sum(torch_batches) == len(set(texts))
-    np.testing.assert_allclose(bulk, one_by_one, atol=1e-5)
+    bulk = TextEncoder(cache=False, batch_size=8, runtime=runtime).encode(texts, progress=False)
+    assert sum(bulk_batches) == len(set(texts))
+    assert np.abs(bulk - one_by_one).max() <= 1e-4
 
 
 def test_repeated_text_is_encoded_once_whatever_batch_it_lands_in():
@@ -87,9 +91,9 @@ def test_a_few_photos_run_the_network_untraced_with_the_features_of_the_traced_o
     asked = []
     real = image.load_network
     monkeypatch.setattr(image, "load_network", lambda traced=True: asked.append(traced) or real(traced))
-    few = ImageEncoder(cache=False).encode(paths, progress=False)
+    few = ImageEncoder(cache=False, runtime="torch").encode(paths, progress=False)
     assert asked == [False]
-    encoder = ImageEncoder(cache=False)
+    encoder = ImageEncoder(cache=False, runtime="torch")
     bulk = encoder._forward(np.stack([preprocess(p.read_bytes()) for p in paths]), bulk=True)
     assert asked == [False, True]
     np.testing.assert_allclose(few.rows, bulk, rtol=1e-4, atol=1e-4)

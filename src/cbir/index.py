@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cbir import ann
+from cbir.encoders.cache import file_hash
 from cbir.manifest import MANIFEST, IndexFormatError, read_manifest, tmp_path
 
 if TYPE_CHECKING:
@@ -88,14 +89,6 @@ def printable(name: Path | str) -> str:
     name that is not UTF-8 appear as \\xNN (the exact name is `os.fsencode` of the id, with its \\udcNN
     escapes). `SearchIndex.id_of` maps a printable id back to the image."""
     return os.fsencode(name).decode("utf-8", "backslashreplace")
-
-
-def file_hash(path: Path) -> str:
-    h = hashlib.sha1()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _source_of(manifest: dict[str, Any]) -> str:

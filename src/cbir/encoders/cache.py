@@ -66,6 +66,15 @@ def text_key(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
+def file_hash(path: Path) -> str:
+    """SHA-1 of a file's bytes, read in blocks (a large file is never held whole)."""
+    h = hashlib.sha1()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def parse_bytes(text: str, what: str = MAX_BYTES_ENV) -> int:
     """`2147483648`, `512M`, `2G` (binary units) as a number of bytes; a clear error otherwise."""
     value = text.strip().upper().removesuffix("B").removesuffix("I")

@@ -1,11 +1,12 @@
 """Image features from the packaged ImageNet EfficientNet-Lite0: 1,280-d pooled features, 1,000 logits,
 and the mean of each of its seven stages' outputs (784-d: texture and layout the last layer drops).
 
-Decoding and resizing run in a worker thread while the network runs on the previous batch, so the
-pipeline keeps close to the network's own rate. Bulk work runs a traced, frozen network (faster per
-photo); a few photos run it as is, since tracing costs more than it saves on them (BENCHMARKS.md).
-Features are cached by file content + view; unreadable images are reported and skipped, never abort
-a run.
+The network runs in ONNX Runtime (exported once from the torch module, `cbir.encoders.runtime`) or,
+without it, in torch: traced and frozen for bulk work (faster per photo), as is for a few photos, since
+tracing costs more than it saves on them (BENCHMARKS.md). Decoding and resizing run in worker threads
+while the network runs on the previous batch (PIL lets go of the GIL while it decodes), so the pipeline
+keeps close to the network's own rate. Features are cached by file content + view; unreadable images
+are reported and skipped, never abort a run.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from cbir.encoders.cache import FeatureCache, content_key
+from cbir.encoders.runtime import check_runtime, exported, onnx_path, resolve_runtime, torch_exporter
 from cbir.feature_kinds import (
     COMPUTED_DIM,
     EFFNET_LOGITS,
@@ -154,25 +157,57 @@ def read_and_prepare(
     return key, pixels, None
 
 
+class _Inline:
+    """An executor that runs each task at once in the caller's thread (decoding without overlap)."""
+
+    def submit(self, fn: Callable, *args) -> Future:
+        done: Future = Future()
+        done.set_result(fn(*args))
+        return done
+
+
+def _decoder(threads: int) -> ThreadPoolExecutor | nullcontext[_Inline]:
+    return ThreadPoolExecutor(threads) if threads else nullcontext(_Inline())
+
+
 class ImageEncoder:
     """EfficientNet-Lite0 (ImageNet) as a feature extractor; CPU, batched, cached. Another network
     (cbir.encoders.clip) reuses the pipeline: it overrides `dim`, `views`, `namespace`, `prepare` and
-    `_forward`."""
+    `_network`/`_forward`.
+
+    `runtime` runs the network in ONNX Runtime (`onnx`), torch, or the first of them installed
+    (`auto`); `decode_threads` decode and resize images while the network runs (0: in turn with it)."""
 
     dim = COMPUTED_DIM  # the width of one row
     views: tuple[str, ...] = VIEWS  # the views it computes
 
-    def __init__(self, batch_size: int = 8, cache: bool = True, cache_dir: Path | str | None = None):
+    def __init__(
+        self,
+        batch_size: int = 8,
+        cache: bool = True,
+        cache_dir: Path | str | None = None,
+        runtime: str = "auto",
+        decode_threads: int = 2,
+    ):
+        if decode_threads < 0:
+            raise ValueError(f"decode_threads must be 0 or more, got {decode_threads}")
         self.batch_size = batch_size
         self.cache_dir = cache_dir
         self.use_cache = cache
-        self._nets: dict[bool, Any] = {}  # traced or not -> network
+        self.runtime = check_runtime(runtime)
+        self.decode_threads = decode_threads
+        self._nets: dict[bool, Any] = {}  # for bulk work or not -> the network
 
-    def _network(self, bulk: bool = True):
-        """The network to run: traced for bulk work, as is for a few photos (or the traced one when
-        it is already there)."""
+    def _network(self, bulk: bool = True) -> Callable[[np.ndarray], np.ndarray]:
+        """The network as a function of pixels (its outputs side by side, however many there are): in
+        ONNX Runtime, or in torch, traced for bulk work and as is for a few photos (or the traced one
+        when it is already there)."""
+        if resolve_runtime(self.runtime) == "onnx":
+            bulk = True  # one exported network serves every batch
         if bulk not in self._nets and True not in self._nets:
-            self._nets[bulk] = load_network(traced=bulk)
+            self._nets[bulk] = (
+                _onnx_backbone() if resolve_runtime(self.runtime) == "onnx" else _torch_backbone(bulk)
+            )
         return self._nets.get(True, self._nets.get(bulk))
 
     def _cache(self, view: str) -> FeatureCache | None:
@@ -207,7 +242,7 @@ class ImageEncoder:
         failed: dict[int, str] = {}
         label = f"image features ({', '.join(views) or 'content keys'})"
         with (
-            ThreadPoolExecutor(max_workers=1) as pool,
+            _decoder(self.decode_threads) as pool,
             progress_bar(label, n, enabled=progress and n > 32) as advance,
         ):
             ahead: deque[tuple[int, Future]] = deque()
@@ -250,12 +285,41 @@ class ImageEncoder:
         return ImageFeatures({view: batch.out for view, batch in batches.items()}, list(keys), dict(failed))
 
     def _forward(self, pixels: np.ndarray, bulk: bool = True) -> np.ndarray:
+        """(n, 224, 224, 3) uint8 pixels -> (n, COMPUTED_DIM) rows."""
+        return self._network(bulk)(pixels)
+
+
+def network_input(pixels: np.ndarray) -> np.ndarray:
+    """(n, 224, 224, 3) uint8 -> the network's (n, 3, 224, 224) float32 input, in [-1, 1)."""
+    return (pixels.transpose(0, 3, 1, 2).astype(np.float32) - 127.0) / 128.0
+
+
+def _torch_backbone(traced: bool = True) -> Callable[[np.ndarray], np.ndarray]:
+    import torch
+
+    net = load_network(traced)
+
+    def forward(pixels: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(network_input(pixels)).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            return torch.cat(net(x), dim=1).numpy()
+
+    return forward
+
+
+def _onnx_backbone() -> Callable[[np.ndarray], np.ndarray]:
+    def export(path: Path) -> None:
         import torch
 
-        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float()
-        x = ((x - 127.0) / 128.0).contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            return torch.cat(self._network(bulk)(x), dim=1).numpy()
+        example = torch.zeros(2, 3, INPUT_SIZE, INPUT_SIZE)
+        torch_exporter(network_module(), [example], ["pixels"], {"pixels": {0: "batch"}})(path)
+
+    net = exported(onnx_path(f"{MODEL_ID}-{CACHE_LAYOUT}", weights_path()), export)
+
+    def forward(pixels: np.ndarray) -> np.ndarray:
+        return np.concatenate(net.run(None, {"pixels": network_input(pixels)}), axis=1)
+
+    return forward
 
 
 def weights_path() -> Path:
@@ -299,14 +363,26 @@ class _Batch:
 
 
 def load_network(traced: bool = True):
-    """The network as a module returning (pooled, logits, stage means): `EfficientNet.extract_features`
-    with each stage's last block output averaged. `traced`: traced and frozen, ~2x faster per photo on
-    CPU, for a few seconds of tracing (not checked against eager: that would run it three more times)."""
+    """The network (`network_module`): traced and frozen, ~2x faster per photo on CPU, for a few seconds
+    of tracing (not checked against eager: that would run it three more times), or as is."""
     import torch
-    from efficientnet_lite_pytorch import EfficientNet
 
     if "CBIR_TORCH_THREADS" in os.environ:
         torch.set_num_threads(int(os.environ["CBIR_TORCH_THREADS"]))
+    module = network_module().to(memory_format=torch.channels_last)
+    if not traced:
+        return module
+    example = torch.zeros(2, 3, INPUT_SIZE, INPUT_SIZE).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        return torch.jit.freeze(torch.jit.trace(module, example, check_trace=False))
+
+
+def network_module():
+    """The eager module returning (pooled, logits, stage means) of a (n, 3, 224, 224) float batch: this
+    is `EfficientNet.extract_features` with each stage's last block output averaged."""
+    import torch
+    from efficientnet_lite_pytorch import EfficientNet
+
     with torch.random.fork_rng():  # random init before loading weights must not shift callers' seeds
         net = EfficientNet.from_name("efficientnet-lite0")
     net.load_state_dict(torch.load(weights_path(), map_location="cpu", weights_only=True))
@@ -331,9 +407,4 @@ def load_network(traced: bool = True):
             pooled = n._swish(n._bn1(n._conv_head(x))).mean(dim=(2, 3))
             return pooled, n._fc(pooled), torch.cat(stages, dim=1)
 
-    module = PooledLogitsStages(net).to(memory_format=torch.channels_last).eval()
-    if not traced:
-        return module
-    example = torch.zeros(2, 3, INPUT_SIZE, INPUT_SIZE).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        return torch.jit.freeze(torch.jit.trace(module, example, check_trace=False))
+    return PooledLogitsStages(net).eval()

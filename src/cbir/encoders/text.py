@@ -1,8 +1,11 @@
-"""Sentence embeddings from the packaged all-MiniLM-L6-v2, run in NumPy.
+"""Sentence embeddings from the packaged all-MiniLM-L6-v2: NumPy for a few sentences, ONNX Runtime in bulk.
 
 The six-layer BERT is small enough that NumPy matches the reference (sentence-transformers) to
-float precision while starting in a fraction of a second: no torch or transformers import on the
-query path, which keeps a cold `cbir search` fast. Embeddings are mean-pooled and L2-normalised.
+float precision while starting in a fraction of a second: no torch, onnxruntime or transformers import
+on the query path, and no exported file needed, which keeps a cold `cbir search` fast. From `BULK`
+sentences the same network runs in ONNX Runtime, exported once from its torch form (`MiniLM.
+torch_module`, `cbir.encoders.runtime`), or in torch where onnxruntime is not installed.
+Embeddings are mean-pooled and L2-normalised.
 """
 
 from __future__ import annotations
@@ -14,13 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from cbir.encoders.cache import FeatureCache, text_key
+from cbir.encoders.runtime import check_runtime, exported, onnx_path, resolve_runtime, torch_exporter
 from cbir.progress import progress_bar
 
 MODEL_ID = "all-MiniLM-L6-v2"
 DIM = 384
 MAX_TOKENS = 256
 CACHE_EVERY = 4096  # sentences between cache writes
-BULK = 256  # sentences from which encoding runs in torch (see MiniLM.forward_torch)
+BULK = 256  # sentences from which encoding runs in ONNX Runtime or torch (MiniLM.forward_onnx)
 
 
 def model_dir() -> Path:
@@ -55,6 +59,7 @@ class MiniLM:
     def __init__(self, path: Path):
         from safetensors.numpy import load_file
 
+        self.path = path
         cfg = json.loads((path / "config.json").read_text())
         self.heads = cfg["num_attention_heads"]
         self.layers = cfg["num_hidden_layers"]
@@ -72,7 +77,8 @@ class MiniLM:
             self.w[p + "qkv.bias"] = np.concatenate(
                 [self.w[p + n + ".bias"] for n in ("query", "key", "value")]
             )
-        self._torch_w: dict | None = None  # the same arrays as torch tensors, made on first bulk use
+        self._torch = None  # the bulk runtimes, made on first use
+        self._onnx = None
 
     def __call__(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         w = self.w
@@ -106,38 +112,67 @@ class MiniLM:
         return (x * m).sum(1) / np.maximum(m.sum(1), 1e-9)
 
     def forward_torch(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """`__call__` in torch, for bulk encoding: fused attention and multi-threaded element-wise ops
-        make it faster on many sentences (benchmarks/text_encoding.py), while a single query keeps the
-        NumPy path and never pays torch's import."""
+        """`__call__` in torch, the bulk path where ONNX Runtime is not installed."""
+        import torch
+
+        if self._torch is None:
+            self._torch = self.torch_module()
+        with torch.inference_mode():
+            return self._torch(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+
+    def forward_onnx(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """`__call__` in ONNX Runtime, the bulk path: fused attention and the cores in parallel make
+        it faster on many sentences (benchmarks/text_encoding.py)."""
+        if self._onnx is None:
+            self._onnx = exported(
+                onnx_path(f"{MODEL_ID}-pooled", self.path / "model.safetensors"), self._export
+            )
+        return self._onnx.run(None, {"ids": ids, "mask": mask})[0]
+
+    def _export(self, path: Path) -> None:
+        import torch
+
+        example = [torch.ones(2, 7, dtype=torch.int64)] * 2
+        dynamic = {"ids": {0: "batch", 1: "tokens"}, "mask": {0: "batch", 1: "tokens"}}
+        torch_exporter(self.torch_module(), example, ["ids", "mask"], dynamic)(path)
+
+    def torch_module(self):
+        """`__call__` as a torch module over the same weights: (ids, mask) -> mean-pooled states."""
         import torch
         from torch.nn.functional import gelu, layer_norm, scaled_dot_product_attention
 
-        if self._torch_w is None:
-            self._torch_w = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.w.items()}
-        w = self._torch_w
-        ids_t, keep = torch.from_numpy(ids), torch.from_numpy(mask)
-        b, n = ids.shape
-        with torch.inference_mode():
-            x = w["embeddings.word_embeddings.weight"][ids_t] + w["embeddings.position_embeddings.weight"][:n]
-            x = x + w["embeddings.token_type_embeddings.weight"][0]
-            d = x.shape[-1]
-            norm = (w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"])
-            x = layer_norm(x, (d,), *norm, self.eps)
-            attend = keep[:, None, None, :] > 0
-            for i in range(self.layers):
-                p = f"encoder.layer.{i}."
-                qkv = x @ w[p + "attention.self.qkv.weight"] + w[p + "attention.self.qkv.bias"]
-                q, k, v = qkv.reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-                ctx = scaled_dot_product_attention(q, k, v, attn_mask=attend).transpose(1, 2).reshape(b, n, d)
-                att = ctx @ w[p + "attention.output.dense.weight"] + w[p + "attention.output.dense.bias"]
-                norm = (w[p + "attention.output.LayerNorm.weight"], w[p + "attention.output.LayerNorm.bias"])
-                x = layer_norm(x + att, (d,), *norm, self.eps)
-                h = gelu(x @ w[p + "intermediate.dense.weight"] + w[p + "intermediate.dense.bias"])
-                h = h @ w[p + "output.dense.weight"] + w[p + "output.dense.bias"]
-                norm = (w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"])
-                x = layer_norm(x + h, (d,), *norm, self.eps)
-            m = keep[..., None].float()
-            return ((x * m).sum(1) / m.sum(1).clamp(min=1e-9)).numpy()
+        w = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.w.items()}
+        heads, layers, eps = self.heads, self.layers, self.eps
+        d = int(w["embeddings.LayerNorm.weight"].shape[0])  # a constant, not a traced size
+
+        def norm(x, prefix: str):
+            return layer_norm(x, (d,), w[prefix + ".weight"], w[prefix + ".bias"], eps)
+
+        def dense(x, prefix: str):
+            return x @ w[prefix + ".weight"] + w[prefix + ".bias"]
+
+        class Bert(torch.nn.Module):
+            def forward(self, ids, keep):
+                b, n = ids.shape
+                x = (
+                    w["embeddings.word_embeddings.weight"][ids]
+                    + w["embeddings.position_embeddings.weight"][:n]
+                )
+                x = norm(x + w["embeddings.token_type_embeddings.weight"][0], "embeddings.LayerNorm")
+                attend = keep[:, None, None, :] > 0
+                for i in range(layers):
+                    p = f"encoder.layer.{i}."
+                    qkv = dense(x, p + "attention.self.qkv")
+                    q, k, v = qkv.reshape(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+                    ctx = scaled_dot_product_attention(q, k, v, attn_mask=attend).transpose(1, 2)
+                    att = dense(ctx.reshape(b, n, d), p + "attention.output.dense")
+                    x = norm(x + att, p + "attention.output.LayerNorm")
+                    h = dense(gelu(dense(x, p + "intermediate.dense")), p + "output.dense")
+                    x = norm(x + h, p + "output.LayerNorm")
+                m = keep[..., None].float()
+                return (x * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+        return Bert().eval()
 
 
 class TextEncoder:
@@ -145,10 +180,17 @@ class TextEncoder:
 
     dim = DIM
 
-    def __init__(self, batch_size: int = 64, cache: bool = True, cache_dir: Path | str | None = None):
+    def __init__(
+        self,
+        batch_size: int = 64,
+        cache: bool = True,
+        cache_dir: Path | str | None = None,
+        runtime: str = "auto",
+    ):
         self.batch_size = batch_size
         self.use_cache = cache
         self.cache_dir = cache_dir
+        self.runtime = check_runtime(runtime)  # of the bulk path (from BULK sentences)
         self._model: MiniLM | None = None
         self._tokenizer = None
 
@@ -188,11 +230,12 @@ class TextEncoder:
             encodings = self._tokenizer.encode_batch([texts[i] for i in todo])
             order = np.argsort([len(e.ids) for e in encodings], kind="stable")  # batch similar lengths
             done: list[int] = []
+            bulk = resolve_runtime(self.runtime) if len(todo) >= BULK else "numpy"
             with progress_bar("text embeddings", len(todo), enabled=progress and len(todo) > 256) as advance:
                 for start in range(0, len(order), self.batch_size):
                     chunk = order[start : start + self.batch_size]
                     rows = [todo[j] for j in chunk]
-                    out[rows] = self._embed([encodings[j].ids for j in chunk], bulk=len(todo) >= BULK)
+                    out[rows] = self._embed([encodings[j].ids for j in chunk], bulk)
                     done.extend(rows)
                     if cache is not None and len(done) >= CACHE_EVERY:  # long runs keep what they finished
                         cache.put_many([keys[i] for i in done], out[done])
@@ -202,13 +245,15 @@ class TextEncoder:
                 cache.put_many([keys[i] for i in done], out[done])
         return out
 
-    def _embed(self, token_ids: list[list[int]], bulk: bool = False) -> np.ndarray:
-        """Unit-length embeddings of one batch of tokenised sentences (padded to the longest)."""
+    def _embed(self, token_ids: list[list[int]], runtime: str = "numpy") -> np.ndarray:
+        """Unit-length embeddings of one batch of tokenised sentences (padded to the longest), run in
+        `numpy`, `onnx` or `torch`."""
         n = max(len(t) for t in token_ids)
         ids = np.zeros((len(token_ids), n), dtype=np.int64)
         mask = np.zeros((len(token_ids), n), dtype=np.int64)
         for r, t in enumerate(token_ids):
             ids[r, : len(t)] = t
             mask[r, : len(t)] = 1
-        vec = self._model.forward_torch(ids, mask) if bulk else self._model(ids, mask)
+        forward = {"numpy": self._model, "onnx": self._model.forward_onnx, "torch": self._model.forward_torch}
+        vec = forward[runtime](ids, mask)
         return vec / np.maximum(np.linalg.norm(vec, axis=1, keepdims=True), 1e-12)

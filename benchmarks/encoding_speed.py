@@ -1,0 +1,83 @@
+"""Photo encoding speed: torch as before against ONNX Runtime, decoding in turn or overlapped (issue 16).
+
+    OMP_NUM_THREADS=2 python benchmarks/encoding_speed.py [--n 200] [--threads 1 2]
+
+The same Flickr8k photos, in one run, through `ImageEncoder.encode` with an empty feature cache for
+each configuration (the network is loaded, and warmed up on other photos, before the clock starts);
+then the network alone on the same photos already decoded. Prints photos/s of each, the ratio to
+torch as before, the pipeline's rate against the network alone, and the largest difference between
+the torch and ONNX Runtime features.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cbir.encoders.image import ImageEncoder, preprocess
+
+FLICKR8K = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "flickr8k"
+WARMUP = 16
+
+
+def encoder(runtime: str, decode_threads: int, cache_dir: Path) -> ImageEncoder:
+    """A loaded, warmed-up encoder over an empty feature cache (the exported network is shared)."""
+    enc = ImageEncoder(cache_dir=cache_dir, runtime=runtime, decode_threads=decode_threads)
+    pixels = np.stack([preprocess(p.read_bytes()) for p in warmup_photos()])
+    for i in range(0, len(pixels), enc.batch_size):
+        enc._forward(pixels[i : i + enc.batch_size])
+    return enc
+
+
+def warmup_photos() -> list[Path]:
+    return sorted((FLICKR8K / "images").glob("*.jpg"))[-WARMUP:]
+
+
+def pipeline_rate(enc: ImageEncoder, photos: list[Path]) -> tuple[float, np.ndarray]:
+    start = time.perf_counter()
+    feats = enc.encode(photos, progress=False)
+    return len(photos) / (time.perf_counter() - start), feats.rows
+
+
+def backbone_rate(enc: ImageEncoder, pixels: np.ndarray) -> float:
+    """The network alone on decoded photos, in the pipeline's batches."""
+    start = time.perf_counter()
+    for i in range(0, len(pixels), enc.batch_size):
+        enc._forward(pixels[i : i + enc.batch_size])
+    return len(pixels) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=200)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="decode threads to try")
+    args = parser.parse_args()
+    photos = sorted((FLICKR8K / "images").glob("*.jpg"))[: args.n]
+    ImageEncoder(runtime="onnx")._network()  # exports the network on a first run (not timed)
+    print(f"{len(photos)} Flickr8k photos, load average {os.getloadavg()[0]:.1f} at the start")
+    configs = [("torch, 1 decode thread (as before)", "torch", 1), ("onnx, decoding in turn", "onnx", 0)]
+    configs += [(f"onnx, {t} decode thread(s)", "onnx", t) for t in args.threads]
+    rates, rows = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (label, runtime, threads) in enumerate(configs):
+            enc = encoder(runtime, threads, Path(tmp) / str(i))
+            rates[label], rows[runtime] = pipeline_rate(enc, photos)
+            if runtime == "torch" or threads == 0:
+                pixels = np.stack([preprocess(p.read_bytes()) for p in photos])
+                rates[f"{runtime} network alone"] = backbone_rate(enc, pixels)
+    before = rates[configs[0][0]]
+    for label, rate in rates.items():
+        print(f"{label:38s} {rate:6.1f} photos/s  {rate / before:5.2f}x")
+    best = max((label for label, _, t in configs[2:]), key=rates.__getitem__)
+    print(f"best overlapped pipeline / onnx network alone: {rates[best] / rates['onnx network alone']:.2f}")
+    print(f"max |torch - onnx| over the features: {np.abs(rows['torch'] - rows['onnx']).max():.1e}")
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
+
+
+if __name__ == "__main__":
+    main()
