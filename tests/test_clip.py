@@ -108,7 +108,8 @@ def test_index_and_search_real_photos(tiny_clip, tmp_path):
 
 
 def test_contrastive_heads_on_clip_features(tiny_clip, flickr8k_slice_dir, tmp_path, monkeypatch):
-    """`image_features=clip:PATH` (and `clip:PATH` among the text features): the heads train on the
+    """`image_encoder=clip:PATH` (the issue's spelling of `image_features`; and `clip:PATH` among the
+    text features): the heads train on the
     CLIP embeddings, recorded by absolute path, so the saved model loads from another directory and
     embeds identically; embedding photos runs no EfficientNet."""
     import cbir.encoders
@@ -117,7 +118,7 @@ def test_contrastive_heads_on_clip_features(tiny_clip, flickr8k_slice_dir, tmp_p
     monkeypatch.chdir(tmp_path)
     quick = {"ensemble": 1, "embed_dim": 8, "hidden": 16, "lsa_dim": 8, "batch_size": 16, "bank_size": 0}
     args = ["train", "-d", str(flickr8k_slice_dir), "--method", "contrastive", "-o", "m", "--epochs", "2"]
-    args += ["-p", "image_features=clip:ckpt", "-p", "text_features=lsa+clip:ckpt"]
+    args += ["-p", "image_encoder=clip:ckpt", "-p", "text_features=lsa+clip:ckpt"]
     args += [arg for k, v in quick.items() for arg in ("-p", f"{k}={v}")]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -147,6 +148,11 @@ def test_classical_method_on_clip_features(tiny_clip, flickr8k_slice_dir, tmp_pa
     images = model.embed(test).vectors
     assert images.shape[0] == len(test) and np.isfinite(images).all()
     np.testing.assert_allclose(load_model(model.save(tmp_path / "m")).embed(test).vectors, images, atol=1e-5)
+
+
+def test_both_spellings_of_the_image_features_are_an_error(tiny_clip):
+    with pytest.raises(ModelError, match="image_features or its other spelling image_encoder"):
+        create_model("ridge", image_features="auto", image_encoder=f"clip:{tiny_clip}")
 
 
 def train_clip(checkpoint: Path, out: Path):

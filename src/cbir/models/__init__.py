@@ -46,9 +46,24 @@ def method_params(name: str) -> list[tuple[str, Any, Param]]:
     return [(n, p.default, specs[n]) for n, p in signature.items() if n in specs]
 
 
+# Other spellings of a parameter, as issues and users write them (`-p image_encoder=clip:DIR`).
+PARAM_ALIASES = {"image_encoder": "image_features", "text_encoder": "text_features"}
+
+
+def _resolve_aliases(params: dict[str, Any]) -> dict[str, Any]:
+    resolved = dict(params)
+    for alias, name in PARAM_ALIASES.items():
+        if alias in resolved:
+            if name in resolved:
+                raise ModelError(f"give {name} or its other spelling {alias}, not both")
+            resolved[name] = resolved.pop(alias)
+    return resolved
+
+
 def create_model(method: str, **params: Any) -> RetrievalModel:
     """A new, unfitted model; unknown parameters are an error that lists the accepted ones."""
     cls = method_class(method)
+    params = _resolve_aliases(params)
     accepted = [
         n
         for n, p in inspect.signature(cls.__init__).parameters.items()
