@@ -139,7 +139,7 @@ def test_a_killed_driver_loses_nothing_and_a_cli_rerun_finishes(cluster, photos,
 
     cbir = Path(sys.executable).with_name("cbir")
     rerun = subprocess.run(
-        [str(cbir), "index", str(photos), "--out", str(out), "--ray-address", cluster, "--ray-workers", "1"],
+        [str(cbir), "index", str(photos), "--out", str(out), "--ray", cluster, "--ray-workers", "1"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -159,3 +159,36 @@ def test_without_ray_the_cli_says_how_to_install_it(photos, tmp_path, monkeypatc
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "pip install 'cbir[ray]'" in result.output
     assert not (tmp_path / "ix").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize(
+    ("argv", "spelled"),
+    [
+        (["index", "P", "--ray", "10.0.0.5:6379"], ["index", "P", "--ray-address", "10.0.0.5:6379"]),
+        (["index", "P", "--ray=auto"], ["index", "P", "--ray-address", "auto"]),
+        (
+            ["index", "P", "--ray", "ray://head:10001", "-o", "X"],
+            ["index", "P", "--ray-address", "ray://head:10001", "-o", "X"],
+        ),
+        (["index", "--ray", "P", "-o", "X"], ["index", "--ray", "P", "-o", "X"]),  # a folder, not an address
+        (["index", "P", "--ray"], ["index", "P", "--ray"]),
+    ],
+)
+def test_ray_takes_an_optional_address(argv, spelled):
+    from cbir.cli import ray_address_spelling
+
+    assert ray_address_spelling(argv) == spelled
+
+
+def test_a_folder_named_like_an_address_stays_a_folder(tmp_path, monkeypatch):
+    from cbir.cli import ray_address_spelling
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos:2024").mkdir()
+    assert ray_address_spelling(["index", "--ray", "photos:2024", "-o", "X"]) == [
+        "index",
+        "--ray",
+        "photos:2024",
+        "-o",
+        "X",
+    ]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -382,8 +384,8 @@ def index(
         bool,
         typer.Option(
             "--ray",
-            help="Embed on Ray: a private local Ray, or the cluster of --ray-address. Every node must see "
-            "FOLDER at the same path; needs cbir's ray extra.",
+            help="Embed on Ray: a private local Ray, or a running cluster with `--ray ADDRESS` (the same "
+            "as --ray-address). Every node must see FOLDER at the same path; needs cbir's ray extra.",
         ),
     ] = False,
     ray_address: Annotated[
@@ -666,8 +668,33 @@ def serve(
     uvicorn.run(web, host=host, port=port, log_level="warning")
 
 
+RAY_ADDRESS = re.compile(r"auto|ray://\S+|[\w.-]+:\d+")
+
+
+def ray_address_spelling(argv: list[str]) -> list[str]:
+    """`--ray ADDRESS` and `--ray=ADDRESS` (issue 16's spelling) as `--ray-address ADDRESS`: a
+    flag cannot take an optional value in Typer. The word after `--ray` counts as an address only when
+    it looks like one (`auto`, `ray://…`, `host:port`) and is not an existing path, so
+    `--ray FOLDER` keeps meaning a local Ray."""
+    spelled: list[str] = []
+    rest = iter(argv)
+    for arg in rest:
+        if arg.startswith("--ray="):
+            spelled += ["--ray-address", arg.partition("=")[2]]
+            continue
+        spelled.append(arg)
+        if arg == "--ray":
+            following = next(rest, None)
+            if following is None:
+                break
+            if RAY_ADDRESS.fullmatch(following) and not Path(following).exists():
+                spelled[-1:] = ["--ray-address"]
+            spelled.append(following)
+    return spelled
+
+
 def main() -> None:
-    app()
+    app(args=ray_address_spelling(sys.argv[1:]))
 
 
 if __name__ == "__main__":
