@@ -106,7 +106,7 @@ def write_manifest(
     """A new index: `entries` (id, size, mtime_ns, sha1, meta), row by row of one shard (name, SHA-1,
     (rows, dim)), and a copy of `model`, written through the manifest's own functions."""
     from cbir import indexing
-    from cbir.manifest import ManifestWriter, add_shard, create_manifest, put_entries
+    from cbir.manifest import ManifestWriter, ShardInfo, add_shard, create_manifest, put_entries
 
     name, sha1, (n, dim) = shard
     create_manifest(index_dir, root)
@@ -115,7 +115,7 @@ def write_manifest(
     try:
         gen = writer.start({"root": str(root), **keys, "dim": dim}, live=True)
         with writer.commit() as conn:
-            add_shard(conn, gen, name, sha1, n)
+            add_shard(conn, gen, ShardInfo(name, n, 0, -1, sha1))
             put_entries(conn, gen, ({**e, "shard": name, "row": row} for row, e in enumerate(entries)))
     finally:
         writer.close()
