@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "runs" / "bench-index-growth"
 PER_FOLDER = 1000
 STAGES = (
+    "photos_below",
     "prepare_generation",
     "check_shards",
     "lookup",
