@@ -134,6 +134,7 @@ def test_paths_an_add_cannot_take_are_clear_errors(tmp_path):
     (root / ".hidden").mkdir()
     (root / "notes.txt").write_text("not a photo")
     (tmp_path / "elsewhere.jpg").write_bytes(b"photo")
+    (root / "linked").symlink_to(tmp_path, target_is_directory=True)
 
     def add(path):
         ing.add_paths(root, index_dir, [path], "default", progress=False, encode=backwards_encode)
@@ -143,6 +144,8 @@ def test_paths_an_add_cannot_take_are_clear_errors(tmp_path):
         (root / "../elsewhere.jpg", "not below the indexed folder"),
         (root / ".hidden", "hidden"),
         (root / "notes.txt", "not an image file"),
+        (root / "linked", "a symbolic link to a folder"),
+        (root / "linked" / "elsewhere.jpg", "not below the indexed folder"),
         (root / "p009.jpg", "no such photo"),
     ]:
         with pytest.raises(DatasetError, match=error):

@@ -447,6 +447,8 @@ def photos_below(root: Path, paths: Sequence[Path | str]) -> list[Path]:
             raise DatasetError(f"not below the indexed folder {root}", given)
         if any(part.startswith(".") for part in path.relative_to(root).parts):
             raise DatasetError("hidden: `cbir index` leaves hidden files and folders out", given)
+        if path.is_dir() and path.is_symlink():
+            raise DatasetError("a symbolic link to a folder: `cbir index` does not follow those", given)
         if path.is_dir():
             photos.update(dict.fromkeys(list_images(path)))
         elif path.suffix.lower() in IMAGE_SUFFIXES:
