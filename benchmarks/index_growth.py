@@ -3,9 +3,11 @@
     PYTHONPATH=src OMP_NUM_THREADS=2 python -m benchmarks.index_growth --sizes 10000 1000000 --add 1000
 
 Each index is synthetic: N entries written straight into the SQLite manifest (EXIF meta already
-recorded), random unit vectors in one shard, the shipped default model copied in. Then `--rounds`
-times, `--add` new (real, small) files appear and `cbir.indexing.index_folder` runs on the folder (what
-`cbir index` does, without opening the result). Two stages are stubbed so that the figure is the
+recorded), random unit vectors in one shard (its checksum recorded as checked), the shipped default
+model copied in. Then, for each run kind of `--runs`, `--rounds` times, `--add` new (real, small) files
+appear and are indexed: `add` names them to `cbir.indexing.add_paths` (what `cbir index --add` does);
+`full` runs `cbir.indexing.index_folder` on the folder (what `cbir index` does, without opening the
+result), which lists the folder and reads every entry. Two stages are stubbed so that the figure is the
 index's own cost: the encode stage returns random vectors (not the network), and the N existing photos
 are not files: the scan lists them from memory with the sizes and times the manifest holds (a real
 scan stats every file, see `--scan-files`), next to the new files it really lists. The ANN stage is off
@@ -23,17 +25,23 @@ import shutil
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from cbir.manifest import ShardInfo
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "runs" / "bench-index-growth"
 PER_FOLDER = 1000
 STAGES = (
+    "photos_below",
     "prepare_generation",
-    "_damaged_shards",
+    "check_shards",
+    "lookup",
     "scan_folder",
     "plan_update",
     "commit_plan",
@@ -43,8 +51,8 @@ STAGES = (
 )
 
 
-def write_files(root: Path, start: int, n: int) -> list[tuple[str, int, int]]:
-    """`n` small files named after their number; (id, size, mtime_ns) of each."""
+def write_files(root: Path, start: int, n: int) -> list[Path]:
+    """`n` small files named after their number."""
     made = []
     for i in range(start, start + n):
         folder = root / f"d{i // PER_FOLDER:04d}"
@@ -52,8 +60,7 @@ def write_files(root: Path, start: int, n: int) -> list[tuple[str, int, int]]:
             folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"p{i:07d}.jpg"
         path.write_bytes(i.to_bytes(4, "little"))
-        st = path.stat()
-        made.append((path.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
+        made.append(path)
     return made
 
 
@@ -73,15 +80,17 @@ def synthetic_files(root: Path, n: int) -> list[tuple[str, Path, Stat]]:
 def write_vectors(index_dir: Path, n: int, dim: int, rng: np.random.Generator):
     """One shard of `n` random unit vectors, written in blocks (a 1M x 898 shard is 3.6 GB)."""
     from cbir import indexing
+    from cbir.manifest import ShardInfo, stat_signature
 
     name = f"{n}-synthetic.npy"
-    out = np.lib.format.open_memmap(index_dir / indexing.SHARDS / name, "w+", np.float32, (n, dim))
+    path = index_dir / indexing.SHARDS / name
+    out = np.lib.format.open_memmap(path, "w+", np.float32, (n, dim))
     for start in range(0, n, 50_000):
         block = rng.standard_normal((min(50_000, n - start), dim), dtype=np.float32)
         out[start : start + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
     out.flush()
     del out
-    return name, indexing.file_hash(index_dir / indexing.SHARDS / name), (n, dim)
+    return ShardInfo(name, n, 0, -1, indexing.file_hash(path), stat_signature(path)), dim
 
 
 def synthetic_index(
@@ -101,22 +110,22 @@ def synthetic_index(
 
 
 def write_manifest(
-    index_dir: Path, root: Path, entries: Iterable[dict], shard: tuple[str, str, int], model: Path | str
+    index_dir: Path, root: Path, entries: Iterable[dict], shard: tuple[ShardInfo, int], model: Path | str
 ) -> None:
-    """A new index: `entries` (id, size, mtime_ns, sha1, meta), row by row of one shard (name, SHA-1,
-    (rows, dim)), and a copy of `model`, written through the manifest's own functions."""
+    """A new index: `entries` (id, size, mtime_ns, sha1, meta), row by row of one shard (with its
+    vector size), and a copy of `model`, written through the manifest's own functions."""
     from cbir import indexing
     from cbir.manifest import ManifestWriter, add_shard, create_manifest, put_entries
 
-    name, sha1, (n, dim) = shard
+    info, dim = shard
     create_manifest(index_dir, root)
     keys = indexing._install_model(index_dir, model)
     writer = ManifestWriter(index_dir)
     try:
         gen = writer.start({"root": str(root), **keys, "dim": dim}, live=True)
         with writer.commit() as conn:
-            add_shard(conn, gen, name, sha1, n)
-            put_entries(conn, gen, ({**e, "shard": name, "row": row} for row, e in enumerate(entries)))
+            add_shard(conn, gen, info)
+            put_entries(conn, gen, ({**e, "shard": info.name, "row": row} for row, e in enumerate(entries)))
     finally:
         writer.close()
 
@@ -170,10 +179,13 @@ def stage_timers(seconds: dict[str, float], existing: list[tuple[str, Path, Stat
         ManifestWriter.load = real_load
 
 
-def measure(n: int, add: int, rounds: int, dim: int) -> list[dict[str, float]]:
-    """Build an index of `n`, then add `add` photos `rounds` times; seconds per stage of each round."""
+def measure(
+    n: int, add: int, rounds: int, dim: int, runs: Sequence[str]
+) -> dict[str, list[dict[str, float]]]:
+    """Build an index of `n`, then add `add` photos `rounds` times by each run kind; seconds per stage
+    of each round, by run kind."""
     import cbir.ann
-    from cbir.indexing import index_folder
+    from cbir.indexing import add_paths, index_folder
 
     rng = np.random.default_rng(0)
     base = RUNS / f"n{n}"
@@ -183,18 +195,25 @@ def measure(n: int, add: int, rounds: int, dim: int) -> list[dict[str, float]]:
     existing = synthetic_files(root, n)
     synthetic_index(index_dir, root, existing, dim, rng)
     print(f"synthetic index of {n:,} photos written in {time.perf_counter() - start:.1f}s", flush=True)
-    cbir.ann.ANN_THRESHOLD = 10 * (n + add * rounds)
-    results = []
-    for r in range(rounds):
-        write_files(root, n + r * add, add)
-        seconds: dict[str, float] = defaultdict(float)
-        with stage_timers(seconds, existing):
-            start = time.perf_counter()
-            report = index_folder(root, index_dir, "default", progress=False, encode=random_encode(dim, rng))
-            seconds["total"] = time.perf_counter() - start
-        assert len(report.added) == add and report.unchanged == n + r * add, report
-        results.append(dict(seconds))
-        print(f"  n={n:,} round {r + 1}: {seconds['total']:.2f}s", flush=True)
+    cbir.ann.ANN_THRESHOLD = 10 * (n + add * rounds * len(runs))
+    results: dict[str, list[dict[str, float]]] = {kind: [] for kind in runs}
+    indexed = n
+    for kind in runs:
+        for r in range(rounds):
+            new = write_files(root, indexed, add)
+            options = {"progress": False, "encode": random_encode(dim, rng)}
+            seconds: dict[str, float] = defaultdict(float)
+            with stage_timers(seconds, existing):
+                start = time.perf_counter()
+                if kind == "add":
+                    report = add_paths(root, index_dir, new, "default", **options)
+                else:
+                    report = index_folder(root, index_dir, "default", **options)
+                seconds["total"] = time.perf_counter() - start
+            assert len(report.added) == add and report.unchanged == (indexed if kind == "full" else 0), report
+            indexed += add
+            results[kind].append(dict(seconds))
+            print(f"  n={n:,} {kind} round {r + 1}: {seconds['total']:.2f}s", flush=True)
     shutil.rmtree(base, ignore_errors=True)
     return results
 
@@ -219,6 +238,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 1_000_000])
     parser.add_argument("--add", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--runs", nargs="+", choices=("add", "full"), default=["add", "full"])
     parser.add_argument("--dim", type=int, default=None, help="vector size (default: the shipped model's)")
     parser.add_argument("--scan-files", type=int, default=0, help="also time a real scan of this many files")
     args = parser.parse_args()
@@ -227,17 +247,18 @@ def main() -> None:
     from cbir.models import load_model
 
     dim = args.dim or int(load_model("default").embed_texts(["a photo"]).shape[1])
-    table = {n: measure(n, args.add, args.rounds, dim) for n in args.sizes}
+    table = {n: measure(n, args.add, args.rounds, dim, args.runs) for n in args.sizes}
     rounds = f"median of {args.rounds} rounds [min-max]"
-    print(f"\nadding {args.add:,} photos ({dim}-d vectors), seconds, {rounds}")
-    print(f"| stage | {' | '.join(f'index of {n:,}' for n in args.sizes)} |")
-    print(f"|---|{'---|' * len(args.sizes)}")
-    for stage in ("load", *STAGES, "total"):
-        cells = []
-        for n in args.sizes:
-            values = [r.get(stage, 0.0) for r in table[n]]
-            cells.append(f"{statistics.median(values):.3f} [{min(values):.3f}-{max(values):.3f}]")
-        print(f"| {stage} | {' | '.join(cells)} |")
+    for kind in args.runs:
+        print(f"\nadding {args.add:,} photos by a {kind} run ({dim}-d vectors), seconds, {rounds}")
+        print(f"| stage | {' | '.join(f'index of {n:,}' for n in args.sizes)} |")
+        print(f"|---|{'---|' * len(args.sizes)}")
+        for stage in ("load", *STAGES, "total"):
+            cells = []
+            for n in args.sizes:
+                values = [r.get(stage, 0.0) for r in table[n][kind]]
+                cells.append(f"{statistics.median(values):.3f} [{min(values):.3f}-{max(values):.3f}]")
+            print(f"| {stage} | {' | '.join(cells)} |")
 
 
 if __name__ == "__main__":

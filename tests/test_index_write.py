@@ -14,7 +14,7 @@ import pytest
 
 import cbir.index as ix
 import cbir.indexing as ing
-from cbir.manifest import MANIFEST, create_manifest, is_index
+from cbir.manifest import MANIFEST, ShardInfo, create_manifest, is_index
 from cbir.manifest import tmp_path as tmp_path_of
 from cbir.models.base import ImageEmbedding
 
@@ -119,12 +119,22 @@ def write_shard(index_dir: Path, name: str, rows: int) -> str:
 def test_damaged_shards_are_named(tmp_path):
     good = write_shard(tmp_path, "good.npy", 2)
     write_shard(tmp_path, "bad.npy", 2)
-    damaged = ing._damaged_shards(
-        tmp_path, {"good.npy", "bad.npy", "gone.npy"}, {"good.npy": good, "bad.npy": "0"}
-    )
-    assert sorted(damaged) == ["bad.npy", "gone.npy"]
+    shards = [ShardInfo("good.npy", 2, 2, 0, good), ShardInfo("bad.npy", 2, 2, 1, "0")]
+    damaged, sound = ing._damaged_shards(tmp_path, [*shards, ShardInfo("gone.npy", 2, 2, 2)])
+    assert sorted(damaged) == ["bad.npy", "gone.npy"] and list(sound) == ["good.npy"]
     assert "checksum mismatch" in damaged["bad.npy"] and "shard missing" in damaged["gone.npy"]
     assert str(tmp_path / ix.SHARDS / "bad.npy") in damaged["bad.npy"]
+
+
+def test_only_shards_whose_file_changed_since_their_last_check_are_hashed_again(tmp_path):
+    good = write_shard(tmp_path, "good.npy", 2)
+    _, sound = ing._damaged_shards(tmp_path, [ShardInfo("good.npy", 2, 2, 0, good)])
+    # a wrong checksum shows whether the bytes were hashed: not while the file is as it was when checked
+    recorded = ShardInfo("good.npy", 2, 2, 0, "0", sound["good.npy"])
+    assert ing._damaged_shards(tmp_path, [recorded], every=False) == ({}, {})
+    assert "good.npy" in ing._damaged_shards(tmp_path, [recorded], every=True)[0]
+    write_shard(tmp_path, "good.npy", 2)  # the same bytes, a new file: checked again
+    assert "good.npy" in ing._damaged_shards(tmp_path, [recorded], every=False)[0]
 
 
 def photo_folder(tmp_path: Path) -> Path:

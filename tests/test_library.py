@@ -98,5 +98,9 @@ def test_serve_watch_adds_a_new_photo_within_seconds(library, zero_shot_dir):  #
         assert client.get("/api/health").json()["images"] == 7
         page = client.get("/api/similar/2024/arrived.jpg", params={"k": 1}).json()
         assert page["results"][0]["id"] == "2024/arrived.jpg"
+        (library / "2024" / "arrived.jpg").unlink()  # the watcher updates the photos that changed only
+        while client.get("/api/health").json()["images"] != 6 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert client.get("/api/health").json()["images"] == 6
     finally:
         web.state.watcher.stop()

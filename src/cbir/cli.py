@@ -395,12 +395,23 @@ def index(
     ray_workers: Annotated[
         int, typer.Option(min=1, help="With --ray: actors that hold the model (one CPU each).")
     ] = 2,
+    add: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--add",
+            help="Only this photo or folder below FOLDER (repeatable; `-` reads paths from standard input, "
+            "one a line): new and changed ones are embedded, gone ones dropped, and the rest of the index is "
+            "not read, so the run costs what the photos named cost, whatever the size of the index.",
+        ),
+    ] = None,
 ) -> None:
     """Embed every photo below FOLDER into an index; reruns embed only new or changed files."""
     from cbir.distributed import RayUnavailableError, ray_encode_chunks
     from cbir.index import update_index
+    from cbir.indexing import add_paths
     from cbir.library import default_index_dir, remember
     from cbir.manifest import is_index
+    from cbir.models import model_source
 
     start = time.perf_counter()
     target = out_dir or default_index_dir(folder)
@@ -412,20 +423,27 @@ def index(
         )
     try:
         encode = ray_encode_chunks(ray_address, workers=ray_workers) if ray or ray_address else None
-        ix, report = update_index(folder, target, model, wait=wait, encode=encode)
-        remember(ix.path)
+        if add is None:
+            ix, report = update_index(folder, target, model, wait=wait, encode=encode)
+            root, index_dir, source = ix.root, ix.path, ix.model_source
+        else:
+            named = [p for a in add for p in (sys.stdin.read().splitlines() if a == "-" else [a]) if p]
+            report = add_paths(folder, target, named, model, wait=wait, encode=encode)
+            root, index_dir = folder.expanduser().resolve(), target.expanduser().resolve()
+            source = model_source(model)
+        remember(index_dir)
     except (*search_errors(), RayUnavailableError) as e:
         fail(str(e))
     out.print(
-        f"indexed {len(ix)} images of {shown(ix.root)} in {time.perf_counter() - start:.1f}s "
-        f"→ {shown(ix.path)} "
+        f"indexed {report.size} images of {shown(root)} in {time.perf_counter() - start:.1f}s "
+        f"→ {shown(index_dir)} "
         f"(added {len(report.added)}, changed {len(report.changed)}, removed {len(report.removed)}, "
-        f"unchanged {report.unchanged}; model: {ix.model_source})",
+        f"unchanged {report.unchanged}; model: {source})",
         highlight=False,
         soft_wrap=True,
     )
-    if not len(ix) and not report.failed:
-        err.print(f"[yellow]note:[/] found no photos below {shown(ix.root)}", highlight=False)
+    if not report.size and not report.failed:
+        err.print(f"[yellow]note:[/] found no photos below {shown(root)}", highlight=False)
     for problem in report.damaged.values():
         err.print(f"[yellow]note:[/] {problem}: rebuilt", highlight=False, markup=False)
     if report.repaired:
@@ -435,7 +453,7 @@ def index(
             f"[yellow]note:[/] {len(report.failed)} file(s) skipped (not readable images):", highlight=False
         )
         for image_id, reason in sorted(report.failed.items())[:REPORT_LINES]:
-            err.print(f"  {shown(ix.root / image_id)}: {reason}", highlight=False, markup=False)
+            err.print(f"  {shown(root / image_id)}: {reason}", highlight=False, markup=False)
         if len(report.failed) > REPORT_LINES:
             err.print(f"  … and {len(report.failed) - REPORT_LINES} more", highlight=False)
 

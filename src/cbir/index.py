@@ -20,7 +20,8 @@ it in one transaction, so it gets one consistent snapshot. A new model (or folde
 generation under `next`, while readers keep the complete old one; one transaction switches them over.
 One writer at a time holds `.cbir-lock`; readers take no lock and reread the manifest if a file they
 listed is gone. Each shard's SHA-1 is verified on open (up to `VERIFY_ON_OPEN_MAX_BYTES`) and by every
-rerun, which re-embeds the images of a damaged shard (from the feature cache).
+full rerun (one that adds named photos checks the shards whose file changed since their last check:
+size, times, inode), which re-embeds the images of a damaged shard (from the feature cache).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ LOCK_FILE = ".cbir-lock"
 MODEL_DIR = "model"  # the model folder of indexes written before it was named by fingerprint
 CHUNK_SIZE = 256
 # Opening verifies shard checksums up to this many bytes of shards (~40k 1,664-d images; SHA-1 runs at
-# 0.7-1.4 GB/s here, see BENCHMARKS.md); larger indexes are verified by every `cbir index` rerun.
+# 0.7-1.4 GB/s here, see BENCHMARKS.md); larger indexes are verified by every full `cbir index` rerun.
 VERIFY_ON_OPEN_MAX_BYTES = 256 << 20
 OPEN_ATTEMPTS = 5  # a reader rereads a manifest that changed under it this many times at most
 

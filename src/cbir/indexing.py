@@ -6,8 +6,11 @@
   -> compact the shards / build the ANN graph -> sweep what no generation names.
 
 Each stage is a function with its own tests (tests/test_index_stages.py); `update_index` runs them in
-order under the index's writer lock. The encode stage is pluggable: `local_encode_chunks` runs the model
-in this process, and any callable with its signature (a cluster, a stub for benchmarks) can replace it.
+order under the index's writer lock. `add_paths` runs the same stages on named photos only: it looks up
+just their entries and checks just the shards whose files changed, so adding N photos costs O(N)
+whatever the size of the collection (a full run lists the folder and reads every entry). The encode
+stage is pluggable: `local_encode_chunks` runs the model in this process, and any callable with its
+signature (a cluster, a stub for benchmarks) can replace it.
 On-disk layout, atomicity and what readers see: `cbir.index` and `cbir.manifest`.
 """
 
@@ -56,10 +59,13 @@ from cbir.manifest import (
     drop_unused_shards,
     entries_of,
     is_index,
+    lookup,
     put_entries,
     put_failed,
     set_checksums,
     set_meta,
+    set_verified,
+    stat_signature,
     tmp_path,
     update_header,
     upgrade_legacy,
@@ -85,6 +91,7 @@ class IndexReport:
     failed: dict[str, str] = field(default_factory=dict)  # id -> reason (corrupt, unreadable)
     damaged: dict[str, str] = field(default_factory=dict)  # shard -> error naming its file
     repaired: list[str] = field(default_factory=list)  # re-embedded because their shard was damaged
+    size: int = 0  # images in the index after the run
 
 
 @dataclass
@@ -163,15 +170,39 @@ def update_index(
     return SearchIndex.open(Path(out).expanduser().resolve(), model_of_run), report
 
 
-def index_folder(
-    folder: Path | str, out: Path | str, model: Path | str | None = None, wait: float = 0.0, **options: Any
+def add_paths(
+    folder: Path | str,
+    out: Path | str,
+    paths: Sequence[Path | str],
+    model: Path | str | None = None,
+    wait: float = 0.0,
+    **options: Any,
 ) -> IndexReport:
-    """`update_index` without opening the result: the write path alone (`options`: its stage options)."""
+    """Bring the index `out` of `folder` up to date for the photos `paths` only (files, or folders
+    searched as a full run would), without listing the folder or reading the other entries: new and
+    changed photos are embedded, unchanged ones skipped, named ones that are gone dropped. The cost is
+    that of the photos named, not of the collection. A path outside `folder`, or one a full run would
+    not index, is an error; so is an index of another folder or model (a full run rebuilds it).
+    `options`: those of `update_index`; the index is not opened (that reads all of it)."""
+    return index_folder(folder, out, model, wait, paths=paths, **options)
+
+
+def index_folder(
+    folder: Path | str,
+    out: Path | str,
+    model: Path | str | None = None,
+    wait: float = 0.0,
+    paths: Sequence[Path | str] | None = None,
+    **options: Any,
+) -> IndexReport:
+    """`update_index` without opening the result: the write path alone (`options`: its stage options);
+    of the photos `paths` only, when given (`add_paths`)."""
     from cbir.datasets import DatasetError
 
     root = Path(folder).expanduser().resolve()
     if not root.is_dir():
         raise DatasetError("no such folder to index", root)
+    photos = None if paths is None else photos_below(root, paths)
     index_dir = Path(out).expanduser().resolve()
     _check_out_folder(index_dir, another_writer_may_be_starting=True)  # before the lock file goes in
     index_dir.mkdir(parents=True, exist_ok=True)
@@ -180,7 +211,7 @@ def index_folder(
         _open_manifest(index_dir, root)
         writer = ManifestWriter(index_dir)
         try:
-            return _run_stages(writer, root, index_dir, model, **options)
+            return _run_stages(writer, root, index_dir, model, photos, **options)
         finally:
             writer.close()
 
@@ -228,20 +259,20 @@ def _run_stages(
     root: Path,
     index_dir: Path,
     model: Path | str | None,
+    photos: Sequence[Path] | None = None,
     progress: bool = True,
     chunk_size: int = CHUNK_SIZE,
     on_chunk: Callable[[int, int], None] | None = None,
     encode: EncodeStage | None = None,
 ) -> IndexReport:
-    """`update_index` once it holds the lock: every stage, in order."""
+    """`update_index` once it holds the lock: every stage, in order; `photos`: those of `add_paths`."""
     gen, model_dir = prepare_generation(writer, index_dir, root, model)
-    old = writer.load(gen)
     report = IndexReport()
-    report.damaged = _damaged_shards(index_dir, set(old["shards"]), old["shards"])
-    old_entries = {e["id"]: e for e in old["entries"]}
-    redo = {i for i, e in old_entries.items() if e["shard"] in report.damaged}
-    failures = {f["id"]: f for f in old["failed"]}
-    plan = plan_update(scan_folder(root, report), old_entries, failures, redo, report)
+    if photos is None:
+        plan = plan_folder(writer, gen, index_dir, root, report)
+    else:
+        _refuse_rebuild(writer, gen, index_dir)
+        plan = plan_photos(writer, gen, index_dir, root, photos, report)
     commit_plan(writer, gen, index_dir, plan)  # removals go live before the long part
     encode_and_commit(
         writer, gen, index_dir, root, model_dir, plan.todo, report, progress, chunk_size, on_chunk, encode
@@ -249,6 +280,7 @@ def _run_stages(
     compact(writer, gen, index_dir)
     writer.go_live(gen)
     _finish(writer, gen, index_dir)
+    report.size = writer.count(gen)
     for listed in (report.added, report.changed, report.repaired):  # a file that failed was not added
         listed[:] = [i for i in listed if i not in report.failed]
     return report
@@ -329,26 +361,118 @@ def _has_model(index_dir: Path, generation: dict[str, Any], source: str, fingerp
     )
 
 
-def _damaged_shards(index_dir: Path, names: set[str], checksums: dict[str, str | None]) -> dict[str, str]:
-    """Shards that are missing, unreadable or fail their checksum: name -> the error naming the file."""
-    damaged = {}
-    for name in sorted(names):
-        try:
-            _load_shard(index_dir, name, checksums.get(name))
-        except ShardError as e:
-            damaged[name] = e.problem
+def _refuse_rebuild(writer: ManifestWriter, gen: int, index_dir: Path) -> None:
+    """`add_paths` adds to the live generation: one of another folder or model is rebuilt by a full run
+    (`prepare_generation` has started it aside, where that run carries on)."""
+    live, _ = writer.generations()
+    if gen != live["gen"]:
+        raise IndexFormatError(
+            f"{index_dir}: indexes {live['root']} with the model {_source_of(live)}; photos are added to an "
+            "index of the same folder with the same model (--model), or rerun `cbir index` without them "
+            "to rebuild it"
+        )
+
+
+def check_shards(writer: ManifestWriter, gen: int, index_dir: Path, every: bool) -> dict[str, str]:
+    """The generation's damaged shards (name -> the error naming the file). `every`: hash every shard
+    (a full run, which lists the whole folder anyway); else only those whose file changed (size, times,
+    inode) since their SHA-1 last matched, or that were never checked. Sound ones are recorded so."""
+    damaged, sound = _damaged_shards(index_dir, writer.shards(gen), every)
+    with writer.commit() as conn:
+        set_verified(conn, gen, sound)
     return damaged
 
 
+def _damaged_shards(
+    index_dir: Path, shards: Sequence[ShardInfo], every: bool = True
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Shards that are missing, unreadable or fail their checksum (name -> the error naming the file),
+    and the stat signatures of those checked and found sound (with a checksum to match)."""
+    damaged, sound = {}, {}
+    for shard in sorted(shards, key=lambda s: s.name):
+        signature = stat_signature(index_dir / SHARDS / shard.name)
+        if not every and signature is not None and signature == shard.verified:
+            continue
+        try:
+            _load_shard(index_dir, shard.name, shard.sha1)
+        except ShardError as e:
+            damaged[shard.name] = e.problem
+            continue
+        if shard.sha1 is not None and signature is not None:
+            sound[shard.name] = signature
+    return damaged, sound
+
+
 # Scan and plan ----------------------------------------------------------------------------------
+def plan_folder(writer: ManifestWriter, gen: int, index_dir: Path, root: Path, report: IndexReport) -> Plan:
+    """The plan of a full run: every shard checked, the whole folder listed against every entry."""
+    old = writer.load(gen)
+    report.damaged = check_shards(writer, gen, index_dir, every=True)
+    old_entries = {e["id"]: e for e in old["entries"]}
+    redo = {i for i, e in old_entries.items() if e["shard"] in report.damaged}
+    failures = {f["id"]: f for f in old["failed"]}
+    return plan_update(scan_folder(root, report), old_entries, failures, redo, report)
+
+
+def plan_photos(
+    writer: ManifestWriter, gen: int, index_dir: Path, root: Path, photos: Sequence[Path], report: IndexReport
+) -> Plan:
+    """The plan of `add_paths`: the entries of `photos` looked up one by one, plus those of damaged
+    shards (re-embedded); a named photo that is gone is dropped, or an error when it was never indexed."""
+    from cbir.datasets import DatasetError
+
+    report.damaged = check_shards(writer, gen, index_dir, every=False)
+    redo = {e["id"]: e for e in entries_of(writer.conn, gen, sorted(report.damaged))}
+    old_entries, failures = lookup(writer.conn, gen, [p.relative_to(root).as_posix() for p in photos])
+    for path in photos:
+        image_id = path.relative_to(root).as_posix()
+        if not os.path.lexists(path) and image_id not in old_entries and image_id not in failures:
+            raise DatasetError("no such photo (nor one indexed before)", path)
+    named = {*photos, *(root / i for i in redo)}
+    found = _stat_all(root, sorted(p for p in named if os.path.lexists(p)), report)
+    return plan_update(found, {**old_entries, **redo}, failures, set(redo), report)
+
+
+def photos_below(root: Path, paths: Sequence[Path | str]) -> list[Path]:
+    """The photos `paths` name below `root` (a folder: the images a full run finds in it), in folder
+    order; a path elsewhere, hidden or not an image is an error (a full run would not index it)."""
+    from cbir.datasets import DatasetError, list_images
+    from cbir.datasets.base import IMAGE_SUFFIXES
+
+    photos: dict[Path, None] = {}
+    for given in paths:
+        path = Path(os.path.abspath(Path(given).expanduser()))
+        path = path.parent.resolve() / path.name  # as a scan of `root` spells it: the folders resolved
+        if path != root and root not in path.parents:
+            raise DatasetError(f"not below the indexed folder {root}", given)
+        if any(part.startswith(".") for part in path.relative_to(root).parts):
+            raise DatasetError("hidden: `cbir index` leaves hidden files and folders out", given)
+        if path.is_dir() and path.is_symlink():
+            raise DatasetError("a symbolic link to a folder: `cbir index` does not follow those", given)
+        if path.is_dir():
+            photos.update(dict.fromkeys(list_images(path)))
+        elif path.suffix.lower() in IMAGE_SUFFIXES:
+            photos[path] = None
+        else:
+            raise DatasetError(f"not an image file ({', '.join(sorted(IMAGE_SUFFIXES))})", given)
+    return sorted(photos)
+
+
 def scan_folder(root: Path, report: IndexReport) -> list[tuple[str, Path, os.stat_result]]:
     """Every image below `root` with its size and times: (id, path, stat). Only `stat` is read here:
     a file to embed is read (and hashed) once, by the encode stage. Files that cannot be stat'ed
     (a broken symbolic link, one gone since listing) go to `report.failed`."""
     from cbir.datasets import list_images
 
+    return _stat_all(root, list_images(root), report)
+
+
+def _stat_all(
+    root: Path, paths: Sequence[Path], report: IndexReport
+) -> list[tuple[str, Path, os.stat_result]]:
+    """(id, path, stat) of `paths` below `root`; those that cannot be stat'ed go to `report.failed`."""
     found = []
-    for path in list_images(root):
+    for path in paths:
         image_id = path.relative_to(root).as_posix()
         try:
             found.append((image_id, path, path.stat()))
@@ -506,7 +630,7 @@ def write_shard(index_dir: Path, vectors: np.ndarray) -> ShardInfo:
     """A new shard file (float32; fp16 would cost recall, see BENCHMARKS.md), with its checksum."""
     name = f"{uuid.uuid4().hex}.npy"
     digest = _write_npy_atomic(index_dir / SHARDS / name, vectors)
-    return ShardInfo(name, len(vectors), len(vectors), -1, digest)
+    return ShardInfo(name, len(vectors), 0, -1, digest, stat_signature(index_dir / SHARDS / name))
 
 
 def commit_chunk(writer: ManifestWriter, gen: int, result: ChunkResult, shard: ShardInfo | None) -> None:
@@ -518,7 +642,7 @@ def commit_chunk(writer: ManifestWriter, gen: int, result: ChunkResult, shard: S
     ]
     with writer.commit() as conn:
         if shard is not None:
-            add_shard(conn, gen, shard.name, shard.sha1, shard.rows)
+            add_shard(conn, gen, shard)
             update_header(conn, gen, {"dim": int(result.vectors.shape[1])})
         put_entries(conn, gen, [*written, *result.touched])
         delete(conn, gen, "failed", [e["id"] for e in written])
@@ -567,7 +691,7 @@ def compact(writer: ManifestWriter, gen: int, index_dir: Path) -> None:
     vectors = _vectors_of(index_dir, entries, checksums, mmap=False)
     shard = write_shard(index_dir, vectors)
     with writer.commit() as conn:
-        add_shard(conn, gen, shard.name, shard.sha1, shard.rows)
+        add_shard(conn, gen, shard)
         put_entries(conn, gen, [{**e, "shard": shard.name, "row": row} for row, e in enumerate(entries)])
         drop_unused_shards(conn, gen)
 

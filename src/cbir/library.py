@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cbir.index import IndexFormatError, SearchIndex, read_manifest, update_index
+from cbir.indexing import add_paths
 from cbir.manifest import is_index
 
 FOLDER_INDEX = ".cbir"
@@ -86,9 +87,9 @@ def refresh(index_dir: Path, progress: bool = False):
     return update_index(root, index_dir, model_of(index_dir), progress=progress)
 
 
-def folder_changed(index: SearchIndex) -> bool:
-    """Whether the indexed folder differs from the index: a file added, removed, or with another size or
-    modification time (the cheap look a watcher takes before it updates)."""
+def folder_changes(index: SearchIndex) -> list[Path]:
+    """The photos where the indexed folder differs from the index: added, removed, or with another size
+    or modification time (the cheap look a watcher takes before it updates)."""
     from cbir.datasets import list_images
 
     seen = {}
@@ -101,12 +102,14 @@ def folder_changed(index: SearchIndex) -> bool:
         except OSError:
             continue
         seen[image_id] = (st.st_size, st.st_mtime_ns)
-    return seen != {i: index._indexed_stat[i] for i in index.ids}
+    changed = {i for i, st in seen.items() if index._indexed_stat.get(i) != st}
+    return [index.root / i for i in sorted(changed | (set(index.ids) - set(seen)))]
 
 
 class Watcher(threading.Thread):
-    """Follows an index's folder by polling: on a change, updates the index and hands the new snapshot
-    to `publish` (the server swaps it in under its search lock)."""
+    """Follows an index's folder by polling: on a change, updates the index for the photos that changed
+    (`add_paths`: neither the other entries nor unchanged shards are read again) and hands the new
+    snapshot to `publish` (the server swaps it in under its search lock)."""
 
     def __init__(
         self,
@@ -122,8 +125,12 @@ class Watcher(threading.Thread):
     def run(self) -> None:
         while not self.stopped.wait(self.interval):
             try:
-                if folder_changed(self.index):
-                    self.index = refresh(self.index.path)[0]
+                changed = folder_changes(self.index)
+                if changed:
+                    add_paths(
+                        self.index.root, self.index.path, changed, model_of(self.index.path), progress=False
+                    )
+                    self.index = SearchIndex.open(self.index.path)
                     self.publish(self.index)
             except Exception as e:  # a failed round is reported and retried at the next interval
                 if self.on_error is not None:

@@ -6,7 +6,9 @@ and the files that failed. The pointer `live` names the generation readers open;
 built aside (another model or folder) while readers keep the live one, and one transaction switches
 them. A writer commits each chunk in one transaction that touches only that chunk's rows, so adding N
 photos costs O(N) whatever the size of the collection; a reader reads one snapshot in one read
-transaction, so it never sees a half-written state and never waits for the writer.
+transaction, so it never sees a half-written state and never waits for the writer. Each shard keeps
+the count of entries in it (`live`, kept by triggers on `entries`) and the stat signature its file had
+when its SHA-1 last matched (`verified`), so neither needs a pass over all entries or all shard bytes.
 
 Indexes written before (a JSON manifest, `index.json`, rewritten whole per chunk) still open; the next
 `cbir index` run upgrades them (`upgrade_legacy`).
@@ -39,7 +41,7 @@ CREATE TABLE generations (gen INTEGER PRIMARY KEY, root BLOB NOT NULL, model_sou
     model_fingerprint TEXT, model_dir TEXT, dim INTEGER);
 CREATE TABLE pointers (name TEXT PRIMARY KEY, gen INTEGER NOT NULL);
 CREATE TABLE shards (gen INTEGER NOT NULL, name TEXT NOT NULL, sha1 TEXT, rows INTEGER NOT NULL,
-    seq INTEGER NOT NULL, PRIMARY KEY (gen, name));
+    seq INTEGER NOT NULL, live INTEGER NOT NULL DEFAULT 0, verified TEXT, PRIMARY KEY (gen, name));
 CREATE TABLE entries (gen INTEGER NOT NULL, id BLOB NOT NULL, size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL, sha1 TEXT NOT NULL, shard TEXT NOT NULL, row INTEGER NOT NULL, meta TEXT,
     PRIMARY KEY (gen, id));
@@ -47,10 +49,23 @@ CREATE INDEX entries_by_shard ON entries (gen, shard, row);
 CREATE TABLE failed (gen INTEGER NOT NULL, id BLOB NOT NULL, size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL, sha1 TEXT NOT NULL, reason TEXT NOT NULL, PRIMARY KEY (gen, id));
 """
+# Rows in use per shard, kept by every change to `entries` (an entry moved by an upsert counts too).
+SHARD_COUNTERS = (
+    "CREATE TRIGGER entry_added AFTER INSERT ON entries BEGIN"
+    " UPDATE shards SET live = live + 1 WHERE gen = NEW.gen AND name = NEW.shard; END;",
+    "CREATE TRIGGER entry_removed AFTER DELETE ON entries BEGIN"
+    " UPDATE shards SET live = live - 1 WHERE gen = OLD.gen AND name = OLD.shard; END;",
+    "CREATE TRIGGER entry_moved AFTER UPDATE OF shard ON entries WHEN OLD.shard IS NOT NEW.shard BEGIN"
+    " UPDATE shards SET live = live - 1 WHERE gen = OLD.gen AND name = OLD.shard;"
+    " UPDATE shards SET live = live + 1 WHERE gen = NEW.gen AND name = NEW.shard; END;",
+)
 ENTRIES = (
     "SELECT e.id, e.size, e.mtime_ns, e.sha1, e.shard, e.row, e.meta FROM entries e"
     " JOIN shards s ON s.gen = e.gen AND s.name = e.shard WHERE e.gen = ? {where} ORDER BY s.seq, e.row"
 )
+ENTRY_ROWS = "SELECT id, size, mtime_ns, sha1, shard, row, meta FROM entries"
+FAILED = "SELECT id, size, mtime_ns, sha1, reason FROM failed"
+LOOKUP_BATCH = 500  # ids per lookup query (SQLite's limit on bound values may be as low as 999)
 
 
 class IndexFormatError(ValueError):
@@ -151,12 +166,7 @@ def load_generation(conn: sqlite3.Connection, gen: int) -> dict[str, Any]:
     """A generation whole: header, shard checksums, entries (in vector order) and failures."""
     shards = dict(conn.execute("SELECT name, sha1 FROM shards WHERE gen = ? ORDER BY seq", (gen,)))
     entries = entries_of(conn, gen)
-    failed = [
-        {"id": os.fsdecode(i), "size": size, "mtime_ns": mtime, "sha1": sha1, "reason": reason}
-        for i, size, mtime, sha1, reason in conn.execute(
-            "SELECT id, size, mtime_ns, sha1, reason FROM failed WHERE gen = ? ORDER BY id", (gen,)
-        )
-    ]
+    failed = [_failure(*row) for row in conn.execute(f"{FAILED} WHERE gen = ? ORDER BY id", (gen,))]
     return {**header(conn, gen), "shards": shards, "entries": entries, "failed": failed}
 
 
@@ -166,6 +176,25 @@ def entries_of(
     """A generation's entries (of some shards only, when named), in vector order: shard, then row."""
     where = "" if shards is None else f"AND e.shard IN ({', '.join('?' * len(shards))})"
     return [_entry(*row) for row in conn.execute(ENTRIES.format(where=where), (gen, *(shards or ())))]
+
+
+def lookup(conn: sqlite3.Connection, gen: int, ids: Iterable[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The entries and the failures of these image ids only, by id: each looked up by its key, so the
+    cost is that of the ids asked for, whatever the size of the generation."""
+    keys = [_key(i) for i in dict.fromkeys(ids)]
+    entries, failed = {}, {}
+    for start in range(0, len(keys), LOOKUP_BATCH):
+        batch = keys[start : start + LOOKUP_BATCH]
+        where = f"WHERE gen = ? AND id IN ({', '.join('?' * len(batch))})"
+        for row in conn.execute(f"{ENTRY_ROWS} {where}", (gen, *batch)):
+            entries[os.fsdecode(row[0])] = _entry(*row)
+        for row in conn.execute(f"{FAILED} {where}", (gen, *batch)):
+            failed[os.fsdecode(row[0])] = _failure(*row)
+    return entries, failed
+
+
+def _failure(image_id: bytes, size: int, mtime_ns: int, sha1: str, reason: str) -> dict[str, Any]:
+    return {"id": os.fsdecode(image_id), "size": size, "mtime_ns": mtime_ns, "sha1": sha1, "reason": reason}
 
 
 def _entry(
@@ -188,6 +217,7 @@ class ShardInfo:
     live: int
     seq: int
     sha1: str | None = None
+    verified: str | None = None  # the file's `stat_signature` when its SHA-1 last matched
 
 
 def create_manifest(index_dir: Path, root: Path) -> None:
@@ -208,7 +238,7 @@ def _publish_new(index_dir: Path, generations: dict[str, dict[str, Any] | None])
     target = index_dir / MANIFEST
     staging = tmp_path(target)
     with closing(_connect(staging)) as conn:
-        conn.executescript(SCHEMA)
+        conn.executescript(SCHEMA + "\n".join(SHARD_COUNTERS))
         with _transaction(conn):
             info = [("format", FORMAT), ("version", str(VERSION))]
             conn.executemany("INSERT INTO info VALUES (?, ?)", info)
@@ -238,7 +268,7 @@ def _import_rows(conn: sqlite3.Connection, gen: int, generation: dict[str, Any])
         rows[e["shard"]] = max(rows.get(e["shard"], 0), e["row"] + 1)
     sums = generation.get("shards") or {}
     conn.executemany(
-        "INSERT INTO shards VALUES (?, ?, ?, ?, ?)",
+        "INSERT INTO shards (gen, name, sha1, rows, seq) VALUES (?, ?, ?, ?, ?)",
         [(gen, name, sums.get(name), n, seq) for seq, (name, n) in enumerate(rows.items())],
     )
     put_entries(conn, gen, entries)
@@ -246,8 +276,11 @@ def _import_rows(conn: sqlite3.Connection, gen: int, generation: dict[str, Any])
 
 
 def put_entries(conn: sqlite3.Connection, gen: int, entries: Iterable[dict[str, Any]]) -> None:
+    """Insert or update entries (an update, not a replace: the shard counters see a moved entry)."""
     conn.executemany(
-        "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (gen, id) DO UPDATE SET"
+        " size = excluded.size, mtime_ns = excluded.mtime_ns, sha1 = excluded.sha1,"
+        " shard = excluded.shard, row = excluded.row, meta = excluded.meta",
         [
             (gen, _key(e["id"]), e["size"], e["mtime_ns"], e["sha1"], e["shard"], e["row"], _meta(e))
             for e in entries
@@ -277,6 +310,7 @@ class ManifestWriter:
 
     def __init__(self, index_dir: Path):
         self.conn = _connect(index_dir / MANIFEST)
+        _add_shard_counters(self.conn)
 
     def close(self) -> None:
         self.conn.close()
@@ -287,7 +321,9 @@ class ManifestWriter:
         return header(self.conn, live), None if aside is None else header(self.conn, aside)
 
     def count(self, gen: int) -> int:
-        return self.conn.execute("SELECT COUNT(*) FROM entries WHERE gen = ?", (gen,)).fetchone()[0]
+        """Entries of a generation, from the shard counters (not a count over the entries)."""
+        query = "SELECT COALESCE(SUM(live), 0) FROM shards WHERE gen = ?"
+        return self.conn.execute(query, (gen,)).fetchone()[0]
 
     def checksums(self, gen: int) -> dict[str, str | None]:
         """The generation's shards (in order) and their SHA-1 (None where never recorded)."""
@@ -326,23 +362,42 @@ class ManifestWriter:
     def shards(self, gen: int) -> list[ShardInfo]:
         """The generation's shards in order, with how many of their rows are in use."""
         rows = self.conn.execute(
-            "SELECT s.name, s.rows, COUNT(e.id), s.seq, s.sha1 FROM shards s LEFT JOIN entries e"
-            " ON e.gen = s.gen AND e.shard = s.name WHERE s.gen = ? GROUP BY s.name ORDER BY s.seq",
-            (gen,),
+            "SELECT name, rows, live, seq, sha1, verified FROM shards WHERE gen = ? ORDER BY seq", (gen,)
         )
         return [ShardInfo(*row) for row in rows]
 
 
-def add_shard(conn: sqlite3.Connection, gen: int, name: str, sha1: str, rows: int) -> None:
-    """A new shard, after every shard the generation has."""
+def add_shard(conn: sqlite3.Connection, gen: int, shard: ShardInfo) -> None:
+    """A new shard (no entries yet), after every shard the generation has."""
     seq = conn.execute("SELECT COALESCE(MAX(seq), -1) + 1 FROM shards WHERE gen = ?", (gen,)).fetchone()[0]
-    conn.execute("INSERT INTO shards VALUES (?, ?, ?, ?, ?)", (gen, name, sha1, rows, seq))
+    conn.execute(
+        "INSERT INTO shards (gen, name, sha1, rows, seq, verified) VALUES (?, ?, ?, ?, ?, ?)",
+        (gen, shard.name, shard.sha1, shard.rows, seq, shard.verified),
+    )
 
 
 def set_checksums(conn: sqlite3.Connection, gen: int, checksums: dict[str, str]) -> None:
     conn.executemany(
         "UPDATE shards SET sha1 = ? WHERE gen = ? AND name = ?", [(s, gen, n) for n, s in checksums.items()]
     )
+
+
+def set_verified(conn: sqlite3.Connection, gen: int, signatures: dict[str, str]) -> None:
+    """Record the stat signature of shard files whose SHA-1 was just checked (or written)."""
+    conn.executemany(
+        "UPDATE shards SET verified = ? WHERE gen = ? AND name = ?",
+        [(sig, gen, name) for name, sig in signatures.items()],
+    )
+
+
+def stat_signature(path: Path) -> str | None:
+    """What changes whenever a file's bytes are rewritten in place or replaced (size, modification and
+    change times, inode); None when it is gone."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
 
 
 def update_header(conn: sqlite3.Connection, gen: int, values: dict[str, Any]) -> None:
@@ -362,11 +417,23 @@ def set_meta(conn: sqlite3.Connection, gen: int, meta: dict[str, dict[str, Any]]
 
 def drop_unused_shards(conn: sqlite3.Connection, gen: int) -> None:
     """Forget shards no entry points to any more (their files are swept at the end of the run)."""
-    conn.execute(
-        "DELETE FROM shards WHERE gen = ? AND NOT EXISTS"
-        " (SELECT 1 FROM entries e WHERE e.gen = shards.gen AND e.shard = shards.name)",
-        (gen,),
-    )
+    conn.execute("DELETE FROM shards WHERE gen = ? AND live <= 0", (gen,))
+
+
+def _add_shard_counters(conn: sqlite3.Connection) -> None:
+    """Give a manifest written before the shard counters its `live` and `verified` columns (counted once,
+    here) and the triggers that keep `live`; nothing when it has them."""
+    with _transaction(conn):
+        if "live" in {row[1] for row in conn.execute("PRAGMA table_info(shards)")}:
+            return
+        conn.execute("ALTER TABLE shards ADD COLUMN live INTEGER NOT NULL DEFAULT 0")
+        conn.execute("ALTER TABLE shards ADD COLUMN verified TEXT")
+        conn.execute(
+            "UPDATE shards SET live = (SELECT COUNT(*) FROM entries e"
+            " WHERE e.gen = shards.gen AND e.shard = shards.name)"
+        )
+        for trigger in SHARD_COUNTERS:
+            conn.execute(trigger)
 
 
 def _make_live(conn: sqlite3.Connection, gen: int) -> None:
@@ -377,5 +444,5 @@ def _make_live(conn: sqlite3.Connection, gen: int) -> None:
 
 
 def _drop_generation(conn: sqlite3.Connection, gen: int) -> None:
-    for table in ("entries", "failed", "shards", "generations"):
+    for table in ("shards", "entries", "failed", "generations"):  # shards first: no counter to keep
         conn.execute(f"DELETE FROM {table} WHERE gen = ?", (gen,))
