@@ -64,7 +64,7 @@ def _ray():
         import ray
         import ray.data  # noqa: F401  (Ray Data ships in the `ray[data]` extra)
     except ImportError as e:
-        raise RayUnavailableError(f"indexing on Ray needs Ray Data ({e}); install it: {INSTALL_HINT}") from e
+        raise RayUnavailableError(f"running on Ray needs Ray Data ({e}); install it: {INSTALL_HINT}") from e
     return ray
 
 
@@ -143,12 +143,19 @@ def fill_feature_cache(
     by_views: dict[tuple[str, ...], list[Path]] = {}
     for path, views in missing.items():
         by_views.setdefault(views, []).append(path)
-    if by_views:
-        connect(address, workers)
-    for views, paths in by_views.items():
-        computed, failed = _fill(paths, views, workers, actor_options or {}, progress)
-        fill.computed += computed
-        fill.failed += failed
+    if not by_views:
+        return fill
+    ray = _ray()
+    connected = ray.is_initialized()
+    connect(address, workers)
+    try:
+        for views, paths in by_views.items():
+            computed, failed = _fill(paths, views, workers, actor_options or {}, progress)
+            fill.computed += computed
+            fill.failed += failed
+    finally:
+        if not connected:  # a private Ray stops, a cluster is left: fitting needs neither
+            ray.shutdown()
     return fill
 
 
