@@ -132,6 +132,16 @@ def test_cbir_train_on_a_ray_cluster(cluster, slice_dir, tmp_path):
         ("autoencoder", {"epochs": 1, "code_size": 8, "image_hidden": 16, "text_hidden": 16}),
         ("ridge", {"image_features": "tags+effnet-logits", "text_features": "tfidf"}),
         ("zero-shot", {}),
+        (
+            "fusion",
+            {
+                "members": [
+                    {"method": "ridge", "text_features": "tfidf"},
+                    {"method": "contrastive", **TINY, "epochs": 2, "embed_views": ["hflip"]},
+                ],
+                "step": 0.5,
+            },
+        ),
     ],
 )
 def test_fitting_reads_only_the_views_it_announces(method, params, slice_dir, empty_image_cache, monkeypatch):
