@@ -36,6 +36,25 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
+def cluster(tmp_path_factory) -> str:
+    """One local 2-worker Ray for the session (its address, for drivers in other processes). Its workers
+    get an empty feature cache, so they compute every feature themselves, and this checkout's cbir."""
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'cbir[ray]')")
+    from cbir.distributed import connect
+
+    worker_env = {
+        "CBIR_CACHE_DIR": str(tmp_path_factory.mktemp("ray-worker-cache")),
+        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+    with pytest.MonkeyPatch.context() as env:  # the local Ray's processes inherit the environment
+        for name, value in worker_env.items():
+            env.setenv(name, value)
+        connect(workers=2)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
 def rsicd():
     from cbir.datasets import load_dataset
 

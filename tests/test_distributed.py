@@ -1,10 +1,9 @@
-"""The encode stage on Ray (cbir.distributed): a local 2-worker Ray, started once for the module, indexes a
+"""The encode stage on Ray (cbir.distributed): a local 2-worker Ray (`cluster`, once per session), indexes a
 small folder of real photos (and a corrupt file) exactly as the local path does, and survives a crashed
 worker and a killed driver without losing anything."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -14,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cbir.distributed import KILL_ONCE_ENV, connect, ray_encode_chunks
+from cbir.distributed import KILL_ONCE_ENV, ray_encode_chunks
 from cbir.index import SearchIndex, read_manifest, update_index
 from tests.conftest import FLICKR8K
 
@@ -32,25 +31,6 @@ def photos(tmp_path_factory) -> Path:
         shutil.copy(source, folder / source.name)
     (folder / "corrupt.jpg").write_bytes(sources[0].read_bytes()[:2000])
     return folder
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory) -> str:
-    """One local Ray for the module (its address, for drivers in other processes). Its workers get an empty
-    feature cache, so they compute every feature themselves, and this checkout's cbir."""
-    ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'cbir[ray]')")
-    worker_env = {
-        "CBIR_CACHE_DIR": str(tmp_path_factory.mktemp("ray-worker-cache")),
-        "PYTHONPATH": os.pathsep.join(
-            [str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")]
-        ),
-    }
-    with pytest.MonkeyPatch.context() as env:  # the local Ray's processes inherit the environment
-        for name, value in worker_env.items():
-            env.setenv(name, value)
-        connect(workers=2)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +152,7 @@ def test_without_ray_the_cli_says_how_to_install_it(photos, tmp_path, monkeypatc
         ),
         (["index", "--ray", "P", "-o", "X"], ["index", "--ray", "P", "-o", "X"]),  # a folder, not an address
         (["index", "P", "--ray"], ["index", "P", "--ray"]),
+        (["train", "-d", "D", "--ray", "auto"], ["train", "-d", "D", "--ray-address", "auto"]),
     ],
 )
 def test_ray_takes_an_optional_address(argv, spelled):

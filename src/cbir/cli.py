@@ -27,6 +27,22 @@ DatasetOpt = Annotated[Path, typer.Option("--dataset", "-d", help="Dataset folde
 ModelOpt = Annotated[
     str, typer.Option("--model", "-m", help="Model directory from `cbir train`, or `default` or `zero-shot`.")
 ]
+RayOpt = Annotated[
+    bool,
+    typer.Option(
+        "--ray",
+        help="Compute the photos' network features on Ray: a private local Ray, or a running cluster with "
+        "`--ray ADDRESS` (the same as --ray-address). Every node must see the photos at the same path; "
+        "needs cbir's ray extra.",
+    ),
+]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(help="A running Ray cluster to compute on (implies --ray), e.g. 10.0.0.5:6379 or `auto`."),
+]
+RayWorkersOpt = Annotated[
+    int, typer.Option(min=1, help="With --ray: actors that hold the network (one CPU each).")
+]
 REPORT_LINES = 5
 
 
@@ -73,15 +89,33 @@ def parse_params(pairs: list[str]) -> dict[str, object]:
     return params
 
 
+def training_splits(data):
+    """(train split, val split or None): what `fit_on_splits` fits on."""
+    return data.split("train"), data.split("val") if "val" in data.splits else None
+
+
 def fit_on_splits(model, data) -> None:
     """Fit on the train split, the val split (when there is one) for model selection. The method
     refuses training data it cannot learn from; a diverged model is refused when it is saved. A val
     split with captions also calibrates the model's scores (cbir.calibration)."""
     from cbir.calibration import calibrate_if_possible
 
-    val = data.split("val") if "val" in data.splits else None
-    model.fit(data.split("train"), val)
+    train, val = training_splits(data)
+    model.fit(train, val)
     calibrate_if_possible(model, val)
+
+
+def features_on_ray(model, data, address: str | None, workers: int) -> None:
+    """Before fitting: the photo features it will read that the feature cache lacks, computed on Ray."""
+    from cbir.distributed import fill_feature_cache
+
+    start = time.perf_counter()
+    fill = fill_feature_cache(model.fit_image_views(*training_splits(data)), address, workers=workers)
+    out.print(
+        f"image features: {fill.computed} computed on Ray, {fill.cached} found cached "
+        f"in {time.perf_counter() - start:.1f}s",
+        highlight=False,
+    )
 
 
 METRIC_ROWS = [
@@ -118,8 +152,13 @@ def train(
     epochs: Annotated[
         int | None, typer.Option(help="Training epochs, for methods that train by epochs.")
     ] = None,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
+    ray_workers: RayWorkersOpt = 2,
 ) -> None:
-    """Fit a retrieval method on the dataset's train split (val split for model selection) and save it."""
+    """Fit a retrieval method on the dataset's train split (val split for model selection) and save it.
+    With --ray, the photo features it reads are computed on Ray first (those not cached yet)."""
+    from cbir.distributed import RayUnavailableError
     from cbir.models import create_model
 
     try:
@@ -130,9 +169,11 @@ def train(
         model = create_model(method, **params)
         data = open_dataset(dataset)
         start = time.perf_counter()
+        if ray or ray_address:
+            features_on_ray(model, data, ray_address, ray_workers)
         fit_on_splits(model, data)
         model.save(out_dir)
-    except user_errors() as e:
+    except (*user_errors(), RayUnavailableError) as e:
         fail(str(e))
     out.print(f"trained [bold]{method}[/] in {time.perf_counter() - start:.1f}s → {out_dir}", highlight=False)
     print_calibration(model.calibration)
@@ -380,21 +421,9 @@ def index(
     wait: Annotated[
         float, typer.Option(help="Seconds to wait for another `cbir index` run on the same --out.")
     ] = 0.0,
-    ray: Annotated[
-        bool,
-        typer.Option(
-            "--ray",
-            help="Embed on Ray: a private local Ray, or a running cluster with `--ray ADDRESS` (the same "
-            "as --ray-address). Every node must see FOLDER at the same path; needs cbir's ray extra.",
-        ),
-    ] = False,
-    ray_address: Annotated[
-        str | None,
-        typer.Option(help="A running Ray cluster to embed on (implies --ray), e.g. 10.0.0.5:6379 or `auto`."),
-    ] = None,
-    ray_workers: Annotated[
-        int, typer.Option(min=1, help="With --ray: actors that hold the model (one CPU each).")
-    ] = 2,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
+    ray_workers: RayWorkersOpt = 2,
     add: Annotated[
         list[str] | None,
         typer.Option(

@@ -1,4 +1,5 @@
-"""The encode stage of `cbir index` on a Ray cluster, with Ray Data.
+"""The encode stage of `cbir index` on a Ray cluster, with Ray Data; and the same stages filling the
+feature cache before `cbir train --ray` fits (`fill_feature_cache`).
 
 The chunks of files to index become a Ray dataset (one block per chunk) that flows through two stages:
   read + decode/resize, in Ray tasks: each file is read once; its content key is the SHA-1 of its bytes
@@ -12,6 +13,10 @@ still in flight, and a crashed actor is restarted by Ray and its batch retried.
 On a cluster every node needs cbir installed and the indexed folder at the same path (a shared
 filesystem). The model travels with the job (its files are sent to each actor); only vectors, keys and
 failure reasons come back, and only the driver writes the index.
+
+Before training, the actors return the network's raw features instead (every computed kind of each view
+the method will read, `RetrievalModel.fit_image_views`); the driver stores them in its own feature cache
+as they arrive, so `fit` then finds every feature cached and runs as it does locally.
 """
 
 from __future__ import annotations
@@ -22,13 +27,20 @@ import shutil
 import signal
 import tempfile
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cbir.index import EncodeStage
 from cbir.models.base import ImageEmbedding
+from cbir.progress import progress_bar
+
+if TYPE_CHECKING:
+    from cbir.datasets import Dataset
+    from cbir.encoders.cache import FeatureCache
+    from cbir.encoders.image import ImageFeatures
 
 INSTALL_HINT = "pip install 'cbir[ray]'"
 DEFAULT_WORKERS = 2
@@ -36,6 +48,8 @@ DEFAULT_WORKERS = 2
 # creates it and kills its own process, as an out-of-memory kill would.
 KILL_ONCE_ENV = "CBIR_RAY_KILL_ONCE"
 PIXELS = "pixels:"  # column prefix of one view's decoded pixels
+FEATURES = "features:"  # column prefix of one view's network features (a feature-cache fill)
+FILL_CHUNK = 64  # files per block of a feature-cache fill, at most
 # CPUs a read + decode task asks for: decoding is lighter than inference, and a request unlike the actors'
 # keeps Ray Data from fusing the stages (decoding then runs beside inference, not before it in the actor).
 DECODE_CPUS = 0.5
@@ -50,7 +64,7 @@ def _ray():
         import ray
         import ray.data  # noqa: F401  (Ray Data ships in the `ray[data]` extra)
     except ImportError as e:
-        raise RayUnavailableError(f"indexing on Ray needs Ray Data ({e}); install it: {INSTALL_HINT}") from e
+        raise RayUnavailableError(f"running on Ray needs Ray Data ({e}); install it: {INSTALL_HINT}") from e
     return ray
 
 
@@ -100,6 +114,123 @@ def connect(address: str | None = None, workers: int = DEFAULT_WORKERS) -> None:
         raise RayUnavailableError(f"cannot start or reach {where}: {e}") from e
 
 
+@dataclass
+class CacheFill:
+    """What `fill_feature_cache` did, counted in (file, view) rows: computed on Ray, found in the cache
+    already; and the files Ray could not decode (left to `fit`, which reports them)."""
+
+    computed: int = 0
+    cached: int = 0
+    failed: int = 0
+
+
+def fill_feature_cache(
+    needs: Sequence[tuple[Dataset, Sequence[str]]],
+    address: str | None = None,
+    *,
+    workers: int = DEFAULT_WORKERS,
+    actor_options: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> CacheFill:
+    """Compute on Ray the network features that `needs` (images and their views: a model's
+    `fit_image_views`) lack in this process's feature cache, and store them there, so that fitting
+    afterwards computes none. `address`, `workers`, `actor_options`: as for `ray_encode_chunks`.
+    `clip:PATH` views are left to `fit`, which computes them where it runs."""
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, not {workers}")
+    _ray()  # a missing Ray is said now, before any work
+    missing, fill = _missing_views(needs)
+    by_views: dict[tuple[str, ...], list[Path]] = {}
+    for path, views in missing.items():
+        by_views.setdefault(views, []).append(path)
+    if not by_views:
+        return fill
+    ray = _ray()
+    connected = ray.is_initialized()
+    connect(address, workers)
+    try:
+        for views, paths in by_views.items():
+            computed, failed = _fill(paths, views, workers, actor_options or {}, progress)
+            fill.computed += computed
+            fill.failed += failed
+    finally:
+        if not connected:  # a private Ray stops, a cluster is left: fitting needs neither
+            ray.shutdown()
+    return fill
+
+
+def _missing_views(
+    needs: Sequence[tuple[Dataset, Sequence[str]]],
+) -> tuple[dict[Path, tuple[str, ...]], CacheFill]:
+    """Per file, the EfficientNet views of `needs` that the feature cache lacks (one file of each
+    content), and the count of rows it has. Files that cannot be read are left to `fit`."""
+    from cbir.encoders import VIEWS
+    from cbir.encoders.cache import file_hash
+
+    wanted: dict[Path, dict[str, None]] = {}
+    for images, views in needs:
+        computed = dict.fromkeys(v for v in views if v in VIEWS)
+        for path in images.images if computed else []:
+            wanted.setdefault(Path(path), {}).update(computed)
+    views_of: dict[str, dict[str, None]] = {}  # content key -> views
+    path_of: dict[str, Path] = {}
+    for path, views in wanted.items():
+        try:
+            key = file_hash(path)
+        except OSError:
+            continue
+        path_of.setdefault(key, path)
+        views_of.setdefault(key, {}).update(views)
+    lacking: dict[Path, list[str]] = {}
+    fill = CacheFill()
+    for view in dict.fromkeys(v for views in views_of.values() for v in views):
+        keys = [key for key, views in views_of.items() if view in views]
+        known = _driver_cache(view).known(keys)
+        fill.cached += len(known)
+        for key in keys:
+            if key not in known:
+                lacking.setdefault(path_of[key], []).append(view)
+    return {path: tuple(views) for path, views in lacking.items()}, fill
+
+
+def _fill(
+    paths: Sequence[Path], views: Sequence[str], workers: int, actor_options: dict[str, Any], progress: bool
+) -> tuple[int, int]:
+    """One Ray run computing `views` of `paths`, each batch cached here as it arrives: (rows computed,
+    files failed)."""
+    size = max(1, min(FILL_CHUNK, -(-len(paths) // (2 * workers))))  # a few blocks per actor
+    chunks = [paths[i : i + size] for i in range(0, len(paths), size)]
+    encoded = _pipeline(chunks, views, _Encoder, {}, workers, actor_options)
+    computed = failed = 0
+    with progress_bar(f"image features on Ray ({', '.join(views)})", len(paths), progress) as advance:
+        for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
+            ok = [i for i, error in enumerate(batch["error"]) if not error]
+            for view in views:
+                computed += _store(view, [str(batch["key"][i]) for i in ok], batch[FEATURES + view][ok])
+            failed += len(batch["error"]) - len(ok)
+            advance(len(batch["error"]))
+    return computed, failed
+
+
+def _store(view: str, keys: Sequence[str], rows: np.ndarray) -> int:
+    """Rows of one view into this process's feature cache, but those it has meanwhile (a local Ray's
+    workers may share the cache); how many came back."""
+    cache = _driver_cache(view)
+    known = cache.known(keys)
+    new = [i for i, key in enumerate(keys) if key not in known]
+    cache.put_many([keys[i] for i in new], rows[new])
+    return len(keys)
+
+
+def _driver_cache(view: str) -> FeatureCache:
+    """Where this process's image encoder reads the features of `view`."""
+    from cbir.encoders import shared_image_encoder
+    from cbir.encoders.cache import FeatureCache
+
+    encoder = shared_image_encoder()
+    return FeatureCache.open(encoder.namespace(view), encoder.cache_dir)
+
+
 def _run(
     model_dir: Path,
     root: Path,
@@ -108,17 +239,44 @@ def _run(
     actor_options: dict[str, Any],
 ) -> Iterator[tuple[int, ImageEmbedding]]:
     """The Ray Data pipeline over `chunks`, each chunk yielded once all its rows are back."""
-    import pyarrow as pa
-    import ray.data
+    import ray
 
     from cbir.datasets import Dataset
     from cbir.models import load_model
 
+    views = load_model(model_dir).image_views()
+    # The model's files by reference (nested in a list, so Ray does not inline them): the driver holds
+    # them for the whole run, so an actor that Ray restarts after a crash finds them.
+    model = {"model_files": [ray.put(_files_of(model_dir))], "root": str(root)}
+    embedded = _pipeline(chunks, views, _Embedder, model, workers, actor_options)
+    pending: dict[int, _Chunk] = {}
+    for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
+        for i, number in enumerate(batch["chunk"].tolist()):
+            chunk = pending.setdefault(number, _Chunk(len(chunks[number])))
+            chunk.add(int(batch["row"][i]), str(batch["key"][i]), str(batch["error"][i]), batch["vector"][i])
+            if chunk.complete:
+                ids = Dataset.from_paths(chunks[number], root).image_ids
+                yield number, pending.pop(number).embedding(ids)
+
+
+def _pipeline(
+    chunks: Sequence[Sequence[Path]],
+    views: Sequence[str],
+    stage: type,
+    stage_kwargs: dict[str, Any],
+    workers: int,
+    actor_options: dict[str, Any],
+):
+    """The two stages over `chunks` (one block each; numbered, empty ones left out): read + decode
+    `views` in Ray tasks, then `stage(**stage_kwargs)` actors, a pool of at most `workers`, one CPU each
+    unless `actor_options` say otherwise. The Ray dataset of the actors' rows, to iterate."""
+    import pyarrow as pa
+    import ray.data
+
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # `update_index` has its own, counting committed chunks
+    context.enable_progress_bars = False  # the driver shows its own progress
     context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)
-    views = load_model(model_dir).image_views()
     tables = [
         pa.table(
             {
@@ -130,31 +288,21 @@ def _run(
         for number, chunk in enumerate(chunks)
         if chunk
     ]
-    embedded = (
+    return (
         ray.data.from_arrow(tables)
         .map_batches(
             _decode, fn_kwargs={"views": views}, batch_size=None, batch_format="numpy", num_cpus=DECODE_CPUS
         )
         .map_batches(
-            _Embedder,
-            # The model's files by reference (nested in a list, so Ray does not inline them): the driver
-            # holds them for the whole run, so an actor that Ray restarts after a crash finds them.
-            fn_constructor_kwargs={"model_files": [ray.put(_files_of(model_dir))], "root": str(root)},
+            stage,
+            fn_constructor_kwargs=stage_kwargs,
             batch_size=None,
             batch_format="numpy",
-            # A crashed actor is restarted by Ray Data and its batch retried; no more actors than chunks.
+            # A crashed actor is restarted by Ray Data and its batch retried; no more actors than blocks.
             compute=ray.data.ActorPoolStrategy(size=min(workers, len(tables))),
             **{"num_cpus": 1, **actor_options},
         )
     )
-    pending: dict[int, _Chunk] = {}
-    for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
-        for i, number in enumerate(batch["chunk"].tolist()):
-            chunk = pending.setdefault(number, _Chunk(len(chunks[number])))
-            chunk.add(int(batch["row"][i]), str(batch["key"][i]), str(batch["error"][i]), batch["vector"][i])
-            if chunk.complete:
-                ids = Dataset.from_paths(chunks[number], root).image_ids
-                yield number, pending.pop(number).embedding(ids)
 
 
 class _Chunk:
@@ -204,6 +352,18 @@ def _decode(batch: dict[str, np.ndarray], views: Sequence[str]) -> dict[str, np.
     }
 
 
+def _network_features(batch: dict[str, np.ndarray]) -> ImageFeatures:
+    """The network features of a decoded batch's files, each view (from this worker's feature cache
+    where it has them); failed rows stay zero."""
+    from cbir.encoders import shared_image_encoder
+
+    _kill_once_if_asked()
+    keys = [str(k) for k in batch["key"]]
+    failed = {i: str(e) for i, e in enumerate(batch["error"]) if e}
+    pixels = {name[len(PIXELS) :]: rows for name, rows in batch.items() if name.startswith(PIXELS)}
+    return shared_image_encoder().encode_decoded(keys, pixels, failed)
+
+
 class _Embedder:
     """Embed stage (a Ray actor): loads the model once, then turns decoded pixels into its vectors."""
 
@@ -224,16 +384,22 @@ class _Embedder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from cbir.datasets import Dataset
-        from cbir.encoders import attach_features, shared_image_encoder
+        from cbir.encoders import attach_features
 
-        _kill_once_if_asked()
-        keys = [str(k) for k in batch["key"]]
-        failed = {i: str(e) for i, e in enumerate(batch["error"]) if e}
-        pixels = {name[len(PIXELS) :]: rows for name, rows in batch.items() if name.startswith(PIXELS)}
-        feats = shared_image_encoder().encode_decoded(keys, pixels, failed)
+        feats = _network_features(batch)
         data = Dataset.from_paths([Path(os.fsdecode(bytes(p))) for p in batch["path"]], self.root)
         embedding = self.model.embed_encoded(attach_features(data, feats))
         return {**{k: batch[k] for k in ("chunk", "row", "key", "error")}, "vector": embedding.vectors}
+
+
+class _Encoder:
+    """Encode stage of a feature-cache fill (a Ray actor): decoded pixels -> the network's features of
+    each view, sent back to the driver to cache."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feats = _network_features(batch)
+        rows = {FEATURES + view: rows for view, rows in feats.views.items()}
+        return {**{k: batch[k] for k in ("chunk", "row", "key", "error")}, **rows}
 
 
 def _kill_once_if_asked() -> None:

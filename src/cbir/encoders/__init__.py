@@ -69,6 +69,14 @@ def encoder_views(kind: str, views: Sequence[str]) -> list[str]:
     return clip_parts + ([] if len(clip_parts) == len(parts) else list(views))
 
 
+def computed_views(kind: str, views: Sequence[str]) -> list[str]:
+    """`encoder_views` of the parts of `kind` that are computed from the photos: none when every part
+    is precomputed (or `tags`), so there is nothing to encode."""
+    parts = kind.split("+")
+    computed = [k for k in parts if clip_checkpoint(k) or (k in FEATURE_KINDS and FEATURE_KINDS[k].computed)]
+    return encoder_views("+".join(computed), views) if computed else []
+
+
 @dataclass
 class EncodedImages:
     """A dataset's image files encoded: the dataset with the computed features of each view attached
@@ -176,6 +184,7 @@ __all__ = [
     "TextEncoder",
     "default_cache_dir",
     "encode_images",
+    "computed_views",
     "encoder_views",
     "image_features",
     "resolve_image_representation",

@@ -173,14 +173,7 @@ class FeatureCache:
             return {}
         with self._lock:
             db = self._connection()
-            where: list[tuple[str, str, int]] = []
-            for start in range(0, len(wanted), 500):  # SQLite caps the parameters of one statement
-                part = wanted[start : start + 500]
-                marks = ",".join("?" * len(part))
-                where += db.execute(
-                    f"SELECT key, shard, row FROM rows WHERE namespace = ? AND key IN ({marks})",
-                    (self.namespace, *part),
-                ).fetchall()
+            where = self._locate(db, wanted)
             found, used = {}, set()
             for key, shard, row in where:
                 vector = self._row(shard, row)
@@ -194,6 +187,25 @@ class FeatureCache:
                     (time.time_ns(), self.namespace, *used),
                 )
         return found
+
+    def known(self, keys: Iterable[str]) -> set[str]:
+        """The keys the cache holds rows of, found without reading the rows (a damaged shard shows only
+        when a row of it is read)."""
+        wanted = list(dict.fromkeys(keys))
+        with self._lock:
+            return {key for key, _, _ in self._locate(self._connection(), wanted)} if wanted else set()
+
+    def _locate(self, db: sqlite3.Connection, keys: Sequence[str]) -> list[tuple[str, str, int]]:
+        """(key, shard, row) of each of these keys the cache holds."""
+        where: list[tuple[str, str, int]] = []
+        for start in range(0, len(keys), 500):  # SQLite caps the parameters of one statement
+            part = keys[start : start + 500]
+            marks = ",".join("?" * len(part))
+            where += db.execute(
+                f"SELECT key, shard, row FROM rows WHERE namespace = ? AND key IN ({marks})",
+                (self.namespace, *part),
+            ).fetchall()
+        return where
 
     def _row(self, shard: str, row: int) -> np.ndarray | None:
         """One row of a shard; None (and the shard forgotten) when it is gone or damaged."""

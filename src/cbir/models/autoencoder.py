@@ -24,6 +24,7 @@ from cbir.models.base import (
     ModelError,
     Param,
     RetrievalModel,
+    centre_view_needs,
     has_scored_val,
     require_training_pairs,
     unit_rows,
@@ -102,6 +103,10 @@ class AutoencoderModel(RetrievalModel):
             patience=patience,
             seed=seed,
         )
+
+    def fit_image_views(self, train: Dataset, val: Dataset | None = None) -> list[tuple[Dataset, list[str]]]:
+        representation = resolve_image_representation(self.params["image_features"], train)
+        return centre_view_needs(representation, train, val)
 
     def fit(self, train: Dataset, val: Dataset | None = None) -> Self:
         import torch

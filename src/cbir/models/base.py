@@ -77,6 +77,19 @@ def require_training_pairs(method: str, train: Dataset) -> None:
         )
 
 
+def centre_view_needs(
+    representation: str, train: Dataset, val: Dataset | None
+) -> list[tuple[Dataset, list[str]]]:
+    """`fit_image_views` of a method that reads the centre view of its representation, of the train
+    images and of a scored val split (selection, calibration)."""
+    from cbir.encoders import computed_views
+
+    views = computed_views(representation, ["center"])
+    if not views:
+        return []
+    return [(train, views)] + ([(val, views)] if val is not None and has_scored_val(val) else [])
+
+
 def fold_of_images(n_images: int, k: int, seed: int) -> np.ndarray:
     """The seeded fold (0..k-1) of each training image, for k-fold selection without a val split."""
     if n_images < 2 * k:
@@ -193,6 +206,13 @@ class RetrievalModel:
     def image_views(self) -> list[str]:
         """The views of an image `embed_images` reads (test-time augmentation may use several)."""
         return ["center"]
+
+    def fit_image_views(self, train: Dataset, val: Dataset | None = None) -> list[tuple[Dataset, list[str]]]:
+        """The images that `fit(train, val)` and calibration on `val` read computed features of, each
+        with its views (as `image_views` names them), known before fitting so that they can be computed
+        ahead (`cbir train --ray`). Empty when the method reads none or cannot tell: `fit` then computes
+        what it reads, as always."""
+        return []
 
     def embed(self, images: Dataset, progress: bool = False) -> ImageEmbedding:
         """The embedding contract for image files: vectors plus the failures (id -> reason), each

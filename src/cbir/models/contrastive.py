@@ -17,7 +17,13 @@ from typing import Any, Self
 import numpy as np
 
 from cbir.datasets import Dataset
-from cbir.encoders import VIEWS, encoder_views, image_features, resolve_image_representation
+from cbir.encoders import (
+    VIEWS,
+    computed_views,
+    encoder_views,
+    image_features,
+    resolve_image_representation,
+)
 from cbir.feature_kinds import ALL_COMPUTED
 from cbir.metrics import mr_standard_error, retrieval_metrics
 from cbir.models.base import (
@@ -260,6 +266,21 @@ class ContrastiveModel(RetrievalModel):
                 )
         self._fit_zero_shot(val if has_val else None)
         return self
+
+    def fit_image_views(self, train: Dataset, val: Dataset | None = None) -> list[tuple[Dataset, list[str]]]:
+        """`views` of the training images; of val, the centre view (early stopping, the bank and the
+        zero-shot weight, whose logits are computed even beside CLIP features) and `embed_views`
+        (calibration). Precomputed features: none."""
+        p = self.params
+        representation = resolve_image_representation(p["image_features"], train, COMPUTED_FEATURES)
+        if representation.startswith("resnet"):
+            return []
+        needs = [(train, computed_views(representation, p["views"]))]
+        if has_scored_val(val):
+            views = computed_views(representation, list(dict.fromkeys(["center", *p["embed_views"]])))
+            zero_shot = p["zero_shot_weight"] != 0.0 and "center" not in views
+            needs.append((val, views + ["center"] * zero_shot))
+        return needs
 
     def _views(self, which: str) -> list[str]:
         """The `views` or `embed_views` parameter; precomputed (ResNet) features have only one view."""

@@ -21,7 +21,7 @@ import numpy as np
 from cbir.datasets import Dataset
 from cbir.encoders import image_features, shared_text_encoder
 from cbir.feature_kinds import EFFNET_LOGITS, EFFNET_POOL, FEATURE_KINDS
-from cbir.models.base import Param, RetrievalModel, unit_rows
+from cbir.models.base import Param, RetrievalModel, centre_view_needs, unit_rows
 
 # How each ImageNet class is put into words before MiniLM embeds it.
 CLASS_TEXTS = ("name", "photo", "description", "ensemble")
@@ -97,6 +97,10 @@ class ZeroShotModel(RetrievalModel):
             centre=centre,
             visual_weight=visual_weight,
         )
+
+    def fit_image_views(self, train: Dataset, val: Dataset | None = None) -> list[tuple[Dataset, list[str]]]:
+        """The centre view: the visual mean of the training images, and calibration on val."""
+        return centre_view_needs(EFFNET_POOL, train, val)
 
     def fit(self, train: Dataset | None = None, val: Dataset | None = None) -> Self:
         """Needs no data: embeds the class texts once (they are saved with the model)."""

@@ -100,6 +100,19 @@ class FusionModel(RetrievalModel):
         config = dict(spec)
         return create_model(config.pop("method"), **config).fit(train, val)
 
+    def fit_image_views(self, train: Dataset, val: Dataset | None = None) -> list[tuple[Dataset, list[str]]]:
+        """Each member's; saved members embed the held-out images (val, else the train folds), and
+        without a scored val the fold refits embed train images as members otherwise embed val."""
+        held = val if val is not None and has_scored_val(val) else train
+        needs = []
+        for spec in self.params["members"]:
+            if isinstance(spec, str):
+                needs += [(held, load_model(spec).image_views())] if Path(spec).is_dir() else []
+            else:
+                config = dict(spec)
+                needs += create_model(config.pop("method"), **config).fit_image_views(train, held)
+        return needs
+
     def fit(self, train: Dataset, val: Dataset | None = None) -> Self:
         require_training_pairs(self.method, train)
         specs = self.params["members"]

@@ -30,10 +30,12 @@ class ImageFeaturizer:
         self.tag_words: dict[str, int] = {}
         self.mean = self.scale = np.zeros(0, dtype=np.float32)
 
+    def kinds_of(self, images: Dataset) -> list[str]:
+        """The kinds `fit` on these images uses (`auto` resolved)."""
+        return [resolve_image_representation(k, images) for k in parse_kinds(self.spec, IMAGE_KINDS, "")]
+
     def fit(self, images: Dataset) -> ImageFeaturizer:
-        self.kinds = [
-            resolve_image_representation(k, images) for k in parse_kinds(self.spec, IMAGE_KINDS, "")
-        ]
+        self.kinds = self.kinds_of(images)
         if "tags" in self.kinds:
             vocab = sorted({w for tags in images.tags or [] for tag in tags for w in words(tag)})
             self.tag_words = {w: i for i, w in enumerate(vocab)}

@@ -20,6 +20,7 @@ from cbir.models.base import (
     ModelError,
     Param,
     RetrievalModel,
+    centre_view_needs,
     fold_of_images,
     grid_search,
     has_scored_val,
@@ -155,6 +156,10 @@ class ClassicalModel(RetrievalModel):
             p["word2vec_dim"],
             p["seed"],
         )
+
+    def fit_image_views(self, train: Dataset, val: Dataset | None = None) -> list[tuple[Dataset, list[str]]]:
+        kinds = ImageFeaturizer(self.params["image_features"]).kinds_of(train)
+        return centre_view_needs("+".join(kinds), train, val)
 
     def fit(self, train: Dataset, val: Dataset | None = None) -> Self:
         require_training_pairs(self.method, train)
