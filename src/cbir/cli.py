@@ -8,11 +8,14 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from cbir.indexing import IndexReport
 
 app = typer.Typer(
     help="Content-based image retrieval: train and evaluate text-to-image models, search photos by sentence.",
@@ -463,8 +466,13 @@ def index(
         remember(index_dir)
     except (*search_errors(), RayUnavailableError) as e:
         fail(str(e))
+    print_index_report(report, root, index_dir, source, time.perf_counter() - start)
+
+
+def print_index_report(report: IndexReport, root: Path, index_dir: Path, source: str, seconds: float) -> None:
+    """What an index run did: one line on stdout, then notes on stderr (nothing found, repairs, skips)."""
     out.print(
-        f"indexed {report.size} images of {shown(root)} in {time.perf_counter() - start:.1f}s "
+        f"indexed {report.size} images of {shown(root)} in {seconds:.1f}s "
         f"→ {shown(index_dir)} "
         f"(added {len(report.added)}, changed {len(report.changed)}, removed {len(report.removed)}, "
         f"unchanged {report.unchanged}; model: {source})",
