@@ -49,6 +49,11 @@ CREATE INDEX entries_by_shard ON entries (gen, shard, row);
 CREATE TABLE failed (gen INTEGER NOT NULL, id BLOB NOT NULL, size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL, sha1 TEXT NOT NULL, reason TEXT NOT NULL, PRIMARY KEY (gen, id));
 """
+# The approximate index of a generation: its file in `shards/` and the shards it holds, every row of
+# each ([name, rows] in order); created by the first writer of a manifest written before it.
+ANN_TABLE = (
+    "CREATE TABLE IF NOT EXISTS ann (gen INTEGER PRIMARY KEY, name TEXT NOT NULL, shards TEXT NOT NULL)"
+)
 # Rows in use per shard, kept by every change to `entries` (an entry moved by an upsert counts too).
 SHARD_COUNTERS = (
     "CREATE TRIGGER entry_added AFTER INSERT ON entries BEGIN"
@@ -167,7 +172,25 @@ def load_generation(conn: sqlite3.Connection, gen: int) -> dict[str, Any]:
     shards = dict(conn.execute("SELECT name, sha1 FROM shards WHERE gen = ? ORDER BY seq", (gen,)))
     entries = entries_of(conn, gen)
     failed = [_failure(*row) for row in conn.execute(f"{FAILED} WHERE gen = ? ORDER BY id", (gen,))]
-    return {**header(conn, gen), "shards": shards, "entries": entries, "failed": failed}
+    generation = {**header(conn, gen), "shards": shards, "entries": entries, "failed": failed}
+    return {**generation, "ann": ann_of(conn, gen)}
+
+
+def ann_of(conn: sqlite3.Connection, gen: int) -> dict[str, Any] | None:
+    """A generation's approximate index: its file name and the shards it covers ([name, rows], in its
+    row order); None when it has none (or the manifest predates them)."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'ann'").fetchone() is None:
+        return None
+    row = conn.execute("SELECT name, shards FROM ann WHERE gen = ?", (gen,)).fetchone()
+    return None if row is None else {"name": row[0], "shards": [tuple(s) for s in json.loads(row[1])]}
+
+
+def set_ann(conn: sqlite3.Connection, gen: int, ann: dict[str, Any] | None) -> None:
+    """Name a generation's approximate index (None: it has none)."""
+    conn.execute("DELETE FROM ann WHERE gen = ?", (gen,))
+    if ann is not None:
+        shards = json.dumps([list(s) for s in ann["shards"]])
+        conn.execute("INSERT INTO ann VALUES (?, ?, ?)", (gen, ann["name"], shards))
 
 
 def entries_of(
@@ -238,7 +261,7 @@ def _publish_new(index_dir: Path, generations: dict[str, dict[str, Any] | None])
     target = index_dir / MANIFEST
     staging = tmp_path(target)
     with closing(_connect(staging)) as conn:
-        conn.executescript(SCHEMA + "\n".join(SHARD_COUNTERS))
+        conn.executescript(SCHEMA + f"{ANN_TABLE};\n" + "\n".join(SHARD_COUNTERS))
         with _transaction(conn):
             info = [("format", FORMAT), ("version", str(VERSION))]
             conn.executemany("INSERT INTO info VALUES (?, ?)", info)
@@ -311,6 +334,7 @@ class ManifestWriter:
     def __init__(self, index_dir: Path):
         self.conn = _connect(index_dir / MANIFEST)
         _add_shard_counters(self.conn)
+        self.conn.execute(ANN_TABLE)
 
     def close(self) -> None:
         self.conn.close()
@@ -324,6 +348,9 @@ class ManifestWriter:
         """Entries of a generation, from the shard counters (not a count over the entries)."""
         query = "SELECT COALESCE(SUM(live), 0) FROM shards WHERE gen = ?"
         return self.conn.execute(query, (gen,)).fetchone()[0]
+
+    def ann(self, gen: int) -> dict[str, Any] | None:
+        return ann_of(self.conn, gen)
 
     def checksums(self, gen: int) -> dict[str, str | None]:
         """The generation's shards (in order) and their SHA-1 (None where never recorded)."""
@@ -444,5 +471,5 @@ def _make_live(conn: sqlite3.Connection, gen: int) -> None:
 
 
 def _drop_generation(conn: sqlite3.Connection, gen: int) -> None:
-    for table in ("shards", "entries", "failed", "generations"):  # shards first: no counter to keep
+    for table in ("shards", "entries", "failed", "ann", "generations"):  # shards first: no counter to keep
         conn.execute(f"DELETE FROM {table} WHERE gen = ?", (gen,))
