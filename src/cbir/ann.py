@@ -238,10 +238,10 @@ class DeltaSearcher:
     products over the `uncovered` rows, merged by exact similarity."""
 
     def __init__(self, searcher: Any, to_global: np.ndarray, vectors: np.ndarray, uncovered: np.ndarray):
-        self.searcher, self.vectors = searcher, vectors
+        self.searcher, self.vectors, self.uncovered = searcher, vectors, uncovered
         # -1 appended: FAISS's "no result" (-1) maps to no row
         self._global = np.append(to_global, -1).astype(np.int64)
-        self._uncovered = np.append(uncovered, -1).astype(np.int64)
+        self._delta_rows = np.append(uncovered, -1).astype(np.int64)
         self._delta = flat(np.asarray(vectors[uncovered])) if len(uncovered) else None
         self._live = int((to_global >= 0).sum())
         self._per_result = int(searcher.config["refine"]) if isinstance(searcher, IVFPQIndex) else 1
@@ -261,8 +261,8 @@ class DeltaSearcher:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         candidates = self._covered(queries, k)
         if self._delta is not None:
-            _, found = self._delta.search(queries, min(k, len(self._uncovered) - 1))
-            candidates = np.concatenate([candidates, self._uncovered[found]], axis=1)
+            _, found = self._delta.search(queries, min(k, len(self.uncovered)))
+            candidates = np.concatenate([candidates, self._delta_rows[found]], axis=1)
         return rerank(queries, candidates, self.vectors, k)
 
     def _covered(self, queries: np.ndarray, k: int) -> np.ndarray:
