@@ -9,6 +9,8 @@ photos costs O(N) whatever the size of the collection; a reader reads one snapsh
 transaction, so it never sees a half-written state and never waits for the writer. Each shard keeps
 the count of entries in it (`live`, kept by triggers on `entries`) and the stat signature its file had
 when its SHA-1 last matched (`verified`), so neither needs a pass over all entries or all shard bytes.
+The table `ann` names each generation's approximate index and the shards it covers (with their rows in
+use when it was built), so a writer decides from the shard counters alone whether it still serves.
 
 Indexes written before (a JSON manifest, `index.json`, rewritten whole per chunk) still open; the next
 `cbir index` run upgrades them (`upgrade_legacy`).
