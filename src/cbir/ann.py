@@ -281,3 +281,10 @@ class DeltaSearcher:
                 every = self._global[:-1][self._global[:-1] >= 0]
                 return np.concatenate([rows, np.where(short[:, None], every[None, :], -1)], axis=1)
             fetch = min(ntotal, 4 * fetch)
+
+
+def memory_bytes(index: Any) -> int:
+    """Bytes the index holds in memory (its serialized size; the IVF-PQ index without the shard)."""
+    import faiss
+
+    return int(faiss.serialize_index(index.index if isinstance(index, IVFPQIndex) else index).size)

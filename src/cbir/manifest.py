@@ -184,14 +184,14 @@ def ann_of(conn: sqlite3.Connection, gen: int) -> dict[str, Any] | None:
     if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'ann'").fetchone() is None:
         return None
     row = conn.execute("SELECT name, shards FROM ann WHERE gen = ?", (gen,)).fetchone()
-    return None if row is None else {"name": row[0], "shards": [tuple(s) for s in json.loads(row[1])]}
+    return None if row is None else {"name": row[0], "shards": json.loads(row[1])}
 
 
 def set_ann(conn: sqlite3.Connection, gen: int, ann: dict[str, Any] | None) -> None:
     """Name a generation's approximate index (None: it has none)."""
     conn.execute("DELETE FROM ann WHERE gen = ?", (gen,))
     if ann is not None:
-        shards = json.dumps([list(s) for s in ann["shards"]])
+        shards = json.dumps(ann["shards"])
         conn.execute("INSERT INTO ann VALUES (?, ?, ?)", (gen, ann["name"], shards))
 
 
