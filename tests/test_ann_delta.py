@@ -100,6 +100,11 @@ def test_a_kept_index_of_the_wrong_kind_or_a_missing_file_is_rebuilt(small_thres
     monkeypatch.setattr(ann, "IVFPQ_THRESHOLD", 300)  # the collection now wants IVF-PQ
     ix = add(root, out, [*make_folder(tmp_path, 1, start=401).glob("p401.jpg")])
     assert ann_file(out).suffix == ".ivfpq" and isinstance(ix._index().searcher, ann.IVFPQIndex)
+    ivfpq = ann_file(out)
+    (photo,) = make_folder(tmp_path, 1, start=403).glob("p403.jpg")
+    ix = add(root, out, [photo])  # kept, and the new photo is searched exactly beside IVF-PQ
+    assert ann_file(out) == ivfpq and len(ix._index().uncovered) == 1
+    assert ix.search_vector(vector_of(photo.read_bytes()), k=1)[0].id == "p403.jpg"
 
 
 def test_a_run_killed_before_it_names_a_new_index_leaves_readers_the_old_one(
