@@ -130,3 +130,23 @@ def test_a_run_killed_before_it_names_a_new_index_leaves_readers_the_old_one(
     before = written.stat().st_mtime_ns
     add(root, out, [new[0]])  # the rerun names the file the killed run wrote, without writing it again
     assert ann_file(out) == written and written.stat().st_mtime_ns == before and not graph.exists()
+
+
+def test_a_manifest_written_before_it_named_approximate_indexes(small_thresholds, tmp_path):
+    import sqlite3
+
+    from cbir.manifest import MANIFEST
+
+    root = make_folder(tmp_path, 400)
+    out = tmp_path / "ix"
+    add(root, out, [root])
+    with sqlite3.connect(out / MANIFEST) as conn:
+        conn.execute("DROP TABLE ann")
+    ix = SearchIndex.open(out)  # no table: searched exactly (its graph was named after the layout then)
+    assert (
+        read_manifest(out)["ann"] is None
+        and not ix.approximate
+        and len(ix.search_vector(ix.vectors[0])) == 20
+    )
+    ix = add(root, out, [*make_folder(tmp_path, 1, start=400).glob("p400.jpg")])  # the writer adds the table
+    assert ix.approximate and ann_file(out).exists() and len(ix._index().uncovered) == 0
