@@ -10,10 +10,15 @@ appear and are indexed: `add` names them to `cbir.indexing.add_paths` (what `cbi
 result), which lists the folder and reads every entry. Two stages are stubbed so that the figure is the
 index's own cost: the encode stage returns random vectors (not the network), and the N existing photos
 are not files: the scan lists them from memory with the sizes and times the manifest holds (a real
-scan stats every file, see `--scan-files`), next to the new files it really lists. The ANN stage is off
-(`ANN_THRESHOLD` above N): an HNSW graph is rebuilt whole whenever the collection changes, an O(N) cost
-of its own (issue 16 part 2, IVF-PQ). Indexes go under runs/bench-index-growth/ (git-ignored) and are
-deleted after each size. `--scan-files K` also times the real scan of K files on this disk.
+scan stats every file, see `--scan-files`), next to the new files it really lists. The approximate
+index is off (`ANN_THRESHOLD` above N) unless `--ann`: then the vectors (old and added) are clustered
+like real embeddings (`benchmarks.search.clustered_vectors`), the index's approximate index (IVF-PQ
+from 200k) is built once before the rounds (timed), the rounds show whether `_finish` keeps it, and
+after them `--queries` queries from the same mixture are searched one at a time through the index's
+searcher (approximate index + exact search of the photos added since), for p50/p99 latency and
+recall@20 against exact search; then once more after a forced rebuild, for comparison.
+Indexes go under runs/bench-index-growth/ (git-ignored) and are deleted after each size.
+`--scan-files K` also times the real scan of K files on this disk.
 """
 
 from __future__ import annotations
@@ -77,7 +82,17 @@ def synthetic_files(root: Path, n: int) -> list[tuple[str, Path, Stat]]:
     return [(i, root / i, Stat(4, 1_700_000_000_000_000_000 + row)) for row, i in enumerate(ids)]
 
 
-def write_vectors(index_dir: Path, n: int, dim: int, rng: np.random.Generator):
+def unit_vectors(m: int, dim: int, rng: np.random.Generator, centres: np.ndarray | None) -> np.ndarray:
+    """Random unit vectors: isotropic, or around topic centres like real embeddings when given."""
+    from benchmarks.search import clustered_vectors
+
+    if centres is not None:
+        return clustered_vectors(m, dim, rng, centres)
+    block = rng.standard_normal((m, dim), dtype=np.float32)
+    return block / np.linalg.norm(block, axis=1, keepdims=True)
+
+
+def write_vectors(index_dir: Path, n: int, dim: int, rng: np.random.Generator, centres: np.ndarray | None):
     """One shard of `n` random unit vectors, written in blocks (a 1M x 898 shard is 3.6 GB)."""
     from cbir import indexing
     from cbir.manifest import ShardInfo, stat_signature
@@ -86,15 +101,19 @@ def write_vectors(index_dir: Path, n: int, dim: int, rng: np.random.Generator):
     path = index_dir / indexing.SHARDS / name
     out = np.lib.format.open_memmap(path, "w+", np.float32, (n, dim))
     for start in range(0, n, 50_000):
-        block = rng.standard_normal((min(50_000, n - start), dim), dtype=np.float32)
-        out[start : start + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
+        out[start : start + min(50_000, n - start)] = unit_vectors(min(50_000, n - start), dim, rng, centres)
     out.flush()
     del out
     return ShardInfo(name, n, 0, -1, indexing.file_hash(path), stat_signature(path)), dim
 
 
 def synthetic_index(
-    index_dir: Path, root: Path, files: list[tuple[str, Path, Stat]], dim: int, rng: np.random.Generator
+    index_dir: Path,
+    root: Path,
+    files: list[tuple[str, Path, Stat]],
+    dim: int,
+    rng: np.random.Generator,
+    centres: np.ndarray | None,
 ) -> None:
     """An index of `files` (listed, not on disk) with random unit vectors, the shipped model copied in."""
     from cbir.indexing import SHARDS
@@ -106,7 +125,9 @@ def synthetic_index(
         {"id": i, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha1": f"{row:040x}", "meta": meta}
         for row, (i, _, st) in enumerate(files)
     )
-    write_manifest(index_dir, root, entries, write_vectors(index_dir, len(files), dim, rng), "default")
+    write_manifest(
+        index_dir, root, entries, write_vectors(index_dir, len(files), dim, rng, centres), "default"
+    )
 
 
 def write_manifest(
@@ -130,14 +151,13 @@ def write_manifest(
         writer.close()
 
 
-def random_encode(dim: int, rng: np.random.Generator):
+def random_encode(dim: int, rng: np.random.Generator, centres: np.ndarray | None):
     """A stub `EncodeStage`: random unit vectors for every chunk, content keys from the file names."""
     from cbir.models.base import ImageEmbedding
 
     def encode(model_dir: Path, root: Path, chunks):
         for number, chunk in enumerate(chunks):
-            vectors = rng.standard_normal((len(chunk), dim), dtype=np.float32)
-            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+            vectors = unit_vectors(len(chunk), dim, rng, centres)
             keys = [hashlib.sha1(Path(p).name.encode()).hexdigest() for p in chunk]
             yield number, ImageEmbedding(vectors, keys, {})
 
@@ -179,29 +199,66 @@ def stage_timers(seconds: dict[str, float], existing: list[tuple[str, Path, Stat
         ManifestWriter.load = real_load
 
 
+def refresh_ann(index_dir: Path) -> str | None:
+    """`cbir.indexing.refresh_ann` on the live generation, timed: the approximate index's file name."""
+    from cbir.indexing import refresh_ann
+    from cbir.manifest import ManifestWriter
+
+    writer = ManifestWriter(index_dir)
+    try:
+        start = time.perf_counter()
+        name = refresh_ann(writer, writer.generations()[0]["gen"], index_dir)
+        print(f"  approximate index {name} ready in {time.perf_counter() - start:.1f}s", flush=True)
+        return name
+    finally:
+        writer.close()
+
+
+def search_report(index_dir: Path, queries: np.ndarray, label: str) -> None:
+    """Recall@20 against exact search and latency of one query at a time through the index's searcher."""
+    from benchmarks.ann_scale import exact_neighbours, recall, timed_search
+    from cbir.index import SearchIndex
+
+    ix = SearchIndex.open(index_dir)
+    searcher = ix._index()
+    found, seconds = timed_search(searcher, queries)
+    kind = type(searcher.searcher).__name__
+    print(
+        f"  {label}: {len(ix):,} photos, {len(searcher.uncovered):,} searched exactly beside {kind};"
+        f" recall@20 {recall(found, exact_neighbours(ix.vectors, queries)):.4f} over {len(queries)} queries,"
+        f" p50 {1e3 * np.median(seconds):.2f} ms, p99 {1e3 * np.percentile(seconds, 99):.2f} ms",
+        flush=True,
+    )
+
+
 def measure(
-    n: int, add: int, rounds: int, dim: int, runs: Sequence[str]
+    n: int, add: int, rounds: int, dim: int, runs: Sequence[str], queries: int = 0
 ) -> dict[str, list[dict[str, float]]]:
     """Build an index of `n`, then add `add` photos `rounds` times by each run kind; seconds per stage
-    of each round, by run kind."""
+    of each round, by run kind. `queries`: with the approximate index on, search that many (`--ann`)."""
     import cbir.ann
+    from benchmarks.search import LATENT_DIM
     from cbir.indexing import add_paths, index_folder
 
     rng = np.random.default_rng(0)
+    centres = rng.standard_normal((1000, LATENT_DIM), dtype=np.float32) if queries else None
     base = RUNS / f"n{n}"
     shutil.rmtree(base, ignore_errors=True)
     root, index_dir = base / "photos", base / "index"
     start = time.perf_counter()
     existing = synthetic_files(root, n)
-    synthetic_index(index_dir, root, existing, dim, rng)
+    synthetic_index(index_dir, root, existing, dim, rng, centres)
     print(f"synthetic index of {n:,} photos written in {time.perf_counter() - start:.1f}s", flush=True)
-    cbir.ann.ANN_THRESHOLD = 10 * (n + add * rounds * len(runs))
+    if queries:
+        built = refresh_ann(index_dir)
+    else:
+        cbir.ann.ANN_THRESHOLD = 10 * (n + add * rounds * len(runs))
     results: dict[str, list[dict[str, float]]] = {kind: [] for kind in runs}
     indexed = n
     for kind in runs:
         for r in range(rounds):
             new = write_files(root, indexed, add)
-            options = {"progress": False, "encode": random_encode(dim, rng)}
+            options = {"progress": False, "encode": random_encode(dim, rng, centres)}
             seconds: dict[str, float] = defaultdict(float)
             with stage_timers(seconds, existing):
                 start = time.perf_counter()
@@ -214,6 +271,17 @@ def measure(
             indexed += add
             results[kind].append(dict(seconds))
             print(f"  n={n:,} {kind} round {r + 1}: {seconds['total']:.2f}s", flush=True)
+    if queries:
+        from benchmarks.search import clustered_vectors
+        from cbir.manifest import read_manifest
+
+        kept = read_manifest(index_dir)["ann"]["name"] == built
+        print(f"  after the rounds the approximate index is {'the same file' if kept else 'rebuilt'}")
+        asked = clustered_vectors(queries, dim, rng, centres)
+        search_report(index_dir, asked, "with the photos added since")
+        cbir.ann.MAX_DELTA_SHARE = -1.0  # forces a rebuild over everything
+        refresh_ann(index_dir)
+        search_report(index_dir, asked, "right after a rebuild")
     shutil.rmtree(base, ignore_errors=True)
     return results
 
@@ -241,13 +309,16 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", choices=("add", "full"), default=["add", "full"])
     parser.add_argument("--dim", type=int, default=None, help="vector size (default: the shipped model's)")
     parser.add_argument("--scan-files", type=int, default=0, help="also time a real scan of this many files")
+    parser.add_argument("--ann", action="store_true", help="with the approximate index (clustered vectors)")
+    parser.add_argument("--queries", type=int, default=200, help="searched with --ann")
     args = parser.parse_args()
     if args.scan_files:
         real_scan_seconds(args.scan_files)
     from cbir.models import load_model
 
     dim = args.dim or int(load_model("default").embed_texts(["a photo"]).shape[1])
-    table = {n: measure(n, args.add, args.rounds, dim, args.runs) for n in args.sizes}
+    queries = args.queries if args.ann else 0
+    table = {n: measure(n, args.add, args.rounds, dim, args.runs, queries) for n in args.sizes}
     rounds = f"median of {args.rounds} rounds [min-max]"
     for kind in args.runs:
         print(f"\nadding {args.add:,} photos by a {kind} run ({dim}-d vectors), seconds, {rounds}")

@@ -323,41 +323,35 @@ def test_a_failed_file_that_was_failed_before_counts_as_changed_when_it_now_read
     assert report.changed == ["c.jpg"] and report.unchanged == 0
 
 
-def test_hnsw_graph_is_written_per_layout_above_the_threshold(tmp_path, monkeypatch):
+def test_hnsw_graph_is_written_per_set_of_shards(tmp_path):
     import faiss
 
     from cbir import ann
+    from cbir.manifest import ShardInfo
 
-    monkeypatch.setattr(ann, "ANN_THRESHOLD", 4)
     shards = tmp_path / ix.SHARDS
     shards.mkdir()
     vectors = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
-    checksum = ing._write_npy_atomic(shards / "a.npy", vectors)
-    manifest = {"entries": [{"shard": "a.npy", "row": i} for i in range(4)], "shards": {"a.npy": checksum}}
-    ix._write_ann(tmp_path, manifest)
-    (graph_file,) = shards.glob(f"*{'.hnsw'}")
-    assert graph_file == ix._ann_path(tmp_path, manifest["entries"])
+    sums = {"a.npy": ing._write_npy_atomic(shards / "a.npy", vectors)}
+    a = ShardInfo("a.npy", rows=4, live=3, seq=0)  # a row no entry uses: still in the graph
+    written = ing.write_ann(tmp_path, [a], "hnsw", sums)
+    assert written["shards"] == [["a.npy", 4, 3]]
+    graph_file = shards / written["name"]
     graph = faiss.read_index(str(graph_file))
     assert graph.ntotal == 4 and isinstance(graph, faiss.IndexHNSWFlat)
     assert graph.metric_type == faiss.METRIC_INNER_PRODUCT
     before = graph_file.stat().st_mtime_ns
-    ix._write_ann(tmp_path, manifest)  # same layout: not rebuilt
+    assert ing.write_ann(tmp_path, [a], "hnsw", sums)["name"] == graph_file.name  # same shards: not rebuilt
     assert graph_file.stat().st_mtime_ns == before
     assert not [p for p in [*tmp_path.iterdir(), *shards.iterdir()] if p.name.endswith(ing.TMP_SUFFIX)]
-    # another layout (a row dropped, another shard added) gets its own graph, over its own vectors
-    checksum = ing._write_npy_atomic(shards / "b.npy", vectors[:1])
-    entries = [*manifest["entries"][1:], {"shard": "b.npy", "row": 0}]
-    bigger = {"entries": entries, "shards": {**manifest["shards"], "b.npy": checksum}}
-    ix._write_ann(tmp_path, bigger)
-    other = ix._ann_path(tmp_path, entries)
-    assert other != graph_file and faiss.read_index(str(other)).ntotal == 4
-    (shards / "old.ivfpq").write_bytes(b"an IVF-PQ index of a layout since replaced")
-    # below the threshold: no graph
-    smaller = {"entries": manifest["entries"][:3], "shards": manifest["shards"]}
-    ix._write_ann(tmp_path, smaller)
-    assert ix._ann_path(tmp_path, smaller["entries"]) is None
-    ing._remove_orphans(tmp_path, {"a.npy"}, "model-x")  # graphs the live layout does not name go
-    assert sorted(os.listdir(shards)) == ["a.npy"]
+    # other shards get their own graph, over all their rows
+    sums["b.npy"] = ing._write_npy_atomic(shards / "b.npy", vectors[:1])
+    other = ing.write_ann(tmp_path, [a, ShardInfo("b.npy", 1, 1, 1)], "hnsw", sums)
+    assert other["name"] != graph_file.name and faiss.read_index(str(shards / other["name"])).ntotal == 5
+    assert ann.SUFFIXES["hnsw"] == ".hnsw" and other["name"].endswith(".hnsw")
+    (shards / "old.ivfpq").write_bytes(b"an IVF-PQ index of shards since replaced")
+    ing._remove_orphans(tmp_path, {"a.npy", graph_file.name}, "model-x")  # what the manifest names stays
+    assert sorted(os.listdir(shards)) == sorted(["a.npy", graph_file.name])
 
 
 def test_scan_reports_a_file_that_vanished_after_listing(tmp_path, monkeypatch):

@@ -269,7 +269,7 @@ def test_approximate_search_above_the_threshold_matches_exact(folder, tmp_path, 
     (shard,) = index_module.read_manifest(tmp_path / "ix")["shards"]  # compacted: one shard
     graphs = [p.name for p in shards.glob("*.hnsw")]
     assert graphs == [ix._ann.name] and ix.approximate
-    assert isinstance(ix._index(), faiss.IndexHNSWFlat)
+    assert isinstance(ix._index().searcher, faiss.IndexHNSWFlat)
     vectors = np.asarray(ix.vectors, dtype=np.float32)
     for query in (ix.embed_text("people outdoors"), ix.vector("4.jpg")):
         unit = query / np.linalg.norm(query)

@@ -13,6 +13,11 @@ build it from the vectors, and how to open it for search.
                             Memory holds the codes (46 B a vector at 1M); the shard is read a few
                             hundred rows per query.
 
+An index that grows keeps its approximate index across small changes (`DeltaSearcher`, the "base +
+delta" of search engines): the file covers whole shards, the rows of shards written since are searched
+exactly, and rows of photos removed since are dropped from its results; a writer builds a new one once
+either share passes `MAX_DELTA_SHARE` (`delta_fits`).
+
 An `.ivfpq` file is one `.npz`: the FAISS index bytes and a versioned JSON config (nlist, nprobe,
 refine, …), so search parameters travel with the index. Thresholds and defaults come from
 `benchmarks/ann_scale.py` (BENCHMARKS.md, "IVF-PQ at scale").
@@ -23,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +47,11 @@ MIN_NPROBE = 32
 SAMPLE_PER_CELL = 64  # training vectors per k-means cell
 MIN_PER_CELL = 39  # fewer than this a cell, FAISS's k-means is unreliable
 IVFPQ_FORMAT = 1
+# An approximate index is kept while the rows it does not cover, and the rows of photos removed since it
+# was built, are each at most this share of the collection: exact search over the uncovered rows costs at
+# most a tenth of an exact search of all, and a rebuild (O(collection): 90 s at 1M) comes only after the
+# collection changed by a tenth, so adding N photos costs O(N) amortized.
+MAX_DELTA_SHARE = 0.10
 SUFFIXES = {"hnsw": ".hnsw", "ivfpq": ".ivfpq"}
 
 
@@ -55,11 +66,15 @@ def kind_for(n: int) -> str | None:
     return "hnsw" if n < IVFPQ_THRESHOLD else "ivfpq"
 
 
-def ann_path(shard: Path, n: int) -> Path | None:
-    """The approximate index of a compacted shard of n vectors, named after it (so it always matches
-    the vectors); None when n vectors are searched exactly."""
-    kind = kind_for(n)
-    return None if kind is None else shard.with_suffix(SUFFIXES[kind])
+def delta_fits(covers: Sequence[Sequence[Any]], live: dict[str, int]) -> bool:
+    """Whether an approximate index over `covers` ([shard, rows, live rows when built], …) still serves
+    shards with these live rows: the rows of other shards, and the rows of its shards removed since it
+    was built, are each at most `MAX_DELTA_SHARE` of the collection."""
+    limit = MAX_DELTA_SHARE * sum(live.values())
+    built = {name: was for name, _, was in covers}
+    uncovered = sum(n for name, n in live.items() if name not in built)
+    removed = sum(was - live.get(name, 0) for name, was in built.items())
+    return uncovered <= limit and removed <= limit
 
 
 def flat(vectors: np.ndarray):
@@ -93,8 +108,9 @@ def write(vectors: np.ndarray, path: Path, kind: str) -> None:
         faiss.write_index(hnsw(vectors), str(path))
 
 
-def open_searcher(path: Path, vectors: np.ndarray):
-    """The index in `path`, ready to search (`.search(queries, k) -> (similarities, rows)`)."""
+def open_searcher(path: Path, vectors: np.ndarray | None):
+    """The index in `path`, ready to search (`.search(queries, k) -> (similarities, rows)`); IVF-PQ
+    re-ranks on `vectors` when given."""
     import faiss
 
     if path.suffix == SUFFIXES["ivfpq"]:
@@ -198,14 +214,73 @@ class IVFPQIndex:
         approx, candidates = self.index.search(queries, min(wanted, self.ntotal))
         if self.vectors is None:
             return approx[:, :k], candidates[:, :k]
-        similarities = np.full((len(queries), k), -np.inf, dtype=np.float32)
-        rows = np.full((len(queries), k), -1, dtype=np.int64)
-        for i, (query, found) in enumerate(zip(queries, candidates, strict=True)):
-            found = np.sort(found[found >= 0])  # in file order: fewer, sequential page reads
-            exact = np.asarray(self.vectors[found], dtype=np.float32) @ query
-            best = np.argsort(-exact, kind="stable")[:k]
-            similarities[i, : len(best)], rows[i, : len(best)] = exact[best], found[best]
-        return similarities, rows
+        return rerank(queries, candidates, self.vectors, k)
+
+
+def rerank(
+    queries: np.ndarray, candidates: np.ndarray, vectors: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, rows) of the k best of each query's candidate rows of `vectors` (-1: none), by
+    their exact inner product; rows are -1 past the candidates."""
+    similarities = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    rows = np.full((len(queries), k), -1, dtype=np.int64)
+    for i, (query, found) in enumerate(zip(queries, candidates, strict=True)):
+        found = np.unique(found[found >= 0])  # in file order: fewer, sequential page reads
+        exact = np.asarray(vectors[found], dtype=np.float32) @ query
+        best = np.argsort(-exact, kind="stable")[:k]
+        similarities[i, : len(best)], rows[i, : len(best)] = exact[best], found[best]
+    return similarities, rows
+
+
+class DeltaSearcher:
+    """Search over every row of `vectors`: an approximate index over the rows it covers (`to_global`:
+    the row of `vectors` of each of its rows, -1 where that photo was removed since) and exact inner
+    products over the `uncovered` rows, merged by exact similarity."""
+
+    def __init__(self, searcher: Any, to_global: np.ndarray, vectors: np.ndarray, uncovered: np.ndarray):
+        self.searcher, self.vectors, self.uncovered = searcher, vectors, uncovered
+        # -1 appended: FAISS's "no result" (-1) maps to no row
+        self._global = np.append(to_global, -1).astype(np.int64)
+        self._delta_rows = np.append(uncovered, -1).astype(np.int64)
+        self._delta = flat(np.asarray(vectors[uncovered])) if len(uncovered) else None
+        self._live = int((to_global >= 0).sum())
+        self._per_result = int(searcher.config["refine"]) if isinstance(searcher, IVFPQIndex) else 1
+
+    @classmethod
+    def open(
+        cls, path: Path, vectors: np.ndarray, to_global: np.ndarray, uncovered: np.ndarray
+    ) -> DeltaSearcher:
+        """The approximate index in `path` (its rows mapped by `to_global`) and the uncovered rows."""
+        searcher = open_searcher(path, None)
+        if searcher.ntotal != len(to_global):
+            raise AnnFileError(f"{path}: holds {searcher.ntotal} vectors, its shards {len(to_global)}")
+        return cls(searcher, to_global, vectors, uncovered)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(similarities, rows of `vectors`) of the k best per query, like a FAISS index."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        candidates = self._covered(queries, k)
+        if self._delta is not None:
+            _, found = self._delta.search(queries, min(k, len(self.uncovered)))
+            candidates = np.concatenate([candidates, self._delta_rows[found]], axis=1)
+        return rerank(queries, candidates, self.vectors, k)
+
+    def _covered(self, queries: np.ndarray, k: int) -> np.ndarray:
+        """The approximate index's candidates as rows of `vectors` (-1: removed photos), asked for more
+        until each query has k live ones. IVF-PQ gives no more than its probed cells hold; an HNSW
+        graph asked for (nearly) all its rows may find fewer, and then every live row is a candidate."""
+        ntotal = len(self._global) - 1
+        fetch = min(ntotal, k * self._per_result)
+        while True:
+            _, found = self.searcher.search(queries, fetch)
+            rows = self._global[found]
+            short = (rows >= 0).sum(axis=1) < min(k, self._live)
+            if not short.any() or (self._per_result > 1 and (found[short] < 0).any()):
+                return rows
+            if fetch >= ntotal:
+                every = self._global[:-1][self._global[:-1] >= 0]
+                return np.concatenate([rows, np.where(short[:, None], every[None, :], -1)], axis=1)
+            fetch = min(ntotal, 4 * fetch)
 
 
 def memory_bytes(index: Any) -> int:

@@ -8,7 +8,9 @@ On disk an index is a directory:
                  (`cbir.indexing.compaction_group`); a small index is one shard, memory-mapped on open.
   `shards/*.hnsw`, `shards/*.ivfpq`  the approximate index (HNSW, or IVF-PQ for the largest) of the
                  vectors, only above `cbir.ann.ANN_THRESHOLD` images (see `cbir.ann`), named after the
-                 exact layout of the vectors it holds.
+                 shards it holds (every row of each); the manifest names it and those shards. It is kept
+                 across small changes: readers search the entries of other shards exactly and drop its
+                 rows of removed photos (`cbir.ann.DeltaSearcher`).
   `model-<fingerprint>/`  a copy of the model that embedded the images (the shipped default unless
                  named), so an index is self-contained and queries are embedded by the same model.
 
@@ -39,7 +41,7 @@ import numpy as np
 
 from cbir import ann
 from cbir.encoders.cache import file_hash
-from cbir.manifest import MANIFEST, IndexFormatError, read_manifest, tmp_path
+from cbir.manifest import MANIFEST, IndexFormatError, read_manifest
 
 if TYPE_CHECKING:
     from cbir.filters import Filters
@@ -153,9 +155,8 @@ def _vectors_of(
 
 
 def _ann_path(index_dir: Path, entries: Sequence[dict[str, Any]]) -> Path | None:
-    """The approximate index of a generation, named after the layout of its vectors (shard and row of
-    each, in order: it always matches the vectors a reader gathers) and by its kind, which the
-    collection's size decides; None: searched exactly."""
+    """The approximate index of a generation written before the manifest named it: named after the
+    layout of its vectors (shard and row of each, in order) and by its kind; None: searched exactly."""
     kind = ann.kind_for(len(entries))
     if kind is None:
         return None
@@ -165,17 +166,29 @@ def _ann_path(index_dir: Path, entries: Sequence[dict[str, Any]]) -> Path | None
     return index_dir / SHARDS / f"{layout.hexdigest()[:32]}{ann.SUFFIXES[kind]}"
 
 
-def _write_ann(index_dir: Path, manifest: dict[str, Any]) -> Path | None:
-    """The approximate index for large collections (readers search exactly until it is there); its path."""
-    entries = manifest["entries"]
-    path = _ann_path(index_dir, entries)
-    if path is None or path.exists():
-        return path
-    vectors = _vectors_of(index_dir, entries, manifest.get("shards"))
-    tmp = tmp_path(path)
-    ann.write(vectors, tmp, ann.kind_for(len(entries)))
-    os.replace(tmp, path)
-    return path
+def _ann_of(index_dir: Path, manifest: dict[str, Any]) -> tuple[Path | None, list[Any] | None]:
+    """The approximate index a reader searches and the shards it covers ([name, rows, …] in its row
+    order; None: it holds every entry, in order, as in indexes written before the manifest named it)."""
+    named = manifest.get("ann")
+    if named is None:
+        return _ann_path(index_dir, manifest["entries"]), None
+    return index_dir / SHARDS / named["name"], named["shards"]
+
+
+def _coverage(entries: Sequence[dict[str, Any]], covers: list[Any] | None) -> tuple[np.ndarray, np.ndarray]:
+    """For an approximate index over `covers`: the entry (row of the vectors) at each of its rows (-1:
+    removed since), and the entries it does not cover."""
+    if covers is None:
+        return np.arange(len(entries)), np.zeros(0, dtype=np.int64)
+    start, total = {}, 0
+    for name, rows, *_ in covers:
+        start[name], total = total, total + rows
+    at = np.fromiter((start.get(e["shard"], -1) for e in entries), dtype=np.int64, count=len(entries))
+    rows = np.fromiter((e["row"] for e in entries), dtype=np.int64, count=len(entries))
+    covered = at >= 0
+    to_global = np.full(total, -1, dtype=np.int64)
+    to_global[at[covered] + rows[covered]] = np.flatnonzero(covered)
+    return to_global, np.flatnonzero(~covered)
 
 
 def vector_search(vectors: np.ndarray, exact: bool = True):
@@ -216,7 +229,8 @@ class SearchIndex:
         )
         self.model_dir = path / _model_dir_of(manifest)
         self.model = model if model is not None else load_model(self.model_dir)
-        self._ann = _ann_path(path, manifest["entries"])
+        self._ann, covers = _ann_of(path, manifest)
+        self._coverage = _coverage(manifest["entries"], covers) if self._ann is not None else None
         self._faiss = None
         self._prefix_faiss: dict[int, Any] = {}
 
@@ -249,7 +263,7 @@ class SearchIndex:
             # One query at a time: OpenMP threads only add spin-wait overhead (badly so on a busy machine).
             faiss.omp_set_num_threads(1)
             if self.approximate:
-                self._faiss = ann.open_searcher(self._ann, self.vectors)
+                self._faiss = ann.DeltaSearcher.open(self._ann, self.vectors, *self._coverage)
             else:
                 self._faiss = vector_search(self.vectors, exact=True)
         return self._faiss

@@ -3,7 +3,7 @@
   scan (list the folder, stat each file) -> plan (added / changed / removed / unchanged / repair)
   -> encode (an `EncodeStage`: chunks of image paths in, embeddings out, possibly out of order)
   -> write shards -> commit the manifest (one SQLite transaction per chunk)
-  -> compact the shards / build the ANN graph -> sweep what no generation names.
+  -> compact the shards / keep or rebuild the approximate index -> sweep what no generation names.
 
 Each stage is a function with its own tests (tests/test_index_stages.py); `update_index` runs them in
 order under the index's writer lock. `add_paths` runs the same stages on named photos only: it looks up
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import shutil
 import uuid
@@ -41,7 +42,6 @@ from cbir.index import (
     _model_dir_of,
     _source_of,
     _vectors_of,
-    _write_ann,
     file_hash,
 )
 from cbir.lockfile import exclusive_lock
@@ -62,6 +62,7 @@ from cbir.manifest import (
     lookup,
     put_entries,
     put_failed,
+    set_ann,
     set_checksums,
     set_meta,
     set_verified,
@@ -697,12 +698,53 @@ def compact(writer: ManifestWriter, gen: int, index_dir: Path) -> None:
 
 
 def _finish(writer: ManifestWriter, gen: int, index_dir: Path) -> None:
-    """The ANN graph of a large index, then the sweep of what the live generation no longer names."""
+    """The approximate index of a large index, then the sweep of what the live generation no longer
+    names."""
     live = set(writer.checksums(gen))
-    if ann.kind_for(writer.count(gen)) is not None:
-        live.add(_write_ann(index_dir, writer.load(gen)).name)
+    current = refresh_ann(writer, gen, index_dir)
+    if current is not None:
+        live.add(current)
     model_dir = writer.generations()[0]["model_dir"]
     _remove_orphans(index_dir, live, model_dir)
+
+
+def refresh_ann(writer: ManifestWriter, gen: int, index_dir: Path) -> str | None:
+    """The generation's approximate index, named in the manifest: the one it has while that still fits
+    (`ann.delta_fits`: readers search the rest exactly), else a new one over every shard; its file name
+    (None: the collection is searched exactly). Decided from the shard counters: O(shards)."""
+    shards = writer.shards(gen)
+    kind = ann.kind_for(sum(s.live for s in shards))
+    current = writer.ann(gen)
+    if kind is not None and current is not None:
+        fits = ann.delta_fits(current["shards"], {s.name: s.live for s in shards})
+        if (
+            fits
+            and current["name"].endswith(ann.SUFFIXES[kind])
+            and (index_dir / SHARDS / current["name"]).exists()
+        ):
+            return current["name"]
+    wanted = None if kind is None else write_ann(index_dir, shards, kind, writer.checksums(gen))
+    if wanted != current:
+        with writer.commit() as conn:
+            set_ann(conn, gen, wanted)
+    return None if wanted is None else wanted["name"]
+
+
+def write_ann(
+    index_dir: Path, shards: Sequence[ShardInfo], kind: str, checksums: dict[str, str | None]
+) -> dict[str, Any]:
+    """An approximate index of this kind over every row of these shards (a killed run's file of the
+    same shards is reused), written aside and renamed into place; what the manifest records of it."""
+    covers = [[s.name, s.rows, s.live] for s in shards]
+    layout = hashlib.sha1(json.dumps([c[:2] for c in covers]).encode()).hexdigest()[:32]
+    path = index_dir / SHARDS / f"{layout}{ann.SUFFIXES[kind]}"
+    if not path.exists():
+        loaded = [_load_shard(index_dir, s.name, checksums.get(s.name)) for s in shards]
+        vectors = loaded[0] if len(loaded) == 1 else np.concatenate(loaded)
+        tmp = tmp_path(path)
+        ann.write(vectors, tmp, kind)
+        os.replace(tmp, path)
+    return {"name": path.name, "shards": covers}
 
 
 def _remove_orphans(index_dir: Path, live: set[str], model_dir: str) -> None:

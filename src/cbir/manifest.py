@@ -9,6 +9,8 @@ photos costs O(N) whatever the size of the collection; a reader reads one snapsh
 transaction, so it never sees a half-written state and never waits for the writer. Each shard keeps
 the count of entries in it (`live`, kept by triggers on `entries`) and the stat signature its file had
 when its SHA-1 last matched (`verified`), so neither needs a pass over all entries or all shard bytes.
+The table `ann` names each generation's approximate index and the shards it covers (with their rows in
+use when it was built), so a writer decides from the shard counters alone whether it still serves.
 
 Indexes written before (a JSON manifest, `index.json`, rewritten whole per chunk) still open; the next
 `cbir index` run upgrades them (`upgrade_legacy`).
@@ -49,6 +51,11 @@ CREATE INDEX entries_by_shard ON entries (gen, shard, row);
 CREATE TABLE failed (gen INTEGER NOT NULL, id BLOB NOT NULL, size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL, sha1 TEXT NOT NULL, reason TEXT NOT NULL, PRIMARY KEY (gen, id));
 """
+# The approximate index of a generation: its file in `shards/` and the shards it holds, every row of
+# each ([name, rows] in order); created by the first writer of a manifest written before it.
+ANN_TABLE = (
+    "CREATE TABLE IF NOT EXISTS ann (gen INTEGER PRIMARY KEY, name TEXT NOT NULL, shards TEXT NOT NULL)"
+)
 # Rows in use per shard, kept by every change to `entries` (an entry moved by an upsert counts too).
 SHARD_COUNTERS = (
     "CREATE TRIGGER entry_added AFTER INSERT ON entries BEGIN"
@@ -167,7 +174,25 @@ def load_generation(conn: sqlite3.Connection, gen: int) -> dict[str, Any]:
     shards = dict(conn.execute("SELECT name, sha1 FROM shards WHERE gen = ? ORDER BY seq", (gen,)))
     entries = entries_of(conn, gen)
     failed = [_failure(*row) for row in conn.execute(f"{FAILED} WHERE gen = ? ORDER BY id", (gen,))]
-    return {**header(conn, gen), "shards": shards, "entries": entries, "failed": failed}
+    generation = {**header(conn, gen), "shards": shards, "entries": entries, "failed": failed}
+    return {**generation, "ann": ann_of(conn, gen)}
+
+
+def ann_of(conn: sqlite3.Connection, gen: int) -> dict[str, Any] | None:
+    """A generation's approximate index: its file name and the shards it covers ([name, rows], in its
+    row order); None when it has none (or the manifest predates them)."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'ann'").fetchone() is None:
+        return None
+    row = conn.execute("SELECT name, shards FROM ann WHERE gen = ?", (gen,)).fetchone()
+    return None if row is None else {"name": row[0], "shards": json.loads(row[1])}
+
+
+def set_ann(conn: sqlite3.Connection, gen: int, ann: dict[str, Any] | None) -> None:
+    """Name a generation's approximate index (None: it has none)."""
+    conn.execute("DELETE FROM ann WHERE gen = ?", (gen,))
+    if ann is not None:
+        shards = json.dumps(ann["shards"])
+        conn.execute("INSERT INTO ann VALUES (?, ?, ?)", (gen, ann["name"], shards))
 
 
 def entries_of(
@@ -238,7 +263,7 @@ def _publish_new(index_dir: Path, generations: dict[str, dict[str, Any] | None])
     target = index_dir / MANIFEST
     staging = tmp_path(target)
     with closing(_connect(staging)) as conn:
-        conn.executescript(SCHEMA + "\n".join(SHARD_COUNTERS))
+        conn.executescript(SCHEMA + f"{ANN_TABLE};\n" + "\n".join(SHARD_COUNTERS))
         with _transaction(conn):
             info = [("format", FORMAT), ("version", str(VERSION))]
             conn.executemany("INSERT INTO info VALUES (?, ?)", info)
@@ -311,6 +336,7 @@ class ManifestWriter:
     def __init__(self, index_dir: Path):
         self.conn = _connect(index_dir / MANIFEST)
         _add_shard_counters(self.conn)
+        self.conn.execute(ANN_TABLE)
 
     def close(self) -> None:
         self.conn.close()
@@ -324,6 +350,9 @@ class ManifestWriter:
         """Entries of a generation, from the shard counters (not a count over the entries)."""
         query = "SELECT COALESCE(SUM(live), 0) FROM shards WHERE gen = ?"
         return self.conn.execute(query, (gen,)).fetchone()[0]
+
+    def ann(self, gen: int) -> dict[str, Any] | None:
+        return ann_of(self.conn, gen)
 
     def checksums(self, gen: int) -> dict[str, str | None]:
         """The generation's shards (in order) and their SHA-1 (None where never recorded)."""
@@ -444,5 +473,5 @@ def _make_live(conn: sqlite3.Connection, gen: int) -> None:
 
 
 def _drop_generation(conn: sqlite3.Connection, gen: int) -> None:
-    for table in ("shards", "entries", "failed", "generations"):  # shards first: no counter to keep
+    for table in ("shards", "entries", "failed", "ann", "generations"):  # shards first: no counter to keep
         conn.execute(f"DELETE FROM {table} WHERE gen = ?", (gen,))
