@@ -2,6 +2,7 @@
 
     python -m benchmarks.everyday                   # every configuration below
     python -m benchmarks.everyday --only small      # those whose name starts with it
+    python -m benchmarks.everyday --only backbone   # the shipped recipe on each EfficientNet-Lite
 
 Each configuration trains on Flickr8k train (val for early stopping), is saved and loaded again (so
 the figures are those of the stored model, float16 where it says so), then scored on val (the
@@ -14,6 +15,8 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
+
+from tools.default_model import PARAMS as SHIPPED
 
 from benchmarks.tables import chosen, config_args, print_table
 from cbir.datasets import load_dataset
@@ -70,6 +73,11 @@ CONFIGS: dict[str, dict] = {
         "epochs": 45,
     },
     "int8: 2 heads, hidden 256, bank 768": {"weights_dtype": "int8", "hidden": 256, "bank_size": 768},
+    # Issue 15: the shipped model's recipe (tools/default_model.py) over larger packaged networks.
+    **{
+        f"backbone {name}: shipped recipe": {**SHIPPED, "image_backbone": name}
+        for name in ("lite0", "lite1", "lite2")
+    },
 }
 
 

@@ -118,7 +118,8 @@ def _run(
     context.enable_progress_bars = False  # `update_index` has its own, counting committed chunks
     context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)
-    views = load_model(model_dir).image_views()
+    model = load_model(model_dir)
+    views, backbone = model.image_views(), model.image_backbone()
     tables = [
         pa.table(
             {
@@ -133,7 +134,11 @@ def _run(
     embedded = (
         ray.data.from_arrow(tables)
         .map_batches(
-            _decode, fn_kwargs={"views": views}, batch_size=None, batch_format="numpy", num_cpus=DECODE_CPUS
+            _decode,
+            fn_kwargs={"views": views, "backbone": backbone},
+            batch_size=None,
+            batch_format="numpy",
+            num_cpus=DECODE_CPUS,
         )
         .map_batches(
             _Embedder,
@@ -183,16 +188,22 @@ def _files_of(model_dir: Path) -> dict[str, bytes]:
     return {p.relative_to(model_dir).as_posix(): p.read_bytes() for p in model_dir.rglob("*") if p.is_file()}
 
 
-def _decode(batch: dict[str, np.ndarray], views: Sequence[str]) -> dict[str, np.ndarray]:
-    """Read + decode/resize stage (a Ray task): each file read once, its key and every view's pixels;
-    a file that cannot be read or decoded gets its reason in `error` (and zero pixels)."""
-    from cbir.encoders.image import INPUT_SIZE, read_and_prepare
+def _decode(batch: dict[str, np.ndarray], views: Sequence[str], backbone: str) -> dict[str, np.ndarray]:
+    """Read + decode/resize stage (a Ray task): each file read once, its key and every view's pixels
+    at the input size of the model's `backbone`; a file that cannot be read or decoded gets its reason
+    in `error` (and zero pixels)."""
+    from functools import partial
 
-    n = len(batch["path"])
+    from cbir.encoders.image import preprocess, read_and_prepare
+    from cbir.feature_kinds import BACKBONES
+
+    n, size = len(batch["path"]), BACKBONES[backbone].input_size
     keys, errors = [""] * n, [""] * n
-    pixels = {view: np.zeros((n, INPUT_SIZE, INPUT_SIZE, 3), dtype=np.uint8) for view in views}
+    pixels = {view: np.zeros((n, size, size, 3), dtype=np.uint8) for view in views}
+    prepare = partial(preprocess, size=size)
     for i, raw in enumerate(batch["path"]):
-        keys[i], decoded, error = read_and_prepare(Path(os.fsdecode(bytes(raw))), dict.fromkeys(views))
+        path = Path(os.fsdecode(bytes(raw)))
+        keys[i], decoded, error = read_and_prepare(path, dict.fromkeys(views), prepare)
         errors[i] = error or ""
         for view, rows in decoded.items():
             pixels[view][i] = rows
@@ -230,7 +241,7 @@ class _Embedder:
         keys = [str(k) for k in batch["key"]]
         failed = {i: str(e) for i, e in enumerate(batch["error"]) if e}
         pixels = {name[len(PIXELS) :]: rows for name, rows in batch.items() if name.startswith(PIXELS)}
-        feats = shared_image_encoder().encode_decoded(keys, pixels, failed)
+        feats = shared_image_encoder(self.model.image_backbone()).encode_decoded(keys, pixels, failed)
         data = Dataset.from_paths([Path(os.fsdecode(bytes(p))) for p in batch["path"]], self.root)
         embedding = self.model.embed_encoded(attach_features(data, feats))
         return {**{k: batch[k] for k in ("chunk", "row", "key", "error")}, "vector": embedding.vectors}
