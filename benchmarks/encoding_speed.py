@@ -1,14 +1,14 @@
 """Photo encoding speed: torch as before against ONNX Runtime, decoding in turn or overlapped (issue 16).
 
     OMP_NUM_THREADS=2 python benchmarks/encoding_speed.py [--n 200] [--threads 1 2]
-    OMP_NUM_THREADS=2 python benchmarks/encoding_speed.py --backbones lite0 lite1 lite2
+    OMP_NUM_THREADS=2 python benchmarks/encoding_speed.py --backbones lite0 lite1 lite2 [--rounds 3]
 
 The same Flickr8k photos, in one run, through `ImageEncoder.encode` with an empty feature cache for
 each configuration (the network is loaded, and warmed up on other photos, before the clock starts);
 then the network alone on the same photos already decoded. Prints photos/s of each, the ratio to
 torch as before, the pipeline's rate against the network alone, and the largest difference between
 the torch and ONNX Runtime features. With `--backbones`, the packaged EfficientNet-Lites instead, each
-in ONNX Runtime with 2 decode threads (the default pipeline) and alone, in one run (issue 15).
+in ONNX Runtime with 2 decode threads (the default pipeline) and alone, taking turns in one run (issue 15).
 """
 
 from __future__ import annotations
@@ -65,10 +65,11 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="decode threads to try")
     parser.add_argument("--backbones", nargs="+", choices=list(BACKBONES), help="compare these networks")
+    parser.add_argument("--rounds", type=int, default=3, help="turns each network takes (--backbones)")
     args = parser.parse_args()
     photos = sorted((FLICKR8K / "images").glob("*.jpg"))[: args.n]
     if args.backbones:
-        compare_backbones(photos, args.backbones)
+        compare_backbones(photos, args.backbones, args.rounds)
         return
     ImageEncoder(runtime="onnx")._network()  # exports the network on a first run (not timed)
     print(f"{len(photos)} Flickr8k photos, load average {os.getloadavg()[0]:.1f} at the start")
@@ -90,19 +91,28 @@ def main() -> None:
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 
-def compare_backbones(photos: list[Path], backbones: list[str]) -> None:
-    """Each network's pipeline (ONNX Runtime, 2 decode threads) and network-alone rates, one after the
-    other on the same photos; exports happen before the clock starts."""
-    for name in backbones:
-        ImageEncoder(runtime="onnx", backbone=name)._network()
+def compare_backbones(photos: list[Path], backbones: list[str], rounds: int) -> None:
+    """Each network's pipeline (ONNX Runtime, 2 decode threads) and network-alone rates on the same
+    photos, the networks taking turns for `rounds` rounds (so a change of load falls on all of them);
+    the median of each. Exports happen before the clock starts."""
+    encoders = {name: ImageEncoder(runtime="onnx", backbone=name) for name in backbones}
+    for enc in encoders.values():
+        enc._network()
     print(f"{len(photos)} Flickr8k photos, load average {os.getloadavg()[0]:.1f} at the start")
+    rates: dict[str, list[tuple[float, float]]] = {name: [] for name in backbones}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in backbones:
-            enc = encoder("onnx", 2, Path(tmp) / name, name)
-            rate, _ = pipeline_rate(enc, photos)
-            alone = backbone_rate(enc, decoded(enc, photos))
-            size = BACKBONES[name].input_size
-            print(f"{name} ({size} px): pipeline {rate:5.1f} photos/s, network alone {alone:5.1f} photos/s")
+        for round_ in range(rounds):
+            for name in backbones:
+                enc = encoder("onnx", 2, Path(tmp) / f"{name}-{round_}", name)
+                rate, _ = pipeline_rate(enc, photos)
+                rates[name].append((rate, backbone_rate(enc, decoded(enc, photos))))
+    for name, runs in rates.items():
+        pipeline, alone = np.median(runs, axis=0)
+        each = ", ".join(f"{r:.1f}/{a:.1f}" for r, a in runs)
+        print(
+            f"{name} ({BACKBONES[name].input_size} px): pipeline {pipeline:5.1f} photos/s, network alone "
+            f"{alone:5.1f} photos/s (median of {rounds} rounds: {each})"
+        )
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 
