@@ -2,6 +2,7 @@
 
     python -m benchmarks.everyday                   # every configuration below
     python -m benchmarks.everyday --only small      # those whose name starts with it
+    python -m benchmarks.everyday --only backbone   # the shipped recipe on each EfficientNet-Lite
 
 Each configuration trains on Flickr8k train (val for early stopping), is saved and loaded again (so
 the figures are those of the stored model, float16 where it says so), then scored on val (the
@@ -15,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tools.default_model import PARAMS as SHIPPED
+
 from benchmarks.tables import chosen, config_args, print_table
 from cbir.datasets import load_dataset
 from cbir.evaluation import evaluate
@@ -24,6 +27,8 @@ FLICKR8K = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / 
 FLIP = {"views": ["center", "hflip"]}
 # Sizes that fit the shipped model's 10 MB: float16, 256-d embeddings, LSA over 128 dimensions.
 SMALL = {"embed_dim": 256, "lsa_dim": 128, "weights_dtype": "float16"}
+# (network, seed): each packaged EfficientNet-Lite, two seeds each (Lite1 was measured and dropped).
+BACKBONE_RUNS = [("lite0", 0), ("lite2", 0), ("lite0", 1), ("lite2", 1)]
 CONFIGS: dict[str, dict] = {
     "defaults + hflip training view (reference, float32)": {**FLIP},
     "small: hidden 128, 2 heads, bank 512": {**FLIP, **SMALL, "hidden": 128, "bank_size": 512},
@@ -70,6 +75,15 @@ CONFIGS: dict[str, dict] = {
         "epochs": 45,
     },
     "int8: 2 heads, hidden 256, bank 768": {"weights_dtype": "int8", "hidden": 256, "bank_size": 768},
+    # Issue 15: the shipped model's recipe (tools/default_model.py) over larger packaged networks.
+    **{
+        f"backbone {name}: shipped recipe" + (f", seed {seed}" if seed else ""): {
+            **SHIPPED,
+            "image_backbone": name,
+            "seed": seed,
+        }
+        for name, seed in BACKBONE_RUNS
+    },
 }
 
 

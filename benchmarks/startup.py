@@ -2,12 +2,14 @@
 
     PYTHONPATH=src python -m benchmarks.startup                       # this checkout
     PYTHONPATH=src python -m benchmarks.startup --src before=/tmp/main-src --src after=src
+    PYTHONPATH=src python -m benchmarks.startup --model lite0=runs/a --model lite2=runs/b   # other models
 
 Each case runs `cbir index` in a new process on one photo that no cache has seen (a copy of a
 cs5785-mini photo with one pixel changed), so the time is start-up plus one photo:
   - `fresh`: a new index of a folder holding only that photo;
   - `update`: that photo added to an index of 8 photos (their features cached);
-with the shipped default model and with `--model zero-shot`, and zero-shot once more with an empty
+with the shipped default model and with `--model zero-shot` (or the `--model` directories given), and
+zero-shot once more with an empty
 feature cache (the very first index on a machine: the class vocabulary is embedded then). The child
 times phases by wrapping functions (time excludes nested phases); "other" is the rest of the process
 (interpreter start, argument parsing, scanning, writing the index). Wall and CPU seconds (CPU of every
@@ -130,21 +132,22 @@ def run_index(src: Path, folder: Path, out: Path, model: str, cache: Path) -> di
     return {"wall": wall, "cpu": cpu, "phases": phases}
 
 
-def prepare(work: Path, src: Path, model: str, cache: Path) -> tuple[Path, Path]:
+def prepare(work: Path, src: Path, label: str, model: str, cache: Path) -> tuple[Path, Path]:
     """A folder of `EXISTING` photos and its index (not timed): what the `update` case adds to."""
-    folder = work / f"library-{model}"
+    folder = work / f"library-{label}"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     for photo in sorted(PHOTOS.glob("*.jpg"))[:EXISTING]:
         shutil.copy(photo, folder / photo.name)
-    out = work / f"library-{model}.cbir"
+    out = work / f"library-{label}.cbir"
     shutil.rmtree(out, ignore_errors=True)
     run_index(src, folder, out, model, cache)
     return folder, out
 
 
-def cases(work: Path, label: str, src: Path, cache: Path) -> list[dict]:
-    """Every case once with one code tree; each indexes one photo no cache has seen."""
+def cases(work: Path, label: str, src: Path, cache: Path, models: list[tuple[str, str]]) -> list[dict]:
+    """Every case once with one code tree; each indexes one photo no cache has seen. `models`: (name
+    in the table, `--model` value)."""
     sample = sorted(PHOTOS.glob("*.jpg"))[EXISTING]
     rows = []
 
@@ -152,13 +155,13 @@ def cases(work: Path, label: str, src: Path, cache: Path) -> list[dict]:
         new_photo(sample, folder / f"new-{uuid.uuid4().hex[:8]}.jpg")
         rows.append({"code": label, "case": name, **run_index(src, folder, out, model, cache)})
 
-    for model in ("default", "zero-shot"):
-        folder, index = prepare(work / label, src, model, cache)
-        case(f"{model}, 1 photo added to an index of {EXISTING}", folder, index, model)
+    for name, model in models:
+        folder, index = prepare(work / label, src, name, model, cache)
+        case(f"{name}, 1 photo added to an index of {EXISTING}", folder, index, model)
         case(
-            f"{model}, new index of 1 photo",
-            work / label / f"lone-{model}",
-            work / label / f"lone-{model}.cbir",
+            f"{name}, new index of 1 photo",
+            work / label / f"lone-{name}",
+            work / label / f"lone-{name}.cbir",
             model,
         )
     first = work / label / "first"
@@ -189,15 +192,19 @@ def main() -> None:
     )
     parser.add_argument("--src", action="append", default=[], metavar="LABEL=SRC",
                         help="a code tree to time (its src/ folder); repeat to compare")  # fmt: skip
+    parser.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
+                        help="a model directory to time instead of default and zero-shot")  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     trees = [s.partition("=")[::2] for s in args.src] or [("this checkout", str(REPO / "src"))]
+    models = [(n, str(Path(d).resolve())) for n, _, d in (m.partition("=") for m in args.model)]
     rows = []
     with tempfile.TemporaryDirectory(prefix="cbir-startup-") as tmp:
         work = Path(tmp)
         for label, src in trees:  # each tree has its own cache: neither warms the other's photos
-            rows += cases(work, label, Path(src).resolve(), work / label / "cache")
-            print(table(rows[-5:]), file=sys.stderr, flush=True)
+            trials = models or [("default", "default"), ("zero-shot", "zero-shot")]
+            rows += cases(work, label, Path(src).resolve(), work / label / "cache", trials)
+            print(table(rows[-2 * len(trials) - 1 :]), file=sys.stderr, flush=True)
     print(f"seconds, wall / CPU (all threads); {time.strftime('%Y-%m-%d %H:%M')}")
     print(table(rows))
     if args.json:

@@ -90,7 +90,9 @@ def test_a_few_photos_run_the_network_untraced_with_the_features_of_the_traced_o
     paths = sorted((KAGGLE_MINI / "images_train").glob("*.jpg"), key=lambda p: int(p.stem))[:2]
     asked = []
     real = image.load_network
-    monkeypatch.setattr(image, "load_network", lambda traced=True: asked.append(traced) or real(traced))
+    monkeypatch.setattr(
+        image, "load_network", lambda traced=True, *rest: asked.append(traced) or real(traced, *rest)
+    )
     few = ImageEncoder(cache=False, runtime="torch").encode(paths, progress=False)
     assert asked == [False]
     encoder = ImageEncoder(cache=False, runtime="torch")

@@ -113,7 +113,8 @@ def features_on_ray(model, data, address: str | None, workers: int) -> None:
     from cbir.distributed import fill_feature_cache
 
     start = time.perf_counter()
-    fill = fill_feature_cache(model.fit_image_views(*training_splits(data)), address, workers=workers)
+    needs = model.fit_image_views(*training_splits(data))
+    fill = fill_feature_cache(needs, address, backbone=model.image_backbone(), workers=workers)
     out.print(
         f"image features: {fill.computed} computed on Ray, {fill.cached} found cached "
         f"in {time.perf_counter() - start:.1f}s",

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cbir.feature_kinds import DEFAULT_BACKBONE
 from cbir.index import EncodeStage
 from cbir.models.base import ImageEmbedding
 from cbir.progress import progress_bar
@@ -128,18 +129,20 @@ def fill_feature_cache(
     needs: Sequence[tuple[Dataset, Sequence[str]]],
     address: str | None = None,
     *,
+    backbone: str = DEFAULT_BACKBONE,
     workers: int = DEFAULT_WORKERS,
     actor_options: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> CacheFill:
     """Compute on Ray the network features that `needs` (images and their views: a model's
     `fit_image_views`) lack in this process's feature cache, and store them there, so that fitting
-    afterwards computes none. `address`, `workers`, `actor_options`: as for `ray_encode_chunks`.
+    afterwards computes none. `backbone`: the network the model reads (its `image_backbone`).
+    `address`, `workers`, `actor_options`: as for `ray_encode_chunks`.
     `clip:PATH` views are left to `fit`, which computes them where it runs."""
     if workers < 1:
         raise ValueError(f"workers must be at least 1, not {workers}")
     _ray()  # a missing Ray is said now, before any work
-    missing, fill = _missing_views(needs)
+    missing, fill = _missing_views(needs, backbone)
     by_views: dict[tuple[str, ...], list[Path]] = {}
     for path, views in missing.items():
         by_views.setdefault(views, []).append(path)
@@ -150,7 +153,7 @@ def fill_feature_cache(
     connect(address, workers)
     try:
         for views, paths in by_views.items():
-            computed, failed = _fill(paths, views, workers, actor_options or {}, progress)
+            computed, failed = _fill(paths, views, backbone, workers, actor_options or {}, progress)
             fill.computed += computed
             fill.failed += failed
     finally:
@@ -160,7 +163,7 @@ def fill_feature_cache(
 
 
 def _missing_views(
-    needs: Sequence[tuple[Dataset, Sequence[str]]],
+    needs: Sequence[tuple[Dataset, Sequence[str]]], backbone: str
 ) -> tuple[dict[Path, tuple[str, ...]], CacheFill]:
     """Per file, the EfficientNet views of `needs` that the feature cache lacks (one file of each
     content), and the count of rows it has. Files that cannot be read are left to `fit`."""
@@ -185,7 +188,7 @@ def _missing_views(
     fill = CacheFill()
     for view in dict.fromkeys(v for views in views_of.values() for v in views):
         keys = [key for key, views in views_of.items() if view in views]
-        known = _driver_cache(view).known(keys)
+        known = _driver_cache(view, backbone).known(keys)
         fill.cached += len(known)
         for key in keys:
             if key not in known:
@@ -194,40 +197,45 @@ def _missing_views(
 
 
 def _fill(
-    paths: Sequence[Path], views: Sequence[str], workers: int, actor_options: dict[str, Any], progress: bool
+    paths: Sequence[Path],
+    views: Sequence[str],
+    backbone: str,
+    workers: int,
+    actor_options: dict[str, Any],
+    progress: bool,
 ) -> tuple[int, int]:
-    """One Ray run computing `views` of `paths`, each batch cached here as it arrives: (rows computed,
-    files failed)."""
+    """One Ray run computing the `backbone` network's `views` of `paths`, each batch cached here as it
+    arrives: (rows computed, files failed)."""
     size = max(1, min(FILL_CHUNK, -(-len(paths) // (2 * workers))))  # a few blocks per actor
     chunks = [paths[i : i + size] for i in range(0, len(paths), size)]
-    encoded = _pipeline(chunks, views, _Encoder, {}, workers, actor_options)
+    encoded = _pipeline(chunks, views, backbone, _Encoder, {"backbone": backbone}, workers, actor_options)
     computed = failed = 0
     with progress_bar(f"image features on Ray ({', '.join(views)})", len(paths), progress) as advance:
         for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
             ok = [i for i, error in enumerate(batch["error"]) if not error]
             for view in views:
-                computed += _store(view, [str(batch["key"][i]) for i in ok], batch[FEATURES + view][ok])
+                keys = [str(batch["key"][i]) for i in ok]
+                computed += _store(_driver_cache(view, backbone), keys, batch[FEATURES + view][ok])
             failed += len(batch["error"]) - len(ok)
             advance(len(batch["error"]))
     return computed, failed
 
 
-def _store(view: str, keys: Sequence[str], rows: np.ndarray) -> int:
+def _store(cache: FeatureCache, keys: Sequence[str], rows: np.ndarray) -> int:
     """Rows of one view into this process's feature cache, but those it has meanwhile (a local Ray's
     workers may share the cache); how many came back."""
-    cache = _driver_cache(view)
     known = cache.known(keys)
     new = [i for i, key in enumerate(keys) if key not in known]
     cache.put_many([keys[i] for i in new], rows[new])
     return len(keys)
 
 
-def _driver_cache(view: str) -> FeatureCache:
-    """Where this process's image encoder reads the features of `view`."""
+def _driver_cache(view: str, backbone: str) -> FeatureCache:
+    """Where this process's `backbone` image encoder reads the features of `view`."""
     from cbir.encoders import shared_image_encoder
     from cbir.encoders.cache import FeatureCache
 
-    encoder = shared_image_encoder()
+    encoder = shared_image_encoder(backbone)
     return FeatureCache.open(encoder.namespace(view), encoder.cache_dir)
 
 
@@ -244,11 +252,12 @@ def _run(
     from cbir.datasets import Dataset
     from cbir.models import load_model
 
-    views = load_model(model_dir).image_views()
+    loaded = load_model(model_dir)
+    views, backbone = loaded.image_views(), loaded.image_backbone()
     # The model's files by reference (nested in a list, so Ray does not inline them): the driver holds
     # them for the whole run, so an actor that Ray restarts after a crash finds them.
     model = {"model_files": [ray.put(_files_of(model_dir))], "root": str(root)}
-    embedded = _pipeline(chunks, views, _Embedder, model, workers, actor_options)
+    embedded = _pipeline(chunks, views, backbone, _Embedder, model, workers, actor_options)
     pending: dict[int, _Chunk] = {}
     for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
         for i, number in enumerate(batch["chunk"].tolist()):
@@ -262,14 +271,16 @@ def _run(
 def _pipeline(
     chunks: Sequence[Sequence[Path]],
     views: Sequence[str],
+    backbone: str,
     stage: type,
     stage_kwargs: dict[str, Any],
     workers: int,
     actor_options: dict[str, Any],
 ):
     """The two stages over `chunks` (one block each; numbered, empty ones left out): read + decode
-    `views` in Ray tasks, then `stage(**stage_kwargs)` actors, a pool of at most `workers`, one CPU each
-    unless `actor_options` say otherwise. The Ray dataset of the actors' rows, to iterate."""
+    `views` at the input size of `backbone` in Ray tasks, then `stage(**stage_kwargs)` actors, a pool
+    of at most `workers`, one CPU each unless `actor_options` say otherwise. The Ray dataset of the
+    actors' rows, to iterate."""
     import pyarrow as pa
     import ray.data
 
@@ -291,7 +302,11 @@ def _pipeline(
     return (
         ray.data.from_arrow(tables)
         .map_batches(
-            _decode, fn_kwargs={"views": views}, batch_size=None, batch_format="numpy", num_cpus=DECODE_CPUS
+            _decode,
+            fn_kwargs={"views": views, "backbone": backbone},
+            batch_size=None,
+            batch_format="numpy",
+            num_cpus=DECODE_CPUS,
         )
         .map_batches(
             stage,
@@ -331,16 +346,22 @@ def _files_of(model_dir: Path) -> dict[str, bytes]:
     return {p.relative_to(model_dir).as_posix(): p.read_bytes() for p in model_dir.rglob("*") if p.is_file()}
 
 
-def _decode(batch: dict[str, np.ndarray], views: Sequence[str]) -> dict[str, np.ndarray]:
-    """Read + decode/resize stage (a Ray task): each file read once, its key and every view's pixels;
-    a file that cannot be read or decoded gets its reason in `error` (and zero pixels)."""
-    from cbir.encoders.image import INPUT_SIZE, read_and_prepare
+def _decode(batch: dict[str, np.ndarray], views: Sequence[str], backbone: str) -> dict[str, np.ndarray]:
+    """Read + decode/resize stage (a Ray task): each file read once, its key and every view's pixels
+    at the input size of the model's `backbone`; a file that cannot be read or decoded gets its reason
+    in `error` (and zero pixels)."""
+    from functools import partial
 
-    n = len(batch["path"])
+    from cbir.encoders.image import preprocess, read_and_prepare
+    from cbir.feature_kinds import BACKBONES
+
+    n, size = len(batch["path"]), BACKBONES[backbone].input_size
     keys, errors = [""] * n, [""] * n
-    pixels = {view: np.zeros((n, INPUT_SIZE, INPUT_SIZE, 3), dtype=np.uint8) for view in views}
+    pixels = {view: np.zeros((n, size, size, 3), dtype=np.uint8) for view in views}
+    prepare = partial(preprocess, size=size)
     for i, raw in enumerate(batch["path"]):
-        keys[i], decoded, error = read_and_prepare(Path(os.fsdecode(bytes(raw))), dict.fromkeys(views))
+        path = Path(os.fsdecode(bytes(raw)))
+        keys[i], decoded, error = read_and_prepare(path, dict.fromkeys(views), prepare)
         errors[i] = error or ""
         for view, rows in decoded.items():
             pixels[view][i] = rows
@@ -352,16 +373,16 @@ def _decode(batch: dict[str, np.ndarray], views: Sequence[str]) -> dict[str, np.
     }
 
 
-def _network_features(batch: dict[str, np.ndarray]) -> ImageFeatures:
-    """The network features of a decoded batch's files, each view (from this worker's feature cache
-    where it has them); failed rows stay zero."""
+def _network_features(batch: dict[str, np.ndarray], backbone: str) -> ImageFeatures:
+    """The `backbone` network's features of a decoded batch's files, each view (from this worker's
+    feature cache where it has them); failed rows stay zero."""
     from cbir.encoders import shared_image_encoder
 
     _kill_once_if_asked()
     keys = [str(k) for k in batch["key"]]
     failed = {i: str(e) for i, e in enumerate(batch["error"]) if e}
     pixels = {name[len(PIXELS) :]: rows for name, rows in batch.items() if name.startswith(PIXELS)}
-    return shared_image_encoder().encode_decoded(keys, pixels, failed)
+    return shared_image_encoder(backbone).encode_decoded(keys, pixels, failed)
 
 
 class _Embedder:
@@ -386,7 +407,7 @@ class _Embedder:
         from cbir.datasets import Dataset
         from cbir.encoders import attach_features
 
-        feats = _network_features(batch)
+        feats = _network_features(batch, self.model.image_backbone())
         data = Dataset.from_paths([Path(os.fsdecode(bytes(p))) for p in batch["path"]], self.root)
         embedding = self.model.embed_encoded(attach_features(data, feats))
         return {**{k: batch[k] for k in ("chunk", "row", "key", "error")}, "vector": embedding.vectors}
@@ -396,8 +417,11 @@ class _Encoder:
     """Encode stage of a feature-cache fill (a Ray actor): decoded pixels -> the network's features of
     each view, sent back to the driver to cache."""
 
+    def __init__(self, backbone: str):
+        self.backbone = backbone
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        feats = _network_features(batch)
+        feats = _network_features(batch, self.backbone)
         rows = {FEATURES + view: rows for view, rows in feats.views.items()}
         return {**{k: batch[k] for k in ("chunk", "row", "key", "error")}, **rows}
 

@@ -1,6 +1,6 @@
 """Image and text feature extractors, and `image_features`: one place that turns a dataset into an
-image representation, computed by EfficientNet-Lite0 (or a user's CLIP checkpoint) or read from the
-dataset's precomputed CSVs."""
+image representation, computed by an EfficientNet-Lite (Lite0 unless a model names another backbone)
+or a user's CLIP checkpoint, or read from the dataset's precomputed CSVs."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from cbir.encoders.image import VIEWS, ImageEncoder, ImageFeatures
 from cbir.encoders.text import TextEncoder
 from cbir.feature_kinds import (
     AUTO_PRECOMPUTED,
+    DEFAULT_BACKBONE,
     DEFAULT_COMPUTED,
     FEATURE_KINDS,
     absolute_clip_kind,
@@ -32,9 +33,12 @@ if TYPE_CHECKING:
 _shared: dict[str, object] = {}
 
 
-def shared_image_encoder() -> ImageEncoder:
-    """One encoder per process, so the network is loaded once however many models ask."""
-    return _shared.setdefault("image", ImageEncoder())  # type: ignore[return-value]
+def shared_image_encoder(backbone: str = DEFAULT_BACKBONE) -> ImageEncoder:
+    """One encoder per backbone and process, so each network is loaded once however many models ask."""
+    key = f"image:{backbone}"
+    if key not in _shared:
+        _shared[key] = ImageEncoder(backbone=backbone)
+    return _shared[key]  # type: ignore[return-value]
 
 
 def shared_text_encoder() -> TextEncoder:
@@ -91,17 +95,21 @@ class UnreadableImagesWarning(UserWarning):
     """Images that `image_features` could not read, so they are zero rows (training, evaluation)."""
 
 
-def computed_features_key(view: str) -> str:
-    """Where a dataset holds the computed features of one view, beside its precomputed kinds; a
-    `clip:PATH` kind is held under its own name."""
-    return view if clip_checkpoint(view) else f"effnet@{view}"
+def computed_features_key(view: str, backbone: str = DEFAULT_BACKBONE) -> str:
+    """Where a dataset holds the computed features of one view by one backbone, beside its precomputed
+    kinds; a `clip:PATH` kind is held under its own name."""
+    return view if clip_checkpoint(view) else f"effnet-{backbone}@{view}"
 
 
 def encode_images(
-    dataset: Dataset, views: Sequence[str] = ("center",), progress: bool = True
+    dataset: Dataset,
+    views: Sequence[str] = ("center",),
+    progress: bool = True,
+    backbone: str = DEFAULT_BACKBONE,
 ) -> EncodedImages:
     """Every view of each image file from one read and one hash of it per encoder; the failures are
-    returned, not reported anywhere. A view may be a `clip:PATH` kind: that checkpoint's embeddings."""
+    returned, not reported anywhere. A view may be a `clip:PATH` kind: that checkpoint's embeddings;
+    the others are computed by the EfficientNet-Lite `backbone`."""
     clip_kinds = [v for v in views if clip_checkpoint(v)]
     effnet_views = [v for v in views if not clip_checkpoint(v)]
     runs = [
@@ -109,10 +117,12 @@ def encode_images(
         for v in clip_kinds
     ]
     if effnet_views or not runs:
-        runs.append(("", shared_image_encoder().encode(dataset.images, effnet_views, progress)))
+        runs.append(("", shared_image_encoder(backbone).encode(dataset.images, effnet_views, progress)))
     attached: dict[str, np.ndarray] = {}
     for kind, feats in runs:
-        attached.update({computed_features_key(kind or view): rows for view, rows in feats.views.items()})
+        attached.update(
+            {computed_features_key(kind or view, backbone): rows for view, rows in feats.views.items()}
+        )
     failed = {row: reason for _, feats in runs for row, reason in feats.failed.items()}
     return EncodedImages(replace(dataset, features={**dataset.features, **attached}), runs[0][1].keys, failed)
 
@@ -120,19 +130,19 @@ def encode_images(
 def attach_features(dataset: Dataset, feats: ImageFeatures) -> EncodedImages:
     """The dataset with its images' computed features attached, wherever they were computed (here, or
     on Ray workers from files decoded there)."""
-    attached = {computed_features_key(view): rows for view, rows in feats.views.items()}
+    attached = {computed_features_key(view, feats.backbone): rows for view, rows in feats.views.items()}
     return EncodedImages(
         replace(dataset, features={**dataset.features, **attached}), feats.keys, feats.failed
     )
 
 
-def _computed_rows(dataset: Dataset, view: str, progress: bool) -> np.ndarray:
+def _computed_rows(dataset: Dataset, view: str, progress: bool, backbone: str) -> np.ndarray:
     """The dataset's computed features of `view` (or `clip:PATH` kind): attached by `encode_images`, or
     encoded now and kept on the dataset (so training reads each file once), with a warning naming
     unreadable files."""
-    key = computed_features_key(view)
+    key = computed_features_key(view, backbone)
     if key not in dataset.features:
-        encoded = encode_images(dataset, (view,), progress)
+        encoded = encode_images(dataset, (view,), progress, backbone)
         if encoded.failed:
             shown = "; ".join(
                 f"{dataset.images[i]}: {reason}" for i, reason in list(encoded.failed.items())[:5]
@@ -148,11 +158,15 @@ def _computed_rows(dataset: Dataset, view: str, progress: bool) -> np.ndarray:
 
 
 def image_features(
-    dataset: Dataset, kind: str = DEFAULT_COMPUTED, view: str = "center", progress: bool = True
+    dataset: Dataset,
+    kind: str = DEFAULT_COMPUTED,
+    view: str = "center",
+    progress: bool = True,
+    backbone: str = DEFAULT_BACKBONE,
 ) -> np.ndarray:
     """(n_images, d) float32 features of one representation, or of several joined by '+' side by side
-    (`effnet-pool+effnet-logits`: one network pass serves all computed kinds); unreadable images get
-    zero rows."""
+    (`effnet-pool+effnet-logits`: one pass of the `backbone` network serves all computed kinds);
+    unreadable images get zero rows."""
     kinds = kind.split("+")
     check_kinds(kinds)
     blocks = []
@@ -160,9 +174,9 @@ def image_features(
         if clip_checkpoint(k):
             if view != "center":
                 raise ValueError(f"{k}: CLIP features have only the center view, not {view}")
-            blocks.append(_computed_rows(dataset, k, progress))
+            blocks.append(_computed_rows(dataset, k, progress, backbone))
         elif FEATURE_KINDS[k].computed:
-            blocks.append(_computed_rows(dataset, view, progress)[:, computed_columns(k)])
+            blocks.append(_computed_rows(dataset, view, progress, backbone)[:, computed_columns(k, backbone)])
         elif k in dataset.features:
             blocks.append(dataset.features[k])
         else:

