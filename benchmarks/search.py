@@ -28,11 +28,12 @@ RUNS = REPO / "runs" / "bench-search"
 LATENT_DIM = 32  # intrinsic dimension of the synthetic embeddings
 
 
-def rsicd_index():
-    """The zero-shot index of all RSICD images (built once; later runs only check the files)."""
+def rsicd_index(model: str = "default"):
+    """The index of all RSICD images with `model` (built once; later runs only check the files)."""
     from cbir.index import build_index
 
-    return build_index(SHARED / "rsicd" / "images", RUNS / "rsicd-index", progress=True)
+    name = "rsicd-index" if model == "default" else f"rsicd-index-{model}"
+    return build_index(SHARED / "rsicd" / "images", RUNS / name, model=model, progress=True)
 
 
 def index_seconds(folder: Path, model: str, tmp: Path) -> float:
@@ -93,8 +94,8 @@ def latency(queries: int) -> None:
     )
 
 
-def cold(runs: int) -> None:
-    ix = rsicd_index()
+def cold(runs: int, model: str) -> None:
+    ix = rsicd_index(model)
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "CBIR_NO_PROGRESS": "1"}
     walls = []
     for _ in range(runs):
@@ -115,7 +116,7 @@ def cold(runs: int) -> None:
         )
         walls.append(time.perf_counter() - t)
     print(
-        f"cold `cbir search` over {len(ix)} images, {runs} runs: median {statistics.median(walls):.2f}s "
+        f"cold `cbir search` over {len(ix)} images (model {model}), {runs} runs: median {statistics.median(walls):.2f}s "
         f"(min {min(walls):.2f}s, max {max(walls):.2f}s)"
     )
 
@@ -204,6 +205,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--model", default="default", help="cold: the index's model (default, zero-shot)")
     args = parser.parse_args()
     RUNS.mkdir(parents=True, exist_ok=True)
     if args.what == "throughput":
@@ -211,7 +213,7 @@ def main() -> None:
     elif args.what == "latency":
         latency(args.n)
     elif args.what == "cold":
-        cold(min(args.n, 10))
+        cold(min(args.n, 10), args.model)
     elif args.what == "verify":
         verify(args.sizes, args.dim)
     else:
