@@ -25,6 +25,7 @@ demo: install
 FLICKR8K ?= ../shared/datasets/flickr8k
 default-model: install
 	$(BIN)/python tools/default_model.py --dataset $(FLICKR8K)
+	$(BIN)/cbir calibrate --model zero-shot --dataset $(FLICKR8K)
 
 # The browser test (tests/test_server.py -k chromium) drives Debian's chromium, installed here when missing. Where
 # apt-get cannot install it (no root, no apt), the build goes on and that test skips, saying why.

@@ -169,3 +169,33 @@ def test_calibrate_errors_are_one_line(trained, tmp_path):
         load_model(bad)
     result = runner.invoke(app, ["calibrate", "-m", str(bad), "-d", str(tmp_path)])
     assert result.exit_code == 2 and "calibration" in result.output and "Traceback" not in result.output
+
+
+def test_the_zero_shot_model_is_calibrated_by_the_file_the_package_keeps(
+    flickr8k_slice_dir, tmp_path, monkeypatch
+):
+    """The zero-shot model has no directory: `cbir calibrate --model zero-shot` writes the package's
+    calibration file, and every load of the model by name scores through it; a damaged file is an error
+    that names it and the command that rebuilds it."""
+    import cbir.models
+
+    target = tmp_path / "zero_shot_calibration.json"
+    monkeypatch.setattr(cbir.models, "ZERO_SHOT_CALIBRATION", target)
+    assert load_model("zero-shot").calibration is None  # no file: raw similarities, as before
+    result = runner.invoke(app, ["calibrate", "-m", "zero-shot", "-d", str(flickr8k_slice_dir)])
+    assert result.exit_code == 0, result.output
+    assert str(target) in "".join(result.output.split())
+    calibration = load_model("zero-shot").calibration
+    assert calibration is not None and calibration.dataset == flickr8k_slice_dir.name
+    assert calibration == Calibration.from_json(json.loads(target.read_text()))
+    assert calibration.photo_slope is not None  # photo queries get their own curve too
+    target.write_text('{"method": "platt", "slope": "steep"}')
+    with pytest.raises(ModelError, match="zero_shot_calibration.json.*make default-model"):
+        load_model("zero-shot")
+
+
+def test_the_shipped_zero_shot_model_scores_as_p_match():
+    calibration = load_model("zero-shot").calibration
+    assert calibration is not None and calibration.dataset == "flickr8k" and calibration.split == "val"
+    scores = calibration.probability(np.array([-1.0, 0.0, 1.0]))
+    assert 0 <= scores[0] < scores[1] < scores[2] <= 1

@@ -214,20 +214,20 @@ def calibrate(
     """Add score calibration to an existing model directory: scores become P(match), so --min-score
     0.5 means even odds on every model. Only config.json changes; indexes re-embed on their next run."""
     from cbir.calibration import calibrate as fit_calibration
-    from cbir.models import load_model, model_dir
+    from cbir.models import load_model, model_dir, write_zero_shot_calibration
     from cbir.models.base import write_calibration
 
     try:
-        target = model_dir(model)
-        if target is None:
-            raise ValueError("the zero-shot model has no directory to store a calibration in; save one with "
-                             "`cbir train --method zero-shot` and calibrate that")  # fmt: skip
+        target = model_dir(model)  # None: the zero-shot model, whose calibration the package keeps
         loaded = load_model(model)  # a model that does not load fails before the dataset is read
         data = open_dataset(dataset)
         if split not in data.splits:
             raise ValueError(f"{dataset} has no {split} split (it has: {', '.join(data.splits)})")
         calibration = fit_calibration(loaded, data.split(split), split)
-        write_calibration(target, calibration)
+        if target is None:
+            target = write_zero_shot_calibration(calibration)
+        else:
+            write_calibration(target, calibration)
     except user_errors() as e:
         fail(str(e))
     print_calibration(calibration)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +84,32 @@ DEFAULT_MODEL = "default"
 ZERO_SHOT_MODEL = "zero-shot"
 SHIPPED_MODEL_DIR = Path(__file__).resolve().parent / "default"
 REBUILD_SHIPPED = "rebuild it with `make default-model` (from a source checkout) or reinstall cbir"
+# The zero-shot model has no files, yet its scores are P(match) like any model's: its calibration is
+# fitted on Flickr8k val (`cbir calibrate --model zero-shot`, which `make default-model` runs) and kept here.
+ZERO_SHOT_CALIBRATION = Path(__file__).resolve().parent / "zero_shot_calibration.json"
+
+
+def _zero_shot() -> RetrievalModel:
+    """The zero-shot model, calibrated when the package holds its calibration (else raw similarities)."""
+    from cbir.calibration import Calibration
+
+    model = create_model(ZERO_SHOT_MODEL).fit()
+    if ZERO_SHOT_CALIBRATION.is_file():
+        try:
+            model.calibration = Calibration.from_json(json.loads(ZERO_SHOT_CALIBRATION.read_text()))
+        except (OSError, ValueError) as e:
+            raise ModelError(
+                f"{ZERO_SHOT_CALIBRATION}: not a usable calibration ({e}); {REBUILD_SHIPPED}"
+            ) from e
+    return model
+
+
+def write_zero_shot_calibration(calibration: Any) -> Path:
+    """Store the zero-shot model's calibration (atomically: a reader sees the old file or the new)."""
+    staging = ZERO_SHOT_CALIBRATION.with_name(f".{ZERO_SHOT_CALIBRATION.name}.{os.getpid()}.tmp")
+    staging.write_text(json.dumps(calibration.to_json(), indent=2) + "\n")
+    os.replace(staging, ZERO_SHOT_CALIBRATION)
+    return ZERO_SHOT_CALIBRATION
 
 
 def _load_dir(path: Path | str) -> RetrievalModel:
@@ -118,7 +146,7 @@ def load_model(spec: Path | str | None = DEFAULT_MODEL) -> RetrievalModel:
     or 'zero-shot'."""
     path = model_dir(spec)
     if path is None:
-        return create_model(ZERO_SHOT_MODEL).fit()
+        return _zero_shot()
     if path != SHIPPED_MODEL_DIR:
         return _load_dir(path)
     try:
