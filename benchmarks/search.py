@@ -116,8 +116,8 @@ def cold(runs: int, model: str) -> None:
         )
         walls.append(time.perf_counter() - t)
     print(
-        f"cold `cbir search` over {len(ix)} images (model {model}), {runs} runs: median {statistics.median(walls):.2f}s "
-        f"(min {min(walls):.2f}s, max {max(walls):.2f}s)"
+        f"cold `cbir search` over {len(ix)} images (model {model}), {runs} runs: "
+        f"median {statistics.median(walls):.2f}s (min {min(walls):.2f}s, max {max(walls):.2f}s)"
     )
 
 
