@@ -199,3 +199,32 @@ def test_the_shipped_zero_shot_model_scores_as_p_match():
     assert calibration is not None and calibration.dataset == "flickr8k" and calibration.split == "val"
     scores = calibration.probability(np.array([-1.0, 0.0, 1.0]))
     assert 0 <= scores[0] < scores[1] < scores[2] <= 1
+
+
+def test_a_zero_shot_index_scores_through_the_packaged_calibration_and_follows_it(
+    flickr8k_slice_dir, tmp_path, monkeypatch
+):
+    """Indexes keep a copy of their model: the zero-shot copy carries the package's calibration, and a
+    new calibration (`cbir calibrate --model zero-shot`) reaches the index on its next update."""
+    import cbir.models
+    from cbir.index import update_index
+
+    shipped = json.loads(cbir.models.ZERO_SHOT_CALIBRATION.read_text())
+    target = tmp_path / "zero_shot_calibration.json"
+    target.write_text(json.dumps(shipped))
+    monkeypatch.setattr(cbir.models, "ZERO_SHOT_CALIBRATION", target)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for path in load_dataset(flickr8k_slice_dir).split("test").images[:12]:
+        shutil.copy(path, photos)
+    ix, _ = update_index(photos, tmp_path / "ix", "zero-shot", progress=False)
+    first = ix.search_text("a dog runs on the grass", k=3)
+    calibration = Calibration.from_json(shipped)
+    assert ix.calibrated and all(
+        r.score == pytest.approx(float(calibration.probability(r.similarity)), abs=1e-6) for r in first
+    )
+    target.write_text(json.dumps({**shipped, "intercept": shipped["intercept"] + 2.0}))
+    ix, _ = update_index(photos, tmp_path / "ix", "zero-shot", progress=False)
+    again = ix.search_text("a dog runs on the grass", k=3)
+    assert [r.id for r in again] == [r.id for r in first]
+    assert all(b.score > a.score for a, b in zip(first, again, strict=True))  # the new curve is in use

@@ -71,7 +71,7 @@ from cbir.manifest import (
     update_header,
     upgrade_legacy,
 )
-from cbir.models.base import ImageEmbedding, RetrievalModel
+from cbir.models.base import ImageEmbedding, RetrievalModel, read_model_dir
 
 EncodeStage = Callable[[Path, Path, Sequence[Sequence[Path]]], Iterator[tuple[int, ImageEmbedding]]]
 # An index this small is kept in one shard, which readers memory-map as is.
@@ -300,12 +300,12 @@ def model_fingerprint(model_dir: Path) -> str:
 def _install_model(index_dir: Path, model: Path | str | None) -> dict[str, str]:
     """Put the model into `index_dir/model-<fingerprint>` (a checked copy of its directory, or the
     zero-shot model written out), beside any model the manifest still names; the manifest keys."""
-    from cbir.models import ZERO_SHOT_MODEL, create_model, load_model, model_dir, model_source
+    from cbir.models import ZERO_SHOT_MODEL, load_model, model_dir, model_source
 
     staging = tmp_path(index_dir / MODEL_DIR)
     source, path = model_source(model), model_dir(model)
     if path is None:
-        create_model(ZERO_SHOT_MODEL).fit().save(staging)
+        load_model(ZERO_SHOT_MODEL).save(staging)  # with the calibration the package keeps
     else:
         load_model(model)  # a clear error before anything is copied
         shutil.copytree(path, staging)
@@ -354,12 +354,28 @@ def _has_model(index_dir: Path, generation: dict[str, Any], source: str, fingerp
     """Whether a generation's model folder is there and is the model wanted (by source, and by content
     when it is a directory)."""
     have = generation.get("model_fingerprint")
+    folder = index_dir / _model_dir_of(generation)
     return (
         have is not None
-        and (index_dir / _model_dir_of(generation)).is_dir()
+        and folder.is_dir()
         and _source_of(generation) == source
         and fingerprint in (None, have)
+        and (fingerprint is not None or _zero_shot_copy_is_current(folder))
     )
+
+
+def _zero_shot_copy_is_current(folder: Path) -> bool:
+    """The zero-shot model has no files to fingerprint: its copy in an index is current while it holds
+    the calibration the package keeps (`cbir calibrate --model zero-shot` then reaches every index)."""
+    from cbir.calibration import Calibration
+    from cbir.models import zero_shot_calibration
+
+    try:
+        stored = read_model_dir(folder)[0].get("calibration")
+        installed = None if stored is None else Calibration.from_json(stored)
+    except ValueError:
+        return False
+    return installed == zero_shot_calibration()
 
 
 def _refuse_rebuild(writer: ManifestWriter, gen: int, index_dir: Path) -> None:

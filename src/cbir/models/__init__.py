@@ -12,9 +12,12 @@ import inspect
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cbir.models.base import CONFIG_FILE, ModelError, Param, RetrievalModel, read_model_dir
+
+if TYPE_CHECKING:
+    from cbir.calibration import Calibration
 
 METHODS: dict[str, str] = {
     # classical family (issue 3)
@@ -91,17 +94,22 @@ ZERO_SHOT_CALIBRATION = Path(__file__).resolve().parent / "zero_shot_calibration
 
 def _zero_shot() -> RetrievalModel:
     """The zero-shot model, calibrated when the package holds its calibration (else raw similarities)."""
+    model = create_model(ZERO_SHOT_MODEL).fit()
+    model.calibration = zero_shot_calibration()
+    return model
+
+
+def zero_shot_calibration() -> Calibration | None:
+    """The zero-shot model's calibration as the package keeps it; None when it has none."""
     from cbir.calibration import Calibration
 
-    model = create_model(ZERO_SHOT_MODEL).fit()
-    if ZERO_SHOT_CALIBRATION.is_file():
-        try:
-            model.calibration = Calibration.from_json(json.loads(ZERO_SHOT_CALIBRATION.read_text()))
-        except (OSError, ValueError) as e:
-            raise ModelError(
-                f"{ZERO_SHOT_CALIBRATION}: not a usable calibration ({e}); {REBUILD_SHIPPED}"
-            ) from e
-    return model
+    if not ZERO_SHOT_CALIBRATION.is_file():
+        return None
+    try:
+        return Calibration.from_json(json.loads(ZERO_SHOT_CALIBRATION.read_text()))
+    except (OSError, ValueError) as e:
+        problem = f"{ZERO_SHOT_CALIBRATION}: not a usable calibration ({e})"
+        raise ModelError(f"{problem}; {REBUILD_SHIPPED}") from e
 
 
 def write_zero_shot_calibration(calibration: Any) -> Path:
