@@ -324,7 +324,7 @@ def test_page_search_grid_click_and_errors_in_chromium(browser_page, server_url,
     assert hits.locator(".caption a").all_inner_texts() == expected[:24]
     assert hits.first.locator(".caption").inner_text().startswith("#1 · ")
     assert f"q={query.replace(' ', '+')}" in page.url or "q=a%20plate" in page.url
-    page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete)")
+    wait_for_thumbnails(page)
     shot = page.screenshot()
     save_screenshot(shot, SCREENSHOT if os.environ.get("CBIR_WRITE_SCREENSHOT") else tmp_path / "web.png")
 
@@ -454,7 +454,7 @@ def test_page_feedback_and_filters_in_chromium(browser_page, server_url, index):
     assert hits.locator(".caption a").all_inner_texts().index(good) < 3
     expect(hits.nth(expected.index(good))).to_have_attribute("data-mark", "good")
     if os.environ.get("CBIR_WRITE_SCREENSHOT"):
-        page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete)")
+        wait_for_thumbnails(page)
         save_screenshot(page.screenshot(), REPO / "docs" / "web-feedback.png")
 
     # A filter that no photo passes empties the grid and says so.
@@ -463,3 +463,13 @@ def test_page_feedback_and_filters_in_chromium(browser_page, server_url, index):
     page.locator("#filter-after").dispatch_event("change")
     expect(page.locator("#status")).to_contain_text("No photos found")
     expect(hits).to_have_count(0)
+
+
+def wait_for_thumbnails(page) -> None:
+    """Until every result thumbnail has loaded. A property check, not `wait_for_function`: when its
+    condition is not true at once, Playwright polls it through eval, which the page's CSP refuses."""
+    from playwright.sync_api import expect
+
+    thumbnails = page.locator("#results img")
+    for i in range(thumbnails.count()):
+        expect(thumbnails.nth(i)).to_have_js_property("complete", True)
