@@ -104,3 +104,32 @@ def test_serve_watch_adds_a_new_photo_within_seconds(library, zero_shot_dir):  #
         assert client.get("/api/health").json()["images"] == 6
     finally:
         web.state.watcher.stop()
+
+
+def test_the_watcher_rebuilds_when_the_model_was_retrained_in_place(library, zero_shot_dir, tmp_path):  # noqa: F811
+    """`add_paths` refuses to add to an index whose model has changed since; the watcher then rebuilds
+    the index with the model as it is now, instead of failing every round."""
+    from cbir.calibration import Calibration
+    from cbir.library import Watcher
+    from cbir.models import load_model
+    from cbir.models.base import write_calibration
+
+    model = Path(shutil.copytree(zero_shot_dir, tmp_path / "model"))
+    runner.invoke(app, ["index", str(library), "--model", str(model)])
+    index = SearchIndex.open(library / FOLDER_INDEX)
+    assert load_model(index.model_dir).calibration is None
+    retrained = Calibration(slope=3.0, intercept=0.5, dataset="here", split="val")
+    write_calibration(model, retrained)  # the model directory changes in place
+    shutil.copy(photos(1, start=40)[0], library / "2024" / "arrived.jpg")
+    published: list[SearchIndex] = []
+    watcher = Watcher(index, published.append, interval=0.1)
+    watcher.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not published and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        watcher.stop()
+    assert published, "the watcher never published an update"
+    assert "2024/arrived.jpg" in published[-1] and len(published[-1]) == 7
+    assert load_model(published[-1].model_dir).calibration == retrained

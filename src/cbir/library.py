@@ -127,14 +127,20 @@ class Watcher(threading.Thread):
             try:
                 changed = folder_changes(self.index)
                 if changed:
-                    add_paths(
-                        self.index.root, self.index.path, changed, model_of(self.index.path), progress=False
-                    )
+                    self._update(changed)
                     self.index = SearchIndex.open(self.index.path)
                     self.publish(self.index)
             except Exception as e:  # a failed round is reported and retried at the next interval
                 if self.on_error is not None:
                     self.on_error(e)
+
+    def _update(self, changed: list[Path]) -> None:
+        """The changed photos added; a full update when `add_paths` refuses because the index's model
+        changed since it was built (retrained in place, a new cbir's default): a rebuild with it."""
+        try:
+            add_paths(self.index.root, self.index.path, changed, model_of(self.index.path), progress=False)
+        except IndexFormatError:
+            refresh(self.index.path)
 
     def stop(self) -> None:
         self.stopped.set()
