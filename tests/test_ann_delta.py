@@ -150,3 +150,36 @@ def test_a_manifest_written_before_it_named_approximate_indexes(small_thresholds
     )
     ix = add(root, out, [*make_folder(tmp_path, 1, start=400).glob("p400.jpg")])  # the writer adds the table
     assert ix.approximate and ann_file(out).exists() and len(ix._index().uncovered) == 0
+
+
+def test_a_shard_longer_than_its_upgraded_rows_count_is_covered_whole(tmp_path, monkeypatch):
+    """A manifest upgraded from JSON counts a shard's rows up to its last entry; when the photos of its
+    last rows were removed before the upgrade, the approximate index still covers the file as it is,
+    so it opens and searches (it failed on every search, and a rerun rebuilt the same file)."""
+    from cbir import manifest
+
+    monkeypatch.setattr(ann, "ANN_THRESHOLD", 100)
+    out = tmp_path / "ix"
+    (out / SHARDS).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((400, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    shard = ing.write_shard(out, vectors)
+    entries = [
+        {"id": f"p{i:04d}.jpg", "size": 1, "mtime_ns": 1, "sha1": "x", "shard": shard.name, "row": i}
+        for i in range(300)  # the photos of rows 300-399 were removed before the upgrade
+    ]
+    legacy = {"root": str(tmp_path), "shards": {shard.name: shard.sha1}, "entries": entries, "failed": []}
+    manifest._publish_new(out, {"live": legacy})
+    writer = manifest.ManifestWriter(out)
+    try:
+        ing.refresh_ann(writer, writer.generations()[0]["gen"], out)
+    finally:
+        writer.close()
+    mf = read_manifest(out)
+    from cbir.index import _ann_of, _coverage
+
+    path, covers = _ann_of(out, mf)
+    searcher = ann.DeltaSearcher.open(path, vectors[:300], *_coverage(mf["entries"], covers))
+    _, rows = searcher.search(vectors[:5], 1)
+    assert rows[:, 0].tolist() == [0, 1, 2, 3, 4]

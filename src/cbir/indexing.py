@@ -751,7 +751,10 @@ def write_ann(
 ) -> dict[str, Any]:
     """An approximate index of this kind over every row of these shards (a killed run's file of the
     same shards is reused), written aside and renamed into place; what the manifest records of it."""
-    covers = [[s.name, s.rows, s.live] for s in shards]
+    # Rows as the files hold them: a manifest upgraded from JSON counts a shard's rows up to its last
+    # entry, fewer than the file has when the photos of its last rows were removed before.
+    lengths = [len(np.load(index_dir / SHARDS / s.name, mmap_mode="r")) for s in shards]
+    covers = [[s.name, n, s.live] for s, n in zip(shards, lengths, strict=True)]
     layout = hashlib.sha1(json.dumps([c[:2] for c in covers]).encode()).hexdigest()[:32]
     path = index_dir / SHARDS / f"{layout}{ann.SUFFIXES[kind]}"
     if not path.exists():
