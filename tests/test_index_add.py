@@ -201,3 +201,29 @@ def test_cli_add_takes_paths_as_options_and_from_standard_input(tmp_path, monkey
     )
     result = runner.invoke(app, ["index", str(root), "--out", str(index_dir), "--add", str(tmp_path)])
     assert result.exit_code == 2 and "not below the indexed folder" in result.output
+
+
+def test_a_folder_named_drops_the_photos_gone_from_it_and_a_folder_gone_drops_all(tmp_path, monkeypatch):
+    """`--add FOLDER`: the photos indexed below it that are gone are dropped (looked up by a range of
+    ids, not by reading the index), as are all of a folder that is gone; an unknown folder is an error."""
+    monkeypatch.setattr(ing, "COMPACT_ALL_ROWS", 8)
+    root = make_folder(tmp_path, 12)  # p000-p011, some of them in sub/
+    index_dir = tmp_path / "ix"
+    update_index(root, index_dir, "default", progress=False, encode=backwards_encode)
+    in_sub = sorted(p.relative_to(root).as_posix() for p in (root / "sub").glob("*.jpg"))
+    assert len(in_sub) >= 2
+    (root / in_sub[0]).unlink()
+    reads = count_entry_reads(monkeypatch)
+    report = ing.add_paths(
+        root, index_dir, [root / "sub"], "default", progress=False, encode=backwards_encode
+    )
+    assert report.removed == [in_sub[0]] and report.unchanged == len(in_sub) - 1
+    assert reads[0] <= len(in_sub)  # the folder's entries, not the index's 12
+    shutil.rmtree(root / "sub")
+    report = ing.add_paths(
+        root, index_dir, [root / "sub"], "default", progress=False, encode=backwards_encode
+    )
+    assert report.removed == in_sub[1:] and report.size == 12 - len(in_sub)
+    assert not any(i.startswith("sub/") for i in SearchIndex.open(index_dir).ids)
+    with pytest.raises(DatasetError, match="no such folder"):
+        ing.add_paths(root, index_dir, [root / "sub"], "default", progress=False, encode=backwards_encode)

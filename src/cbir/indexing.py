@@ -58,6 +58,7 @@ from cbir.manifest import (
     delete,
     drop_unused_shards,
     entries_of,
+    ids_below,
     is_index,
     lookup,
     put_entries,
@@ -203,7 +204,7 @@ def index_folder(
     root = Path(folder).expanduser().resolve()
     if not root.is_dir():
         raise DatasetError("no such folder to index", root)
-    photos = None if paths is None else photos_below(root, paths)
+    photos = None if paths is None else photos_below(root, paths)  # checked before the lock is taken
     index_dir = Path(out).expanduser().resolve()
     _check_out_folder(index_dir, another_writer_may_be_starting=True)  # before the lock file goes in
     index_dir.mkdir(parents=True, exist_ok=True)
@@ -260,7 +261,7 @@ def _run_stages(
     root: Path,
     index_dir: Path,
     model: Path | str | None,
-    photos: Sequence[Path] | None = None,
+    photos: NamedPaths | None = None,
     progress: bool = True,
     chunk_size: int = CHUNK_SIZE,
     on_chunk: Callable[[int, int], None] | None = None,
@@ -432,31 +433,48 @@ def plan_folder(writer: ManifestWriter, gen: int, index_dir: Path, root: Path, r
 
 
 def plan_photos(
-    writer: ManifestWriter, gen: int, index_dir: Path, root: Path, photos: Sequence[Path], report: IndexReport
+    writer: ManifestWriter, gen: int, index_dir: Path, root: Path, named: NamedPaths, report: IndexReport
 ) -> Plan:
-    """The plan of `add_paths`: the entries of `photos` looked up one by one, plus those of damaged
-    shards (re-embedded); a named photo that is gone is dropped, or an error when it was never indexed."""
+    """The plan of `add_paths`: the entries of the photos named (and of those indexed below the folders
+    named, so that the ones gone from them are dropped) looked up by id, plus those of damaged shards
+    (re-embedded); a named photo that is gone is dropped, or an error when it was never indexed."""
     from cbir.datasets import DatasetError
 
     report.damaged = check_shards(writer, gen, index_dir, every=False)
     redo = {e["id"]: e for e in entries_of(writer.conn, gen, sorted(report.damaged))}
+    photos = list(named.photos)
+    for folder in named.folders:
+        below = [root / i for i in ids_below(writer.conn, gen, folder.relative_to(root).as_posix())]
+        if not below and not folder.is_dir():
+            raise DatasetError("no such folder (nor photos indexed below it)", folder)
+        photos += [p for p in below if not os.path.lexists(p)]
     old_entries, failures = lookup(writer.conn, gen, [p.relative_to(root).as_posix() for p in photos])
     for path in photos:
         image_id = path.relative_to(root).as_posix()
         if not os.path.lexists(path) and image_id not in old_entries and image_id not in failures:
             raise DatasetError("no such photo (nor one indexed before)", path)
-    named = {*photos, *(root / i for i in redo)}
-    found = _stat_all(root, sorted(p for p in named if os.path.lexists(p)), report)
+    looked_at = {*photos, *(root / i for i in redo)}
+    found = _stat_all(root, sorted(p for p in looked_at if os.path.lexists(p)), report)
     return plan_update(found, {**old_entries, **redo}, failures, set(redo), report)
 
 
-def photos_below(root: Path, paths: Sequence[Path | str]) -> list[Path]:
+@dataclass
+class NamedPaths:
+    """What `add_paths` was given: photos (those in the folders named included), and the folders."""
+
+    photos: list[Path]
+    folders: list[Path]
+
+
+def photos_below(root: Path, paths: Sequence[Path | str]) -> NamedPaths:
     """The photos `paths` name below `root` (a folder: the images a full run finds in it), in folder
-    order; a path elsewhere, hidden or not an image is an error (a full run would not index it)."""
+    order, and the folders named (a path gone that is not an image file may have been one); a path
+    elsewhere, hidden or not an image is an error (a full run would not index it)."""
     from cbir.datasets import DatasetError, list_images
     from cbir.datasets.base import IMAGE_SUFFIXES
 
     photos: dict[Path, None] = {}
+    folders: dict[Path, None] = {}
     for given in paths:
         path = Path(os.path.abspath(Path(given).expanduser()))
         path = path.parent.resolve() / path.name  # as a scan of `root` spells it: the folders resolved
@@ -466,13 +484,14 @@ def photos_below(root: Path, paths: Sequence[Path | str]) -> list[Path]:
             raise DatasetError("hidden: `cbir index` leaves hidden files and folders out", given)
         if path.is_dir() and path.is_symlink():
             raise DatasetError("a symbolic link to a folder: `cbir index` does not follow those", given)
-        if path.is_dir():
-            photos.update(dict.fromkeys(list_images(path)))
+        if path.is_dir() or (path != root and not os.path.lexists(path) and not path.suffix):
+            folders[path] = None
+            photos.update(dict.fromkeys(list_images(path) if path.is_dir() else []))
         elif path.suffix.lower() in IMAGE_SUFFIXES:
             photos[path] = None
         else:
             raise DatasetError(f"not an image file ({', '.join(sorted(IMAGE_SUFFIXES))})", given)
-    return sorted(photos)
+    return NamedPaths(sorted(photos), list(folders))
 
 
 def scan_folder(root: Path, report: IndexReport) -> list[tuple[str, Path, os.stat_result]]:

@@ -218,6 +218,19 @@ def lookup(conn: sqlite3.Connection, gen: int, ids: Iterable[str]) -> tuple[dict
     return entries, failed
 
 
+def ids_below(conn: sqlite3.Connection, gen: int, folder: str) -> list[str]:
+    """The ids of the entries and failures below `folder` (relative to the indexed folder; "." for
+    all), by a range of the ids' index: the cost is theirs, not the generation's."""
+    if folder in ("", "."):
+        where, args = "WHERE gen = ?", (gen,)
+    else:
+        low = _key(folder.rstrip("/") + "/")
+        where, args = "WHERE gen = ? AND id >= ? AND id < ?", (gen, low, low[:-1] + b"0")  # "0" follows "/"
+    return [os.fsdecode(row[0]) for table in ("entries", "failed") for row in conn.execute(
+        f"SELECT id FROM {table} {where}", args
+    )]  # fmt: skip
+
+
 def _failure(image_id: bytes, size: int, mtime_ns: int, sha1: str, reason: str) -> dict[str, Any]:
     return {"id": os.fsdecode(image_id), "size": size, "mtime_ns": mtime_ns, "sha1": sha1, "reason": reason}
 
