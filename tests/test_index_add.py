@@ -18,6 +18,7 @@ from cbir.cli import app
 from cbir.datasets import DatasetError
 from cbir.index import SHARDS, IndexFormatError, SearchIndex, read_manifest, update_index
 from cbir.manifest import MANIFEST, ManifestWriter
+from cbir.models import create_model
 from tests.conftest import FLICKR8K
 from tests.test_index_stages import backwards_encode, expected_vectors, make_folder
 
@@ -227,3 +228,35 @@ def test_a_folder_named_drops_the_photos_gone_from_it_and_a_folder_gone_drops_al
     assert not any(i.startswith("sub/") for i in SearchIndex.open(index_dir).ids)
     with pytest.raises(DatasetError, match="no such folder"):
         ing.add_paths(root, index_dir, [root / "sub"], "default", progress=False, encode=backwards_encode)
+
+
+def test_a_refused_add_leaves_an_interrupted_rebuild_for_its_full_run(tmp_path):
+    """An add with another model than the index's is refused before it writes anything: a rebuild with
+    a third model that a full run left aside (interrupted) is still there for that run to carry on."""
+
+    class Interrupted(Exception):
+        pass
+
+    def stop(done: int, total: int) -> None:
+        raise Interrupted
+
+    root = make_folder(tmp_path, 6)
+    index_dir = tmp_path / "ix"
+    update_index(root, index_dir, "default", progress=False, encode=backwards_encode)
+    with pytest.raises(Interrupted):
+        update_index(root, index_dir, "zero-shot", progress=False, chunk_size=2, on_chunk=stop)
+    writer = ManifestWriter(index_dir)
+    try:
+        aside = writer.generations()[1]
+        assert aside is not None and aside["model_source"] == "zero-shot"
+        kept = writer.count(aside["gen"])
+    finally:
+        writer.close()
+    other = create_model("zero-shot").fit().save(tmp_path / "other-model")
+    with pytest.raises(IndexFormatError, match="photos are added to an index of the same folder"):
+        ing.add_paths(root, index_dir, [root / "p001.jpg"], other, progress=False)
+    writer = ManifestWriter(index_dir)
+    try:
+        assert writer.generations()[1] == aside and writer.count(aside["gen"]) == kept
+    finally:
+        writer.close()

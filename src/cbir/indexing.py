@@ -268,12 +268,13 @@ def _run_stages(
     encode: EncodeStage | None = None,
 ) -> IndexReport:
     """`update_index` once it holds the lock: every stage, in order; `photos`: those of `add_paths`."""
+    if photos is not None:
+        _refuse_rebuild(writer, index_dir, root, model)  # before anything is written
     gen, model_dir = prepare_generation(writer, index_dir, root, model)
     report = IndexReport()
     if photos is None:
         plan = plan_folder(writer, gen, index_dir, root, report)
     else:
-        _refuse_rebuild(writer, gen, index_dir)
         plan = plan_photos(writer, gen, index_dir, root, photos, report)
     commit_plan(writer, gen, index_dir, plan)  # removals go live before the long part
     encode_and_commit(
@@ -379,11 +380,23 @@ def _zero_shot_copy_is_current(folder: Path) -> bool:
     return installed == zero_shot_calibration()
 
 
-def _refuse_rebuild(writer: ManifestWriter, gen: int, index_dir: Path) -> None:
-    """`add_paths` adds to the live generation: one of another folder or model is rebuilt by a full run
-    (`prepare_generation` has started it aside, where that run carries on)."""
+def _refuse_rebuild(writer: ManifestWriter, index_dir: Path, root: Path, model: Path | str | None) -> None:
+    """`add_paths` adds to the live generation: an index of another folder or model (or one retrained
+    since) is rebuilt by a full run, so the add is refused before it writes anything (a rebuild left
+    aside by an interrupted full run stays for that run to carry on)."""
+    from cbir.models import model_dir, model_source
+
     live, _ = writer.generations()
-    if gen != live["gen"]:
+    if writer.count(live["gen"]) == 0:
+        return  # nothing to keep: the add starts the index
+    wanted_dir = model_dir(model)
+    folder = index_dir / _model_dir_of(live)
+    same_model = _source_of(live) == model_source(model) and (
+        live.get("model_fingerprint") == model_fingerprint(wanted_dir)
+        if wanted_dir is not None
+        else folder.is_dir() and _zero_shot_copy_is_current(folder)
+    )
+    if not same_model or live["root"] != str(root):
         raise IndexFormatError(
             f"{index_dir}: indexes {live['root']} with the model {_source_of(live)}; photos are added to an "
             "index of the same folder with the same model (--model), or rerun `cbir index` without them "
