@@ -183,3 +183,20 @@ def test_a_shard_longer_than_its_upgraded_rows_count_is_covered_whole(tmp_path, 
     searcher = ann.DeltaSearcher.open(path, vectors[:300], *_coverage(mf["entries"], covers))
     _, rows = searcher.search(vectors[:5], 1)
     assert rows[:, 0].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_removing_more_than_a_tenth_rebuilds_it_over_the_photos_left_only(small_thresholds, tmp_path):
+    """A rebuild after removals first merges away the removed photos' rows: the new index holds the
+    photos left and nothing else (the same shards would otherwise name the same file, dead rows kept)."""
+    root = make_folder(tmp_path, 400)
+    out = tmp_path / "ix"
+    ix = add(root, out, [root])
+    graph = ann_file(out)
+    gone = ix.ids[::5]  # 80 of 400: past a tenth
+    for image_id in gone:
+        (root / image_id).unlink()
+    ix = add(root, out, [root / i for i in gone])
+    assert len(ix) == 320 and ann_file(out) != graph and not graph.exists()
+    searcher = ix._index()
+    assert searcher.searcher.ntotal == 320 and len(searcher.uncovered) == 0  # no dead rows in it
+    assert_ranks_like_exact_search(ix, np.stack([vector_of(f"query {i}".encode()) for i in range(20)]))

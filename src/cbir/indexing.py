@@ -729,10 +729,14 @@ def compaction_group(shards: Sequence[ShardInfo]) -> list[str]:
 
 
 def compact(writer: ManifestWriter, gen: int, index_dir: Path) -> None:
-    """Merge the shards `compaction_group` names into one new shard (rows ordered by id), committed in
-    one transaction; the old files are swept at the end of the run."""
-    shards = writer.shards(gen)
-    group = compaction_group(shards)
+    """Merge the shards `compaction_group` names into one new shard; the old files are swept at the end
+    of the run."""
+    merge_shards(writer, gen, index_dir, compaction_group(writer.shards(gen)))
+
+
+def merge_shards(writer: ManifestWriter, gen: int, index_dir: Path, group: Sequence[str]) -> None:
+    """The live rows of these shards as one new shard (rows ordered by id), committed in one
+    transaction; nothing when the group is empty."""
     if not group:
         return
     entries = sorted(entries_of(writer.conn, gen, group), key=lambda e: e["id"])
@@ -748,8 +752,8 @@ def compact(writer: ManifestWriter, gen: int, index_dir: Path) -> None:
 def _finish(writer: ManifestWriter, gen: int, index_dir: Path) -> None:
     """The approximate index of a large index, then the sweep of what the live generation no longer
     names."""
+    current = refresh_ann(writer, gen, index_dir)  # may merge shards first
     live = set(writer.checksums(gen))
-    current = refresh_ann(writer, gen, index_dir)
     if current is not None:
         live.add(current)
     model_dir = writer.generations()[0]["model_dir"]
@@ -771,6 +775,9 @@ def refresh_ann(writer: ManifestWriter, gen: int, index_dir: Path) -> str | None
             and (index_dir / SHARDS / current["name"]).exists()
         ):
             return current["name"]
+    if kind is not None:  # a new index: first drop the removed photos' rows, so that it holds none
+        merge_shards(writer, gen, index_dir, [s.name for s in shards if s.live < s.rows])
+        shards = writer.shards(gen)
     wanted = None if kind is None else write_ann(index_dir, shards, kind, writer.checksums(gen))
     if wanted != current:
         with writer.commit() as conn:
