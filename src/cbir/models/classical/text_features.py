@@ -153,24 +153,39 @@ class TextFeaturizer:
             self.w2v_vectors = w2v.wv.vectors.astype(np.float32)
         return self
 
-    def _counts(self, texts: Sequence[str], idf: bool):
-        """(n, vocabulary) sparse term counts, or sublinear TF-IDF as fitted. Counted here rather than by
-        scikit-learn, whose import (~1 s) would dominate a one-query `cbir search`."""
-        from scipy.sparse import csr_matrix
-
-        indptr, indices, counts = [0], [], []
+    def _weights(self, texts: Sequence[str], idf: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per text, its vocabulary indices (in order of first use) and term counts, or sublinear TF-IDF
+        as fitted. Counted here rather than by scikit-learn or SciPy, whose imports (~1 s, ~0.15 s)
+        would dominate a one-query `cbir search`."""
+        rows = []
         for text in texts:
             row = Counter(self.vocabulary[t] for t in self.analyzer(text) if t in self.vocabulary)
-            indices += row.keys()
-            counts += row.values()
-            indptr.append(len(indices))
-        x = csr_matrix(
-            (np.asarray(counts, dtype=np.float32), np.asarray(indices, dtype=np.int64), indptr),
-            shape=(len(texts), len(self.vocabulary)),
-        )
-        if idf:
-            x.data = (1.0 + np.log(x.data)) * self.idf[x.indices]
-        return x
+            indices = np.fromiter(row.keys(), dtype=np.int64, count=len(row))
+            weights = np.fromiter(row.values(), dtype=np.float32, count=len(row))
+            if idf:
+                weights = (1.0 + np.log(weights)) * self.idf[indices]
+            rows.append((indices, weights))
+        return rows
+
+    def _counts(self, texts: Sequence[str], idf: bool) -> np.ndarray:
+        """(n, vocabulary) term counts or TF-IDF, dense."""
+        counts = np.zeros((len(texts), len(self.vocabulary)), dtype=np.float32)
+        for i, (indices, weights) in enumerate(self._weights(texts, idf)):
+            counts[i, indices] = weights
+        return counts
+
+    def _lsa(self, texts: Sequence[str]) -> np.ndarray:
+        """TF-IDF projected on the LSA components, over the TF-IDF norm. Summed as SciPy's sparse product
+        and row sum did (terms in order of first use; the squares latest first, reduced by segments of
+        one flat array), so the numbers are those the shipped models were trained on, to the last bit."""
+        components = np.ascontiguousarray(self.lsa_components.T)
+        rows = self._weights(texts, idf=True)
+        out = np.zeros((len(texts), components.shape[1]), dtype=np.float32)
+        for i, (indices, weights) in enumerate(rows):
+            projected = out[i]
+            for index, weight in zip(indices, weights, strict=True):
+                projected += weight * components[index]
+        return out / np.maximum(np.sqrt(_row_sums([w[::-1] ** 2 for _, w in rows]))[:, None], 1e-12)
 
     def block(self, kind: str, texts: Sequence[str]) -> np.ndarray:
         if clip_checkpoint(kind):
@@ -182,11 +197,9 @@ class TextFeaturizer:
 
             return shared_text_encoder().encode(texts, progress=len(texts) > 256)
         if kind in ("tfidf", "bow"):
-            return self._counts(texts, idf=kind == "tfidf").toarray()
+            return self._counts(texts, idf=kind == "tfidf")
         if kind == "lsa":
-            tfidf = self._counts(texts, idf=True)
-            norms = np.sqrt(np.asarray(tfidf.multiply(tfidf).sum(axis=1), dtype=np.float32))
-            return np.asarray(tfidf @ self.lsa_components.T) / np.maximum(norms, 1e-12)
+            return self._lsa(texts)
         if kind == "word2vec":
             return average_vectors(texts, self.w2v_words, self.w2v_vectors)
         return average_vectors(texts, *glove_vectors())
@@ -209,3 +222,15 @@ class TextFeaturizer:
         self.vocabulary = state["vocabulary"]
         self.kinds = state.get("kinds", self.kinds)  # CLIP paths as resolved when fitted
         self.w2v_words = {w: i for i, w in enumerate(state["word2vec_words"])}
+
+
+def _row_sums(rows: Sequence[np.ndarray]) -> np.ndarray:
+    """The sum of each float32 row, as `np.add.reduceat` gives it over the rows laid end to end (how
+    SciPy sums a sparse matrix's rows: the rounding depends on that layout)."""
+    sums = np.zeros(len(rows), dtype=np.float32)
+    lengths = np.array([len(r) for r in rows], dtype=np.int64)
+    filled = np.flatnonzero(lengths)
+    if len(filled):
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        sums[filled] = np.add.reduceat(np.concatenate(rows).astype(np.float32), starts[filled])
+    return sums
