@@ -1,6 +1,6 @@
 """Load test of `cbir serve`: concurrent clients against an index, on loopback, for a bounded time.
 
-    python benchmarks/serve_load.py [--index runs/rsicd-index | --synthetic 10000] [--clients 50]
+    python -m benchmarks.serve_load [--index runs/rsicd-index | --synthetic 10000] [--clients 50]
                                     [--seconds 30] [--baseline REV]
 
 The index is a real one (`--index`; built when missing from every RSICD image, 10,921 aerial photos,
@@ -76,7 +76,7 @@ def synthetic_index(index_dir: Path, n: int, model: Path, seed: int = 0) -> None
     vectors = rng.standard_normal((n, dim)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     shard = indexing.write_shard(index_dir, vectors)
-    write_manifest(index_dir, photos.resolve(), entries, (shard.name, shard.sha1, (n, dim)), model)
+    write_manifest(index_dir, photos.resolve(), entries, (shard, dim), model)
 
 
 def baseline_source(rev: str, into: Path) -> Path:
