@@ -211,8 +211,9 @@ def calibrate(
     dataset: DatasetOpt,
     split: Annotated[str, typer.Option(help="Held-out captioned split to fit on.")] = "val",
 ) -> None:
-    """Add score calibration to an existing model directory: scores become P(match), so --min-score
-    0.5 means even odds on every model. Only config.json changes; indexes re-embed on their next run."""
+    """Add score calibration to an existing model directory (for `zero-shot`, to the file the package
+    keeps): scores become P(match), so --min-score 0.5 means even odds on every model. Only the
+    calibration changes; indexes re-embed on their next run."""
     from cbir.calibration import calibrate as fit_calibration
     from cbir.models import load_model, model_dir, write_zero_shot_calibration
     from cbir.models.base import write_calibration

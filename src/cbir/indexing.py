@@ -355,15 +355,20 @@ def prepare_generation(
 def _has_model(index_dir: Path, generation: dict[str, Any], source: str, fingerprint: str | None) -> bool:
     """Whether a generation's model folder is there and is the model wanted (by source, and by content
     when it is a directory)."""
-    have = generation.get("model_fingerprint")
-    folder = index_dir / _model_dir_of(generation)
-    return (
-        have is not None
-        and folder.is_dir()
-        and _source_of(generation) == source
-        and fingerprint in (None, have)
-        and (fingerprint is not None or _zero_shot_copy_is_current(folder))
+    return (index_dir / _model_dir_of(generation)).is_dir() and _built_with(
+        index_dir, generation, source, fingerprint
     )
+
+
+def _built_with(index_dir: Path, generation: dict[str, Any], source: str, fingerprint: str | None) -> bool:
+    """Whether a generation was built with the model wanted: by source, and by content (a directory's
+    fingerprint; for the zero-shot model, which has none, the calibration of its copy)."""
+    have = generation.get("model_fingerprint")
+    if have is None or _source_of(generation) != source:
+        return False
+    if fingerprint is not None:
+        return fingerprint == have
+    return _zero_shot_copy_is_current(index_dir / _model_dir_of(generation))
 
 
 def _zero_shot_copy_is_current(folder: Path) -> bool:
@@ -390,13 +395,8 @@ def _refuse_rebuild(writer: ManifestWriter, index_dir: Path, root: Path, model: 
     if writer.count(live["gen"]) == 0:
         return  # nothing to keep: the add starts the index
     wanted_dir = model_dir(model)
-    folder = index_dir / _model_dir_of(live)
-    same_model = _source_of(live) == model_source(model) and (
-        live.get("model_fingerprint") == model_fingerprint(wanted_dir)
-        if wanted_dir is not None
-        else folder.is_dir() and _zero_shot_copy_is_current(folder)
-    )
-    if not same_model or live["root"] != str(root):
+    fingerprint = None if wanted_dir is None else model_fingerprint(wanted_dir)
+    if not _built_with(index_dir, live, model_source(model), fingerprint) or live["root"] != str(root):
         raise IndexFormatError(
             f"{index_dir}: indexes {live['root']} with the model {_source_of(live)}; photos are added to an "
             "index of the same folder with the same model (--model), or rerun `cbir index` without them "

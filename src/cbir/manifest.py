@@ -226,9 +226,10 @@ def ids_below(conn: sqlite3.Connection, gen: int, folder: str) -> list[str]:
     else:
         low = _key(folder.rstrip("/") + "/")
         where, args = "WHERE gen = ? AND id >= ? AND id < ?", (gen, low, low[:-1] + b"0")  # "0" follows "/"
-    return [os.fsdecode(row[0]) for table in ("entries", "failed") for row in conn.execute(
-        f"SELECT id FROM {table} {where}", args
-    )]  # fmt: skip
+    rows = []
+    for table in ("entries", "failed"):
+        rows += conn.execute(f"SELECT id FROM {table} {where}", args).fetchall()
+    return [os.fsdecode(image_id) for (image_id,) in rows]
 
 
 def _failure(image_id: bytes, size: int, mtime_ns: int, sha1: str, reason: str) -> dict[str, Any]:

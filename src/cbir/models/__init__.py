@@ -10,11 +10,17 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cbir.models.base import CONFIG_FILE, ModelError, Param, RetrievalModel, read_model_dir
+from cbir.models.base import (
+    CONFIG_FILE,
+    ModelError,
+    Param,
+    RetrievalModel,
+    read_model_dir,
+    write_json_atomically,
+)
 
 if TYPE_CHECKING:
     from cbir.calibration import Calibration
@@ -112,11 +118,9 @@ def zero_shot_calibration() -> Calibration | None:
         raise ModelError(f"{problem}; {REBUILD_SHIPPED}") from e
 
 
-def write_zero_shot_calibration(calibration: Any) -> Path:
+def write_zero_shot_calibration(calibration: Calibration) -> Path:
     """Store the zero-shot model's calibration (atomically: a reader sees the old file or the new)."""
-    staging = ZERO_SHOT_CALIBRATION.with_name(f".{ZERO_SHOT_CALIBRATION.name}.{os.getpid()}.tmp")
-    staging.write_text(json.dumps(calibration.to_json(), indent=2) + "\n")
-    os.replace(staging, ZERO_SHOT_CALIBRATION)
+    write_json_atomically(ZERO_SHOT_CALIBRATION, calibration.to_json())
     return ZERO_SHOT_CALIBRATION
 
 

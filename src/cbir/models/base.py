@@ -342,14 +342,19 @@ def write_calibration(path: Path | str, calibration: Calibration) -> Path:
         config["arrays"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in weights.items()}
         config.setdefault("params", {})
         config.setdefault("state", {})
-    staging = cfg_file.with_name(f".{CONFIG_FILE}.{uuid.uuid4().hex}.tmp")
+    write_json_atomically(cfg_file, config)
+    return Path(path)
+
+
+def write_json_atomically(path: Path, data: Any) -> None:
+    """`data` as JSON in `path`, written aside, synced and renamed: a reader sees the old file or the new."""
+    staging = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        staging.write_text(json.dumps(config, indent=2, default=_jsonable) + "\n")
+        staging.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
         _fsync(staging)
-        os.replace(staging, cfg_file)
+        os.replace(staging, path)
     finally:
         staging.unlink(missing_ok=True)
-    return Path(path)
 
 
 def read_model_dir(path: Path | str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

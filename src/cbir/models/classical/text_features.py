@@ -178,13 +178,12 @@ class TextFeaturizer:
         """TF-IDF projected on the LSA components, over the TF-IDF norm. Summed as SciPy's sparse product
         and row sum did (terms in order of first use; the squares latest first, reduced by segments of
         one flat array), so the numbers are those the shipped models were trained on, to the last bit."""
-        components = np.ascontiguousarray(self.lsa_components.T)
         rows = self._weights(texts, idf=True)
-        out = np.zeros((len(texts), components.shape[1]), dtype=np.float32)
+        out = np.zeros((len(texts), self.lsa_components.shape[0]), dtype=np.float32)
         for i, (indices, weights) in enumerate(rows):
             projected = out[i]
             for index, weight in zip(indices, weights, strict=True):
-                projected += weight * components[index]
+                projected += weight * self.lsa_components[:, index]
         return out / np.maximum(np.sqrt(_row_sums([w[::-1] ** 2 for _, w in rows]))[:, None], 1e-12)
 
     def block(self, kind: str, texts: Sequence[str]) -> np.ndarray:
