@@ -88,9 +88,9 @@ def count_entry_reads(monkeypatch) -> list[int]:
     reads = [0]
     real = cbir.manifest._entry
 
-    def entry(*row):
+    def entry(*row, **options):
         reads[0] += 1
-        return real(*row)
+        return real(*row, **options)
 
     monkeypatch.setattr(cbir.manifest, "_entry", entry)
     return reads

@@ -151,6 +151,17 @@ def test_filters_apply_before_ranking_so_k_stays_k(steer_index):
         Filters.parse(after="last week")
 
 
+def test_metadata_is_decoded_only_when_a_filter_asks(steer_index):
+    """Opening an index and a plain search leave the photos' EXIF meta as stored (JSON text, a quarter
+    of a cold search's manifest read); a filter decodes it and finds the same photos as ever."""
+    ix = SearchIndex.open(steer_index.path)
+    assert ix.find("a dog", k=5) == steer_index.find("a dog", k=5)
+    assert "meta" not in vars(ix)
+    canon = ix.find("a dog", filters=Filters.parse(camera="canon"), k=5)
+    assert sorted(r.id for r in canon) == ["12.jpg", "trip/0.jpg", "trip/1.jpg"]
+    assert ix.meta == steer_index.meta and ix.meta[ix.ids.index("12.jpg")]["camera"] == "Canon EOS 5D"
+
+
 def test_offset_pages_continue_the_ranking(steer_index):
     ix = steer_index
     whole = ix.find("a dog", k=12)

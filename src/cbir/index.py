@@ -29,11 +29,13 @@ size, times, inode), which re-embeds the images of a damaged shard (from the fea
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import stat
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -216,8 +218,9 @@ class SearchIndex:
         self.ids: list[str] = [e["id"] for e in manifest["entries"]]
         self.failed: dict[str, str] = {f["id"]: f["reason"] for f in manifest.get("failed", [])}
         self._indexed_stat = {e["id"]: (e["size"], e["mtime_ns"]) for e in manifest["entries"]}
-        # For filters: EXIF capture date and camera (None in indexes written before they were recorded).
-        self.meta: list[dict[str, Any] | None] = [e.get("meta") for e in manifest["entries"]]
+        # For filters: EXIF capture date and camera (None in indexes written before they were recorded),
+        # as JSON text until a filter asks (`meta`).
+        self._meta: list[str | dict[str, Any] | None] = [e.get("meta") for e in manifest["entries"]]
         self.mtimes_ns: list[int] = [e["mtime_ns"] for e in manifest["entries"]]
         self._row = {image_id: i for i, image_id in enumerate(self.ids)}
         # Ids that are not valid UTF-8, by their printable name (an exact id of that spelling wins).
@@ -241,16 +244,21 @@ class SearchIndex:
         error (IndexFormatError, or ModelError: both ValueError). `model`: the index's model, already
         loaded by the writer that just published it (it is not loaded again)."""
         index_dir = Path(path).expanduser().resolve()
-        manifest = read_manifest(index_dir)
+        manifest = read_manifest(index_dir, raw_meta=True)
         for _ in range(OPEN_ATTEMPTS - 1):
             try:
                 return cls(index_dir, manifest, model)
             except (ValueError, OSError):
-                latest = read_manifest(index_dir)
+                latest = read_manifest(index_dir, raw_meta=True)
                 if latest == manifest:
                     raise
                 manifest, model = latest, None  # a newer manifest may name another model
         return cls(index_dir, manifest)
+
+    @cached_property
+    def meta(self) -> list[dict[str, Any] | None]:
+        """Each entry's EXIF meta, decoded on first use: most searches filter on none of it."""
+        return [json.loads(m) if isinstance(m, str) else m for m in self._meta]
 
     @property
     def approximate(self) -> bool:

@@ -112,20 +112,22 @@ def _transaction(conn: sqlite3.Connection, kind: str = "IMMEDIATE") -> Iterator[
 
 
 # Reading ----------------------------------------------------------------------------------------
-def read_manifest(path: Path) -> dict[str, Any]:
+def read_manifest(path: Path, *, raw_meta: bool = False) -> dict[str, Any]:
     """The live generation as plain data (root, model keys, dim, shards, entries in vector order,
-    failed), with the header of a generation built aside under `NEXT`; one consistent snapshot."""
+    failed), with the header of a generation built aside under `NEXT`; one consistent snapshot.
+    `raw_meta`: each entry's SQLite meta as its JSON text, for a reader that decodes it only if a
+    filter asks (decoding all of it is a quarter of reading a manifest)."""
     if not path.is_dir():
         raise IndexFormatError(
             f"{path}: no such index directory; build one with `cbir index FOLDER --out {path}`"
         )
     if (path / MANIFEST).is_file():
-        return _read_sqlite(path / MANIFEST)
+        return _read_sqlite(path / MANIFEST, raw_meta)
     if (path / LEGACY_MANIFEST).is_file():
         try:
             return read_legacy(path / LEGACY_MANIFEST)
         except FileNotFoundError:  # upgraded to SQLite since the check above
-            return _read_sqlite(path / MANIFEST)
+            return _read_sqlite(path / MANIFEST, raw_meta)
     raise IndexFormatError(f"{path}: not an index directory (no {MANIFEST}); build one with `cbir index`")
 
 
@@ -140,11 +142,11 @@ def read_legacy(file: Path) -> dict[str, Any]:
     return manifest
 
 
-def _read_sqlite(file: Path) -> dict[str, Any]:
+def _read_sqlite(file: Path, raw_meta: bool = False) -> dict[str, Any]:
     try:
         with closing(_connect(file)) as conn, _transaction(conn, "DEFERRED"):
             live, next_gen = _pointers(conn)
-            manifest = {"format": FORMAT, "version": VERSION, **load_generation(conn, live)}
+            manifest = {"format": FORMAT, "version": VERSION, **load_generation(conn, live, raw_meta)}
             if next_gen is not None:
                 manifest[NEXT] = header(conn, next_gen)
             return manifest
@@ -169,10 +171,10 @@ def header(conn: sqlite3.Connection, gen: int) -> dict[str, Any]:
     return {"gen": gen, **data}
 
 
-def load_generation(conn: sqlite3.Connection, gen: int) -> dict[str, Any]:
+def load_generation(conn: sqlite3.Connection, gen: int, raw_meta: bool = False) -> dict[str, Any]:
     """A generation whole: header, shard checksums, entries (in vector order) and failures."""
     shards = dict(conn.execute("SELECT name, sha1 FROM shards WHERE gen = ? ORDER BY seq", (gen,)))
-    entries = entries_of(conn, gen)
+    entries = entries_of(conn, gen, raw_meta=raw_meta)
     failed = [_failure(*row) for row in conn.execute(f"{FAILED} WHERE gen = ? ORDER BY id", (gen,))]
     generation = {**header(conn, gen), "shards": shards, "entries": entries, "failed": failed}
     return {**generation, "ann": ann_of(conn, gen)}
@@ -196,11 +198,12 @@ def set_ann(conn: sqlite3.Connection, gen: int, ann: dict[str, Any] | None) -> N
 
 
 def entries_of(
-    conn: sqlite3.Connection, gen: int, shards: Sequence[str] | None = None
+    conn: sqlite3.Connection, gen: int, shards: Sequence[str] | None = None, raw_meta: bool = False
 ) -> list[dict[str, Any]]:
     """A generation's entries (of some shards only, when named), in vector order: shard, then row."""
     where = "" if shards is None else f"AND e.shard IN ({', '.join('?' * len(shards))})"
-    return [_entry(*row) for row in conn.execute(ENTRIES.format(where=where), (gen, *(shards or ())))]
+    rows = conn.execute(ENTRIES.format(where=where), (gen, *(shards or ())))
+    return [_entry(*row, raw_meta=raw_meta) for row in rows]
 
 
 def lookup(conn: sqlite3.Connection, gen: int, ids: Iterable[str]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -237,12 +240,19 @@ def _failure(image_id: bytes, size: int, mtime_ns: int, sha1: str, reason: str) 
 
 
 def _entry(
-    image_id: bytes, size: int, mtime_ns: int, sha1: str, shard: str, row: int, meta: str | None
+    image_id: bytes,
+    size: int,
+    mtime_ns: int,
+    sha1: str,
+    shard: str,
+    row: int,
+    meta: str | None,
+    raw_meta: bool = False,
 ) -> dict[str, Any]:
     entry = {"id": os.fsdecode(image_id), "size": size, "mtime_ns": mtime_ns, "sha1": sha1}
     entry.update(shard=shard, row=row)
     if meta is not None:
-        entry["meta"] = json.loads(meta)
+        entry["meta"] = meta if raw_meta else json.loads(meta)
     return entry
 
 
