@@ -173,6 +173,23 @@ def test_cli_index_search_show(tmp_path, zero_shot_dir):
             assert im.format == "PNG" and im.width > 400 and im.height > 300
 
 
+def test_a_cold_text_search_imports_only_the_search_path(folder, tmp_path, zero_shot_dir):
+    """`cbir search TEXT --index IX` in a new process prints its results without importing the write
+    path (cbir.indexing), the bulk text runtimes (onnxruntime, torch), SciPy or rich's tables: each
+    would add to the second that a cold search may take (BENCHMARKS.md, issue 16)."""
+    build_index(folder, tmp_path / "ix", zero_shot_dir, progress=False)
+    heavy = ["cbir.indexing", "onnxruntime", "torch", "scipy", "sklearn", "rich.table"]
+    code = (
+        "import sys; from cbir.cli import main\n"
+        "try:\n    main()\n"
+        f"finally:\n    print([m for m in {heavy!r} if m in sys.modules], file=sys.stderr)"
+    )
+    args = ["a dog on the grass", "--index", str(tmp_path / "ix"), "-k", "3"]
+    proc = subprocess.run([sys.executable, "-c", code, "search", *args], capture_output=True, text=True)
+    assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 3, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "[]"
+
+
 def test_bad_index_paths_are_one_line_errors(tmp_path):
     with pytest.raises(IndexFormatError, match="not an index directory"):
         SearchIndex.open(tmp_path)

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 if TYPE_CHECKING:
     from cbir.indexing import IndexReport
@@ -130,6 +129,8 @@ METRIC_ROWS = [
 
 def print_metrics(metrics: dict[str, float], title: str) -> None:
     """A title line, the recall table (both directions), then the summary numbers."""
+    from rich.table import Table
+
     table = Table()
     for col in ("direction", "R@1", "R@5", "R@10", "R@20"):
         table.add_column(col, justify="right" if col != "direction" else "left")
@@ -517,10 +518,10 @@ OptionalIndexOpt = Annotated[
 
 def resolve_index(index_dir: Path | None) -> Path:
     """--index, else the default index found from the current folder (said on stderr)."""
-    from cbir.library import find_index
-
     if index_dir is not None:
         return index_dir
+    from cbir.library import find_index  # imports the write path (cbir.indexing): only when needed
+
     found = find_index()
     err.print(f"[dim]index: {shown(found)}[/]", highlight=False)
     return found
@@ -529,11 +530,12 @@ def resolve_index(index_dir: Path | None) -> Path:
 def open_search_index(index_dir: Path | None, update: bool):
     """The index to search; with `update`, brought up to date with its folder first."""
     from cbir.index import SearchIndex
-    from cbir.library import refresh
 
     path = resolve_index(index_dir)
     if not update:
         return SearchIndex.open(path)
+    from cbir.library import refresh
+
     ix, report = refresh(path)
     changes = len(report.added) + len(report.changed) + len(report.removed)
     err.print(f"[dim]updated: {changes} change(s) in {shown(ix.root)}[/]", highlight=False)
