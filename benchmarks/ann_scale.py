@@ -79,6 +79,8 @@ def report(n: int, name: str, build: float, bytes_per_vector: float, found, seco
 def run_size(
     n: int, dim: int, n_queries: int, hnsw_max: int, nprobes: list[int], refines: list[int], folder: Path
 ) -> None:
+    import faiss
+
     from cbir import ann
 
     rng = np.random.default_rng(0)
@@ -88,7 +90,8 @@ def run_size(
     queries = clustered_vectors(n_queries, dim, rng, centres)
     truth = exact_neighbours(base, queries)
 
-    flat = ann.flat(base)
+    flat = faiss.IndexFlatIP(dim)
+    flat.add(np.ascontiguousarray(base, dtype=np.float32))
     found, seconds = timed_search(flat, queries[: max(10, n_queries // 10)])
     report(n, "exact (IndexFlatIP)", 0.0, 4 * dim, found, seconds, truth[: len(found)])
     del flat

@@ -41,6 +41,28 @@ def test_kind_follows_collection_size():
     assert ann.ivf_cells(1_000_000) == 1024 and ann.ivf_cells(20_000) == 128 and ann.ivf_cells(10) == 1
 
 
+def test_exact_search_answers_as_faiss_flat_index_did():
+    """`ann.Exact` (NumPy, no FAISS import on a cold search) gives FAISS IndexFlatIP's rows and
+    similarities: batches, k up to and past the collection, scored prefixes of memory-mapped rows."""
+    import faiss
+
+    rng = np.random.default_rng(3)
+    vectors = clustered(500, 48, rng, rng.standard_normal((20, 48), dtype=np.float32))
+    queries = clustered(7, 48, rng, rng.standard_normal((5, 48), dtype=np.float32))
+    for width in (48, 16):
+        part = vectors[:, :width]  # a strided view, as the zero-shot model's text prefix
+        flat = faiss.IndexFlatIP(width)
+        flat.add(np.ascontiguousarray(part))
+        for k in (1, 20, 500):
+            similarities, rows = ann.Exact(part).search(queries[:, :width], k)
+            expected_similarities, expected_rows = flat.search(np.ascontiguousarray(queries[:, :width]), k)
+            assert rows.dtype == np.int64 and rows.shape == (7, k)
+            np.testing.assert_array_equal(rows, expected_rows)
+            np.testing.assert_allclose(similarities, expected_similarities, rtol=0, atol=1e-5)
+    similarities, rows = ann.Exact(vectors).search(queries, 600)  # more than there are: all of them
+    assert rows.shape == (7, 500) and (np.diff(similarities, axis=1) <= 0).all()
+
+
 def test_ivfpq_recall_at_20_against_exact_search_and_its_file(data, tmp_path):
     base, queries = data
     truth = np.argsort(-(queries @ base.T), axis=1, kind="stable")[:, :20]

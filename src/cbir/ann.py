@@ -1,7 +1,7 @@
 """Approximate nearest-neighbour search for large indexes: which kind for how many vectors, how to
 build it from the vectors, and how to open it for search.
 
-  below `ANN_THRESHOLD`     exact inner products (`IndexFlatIP`), nothing written;
+  below `ANN_THRESHOLD`     exact inner products (`Exact`, in NumPy), nothing written;
   up to `IVFPQ_THRESHOLD`   an HNSW graph (`<shard>.hnsw`): fast and exact in practice, but it holds
                             a full copy of the vectors (3.9 KB a 896-d vector);
   above                     IVF-PQ (`<shard>.ivfpq`): PCA to `PCA_DIM`, an inverted file over `nlist`
@@ -77,14 +77,26 @@ def delta_fits(covers: Sequence[Sequence[Any]], live: dict[str, int]) -> bool:
     return uncovered <= limit and removed <= limit
 
 
-def flat(vectors: np.ndarray):
-    """Exact inner-product search over the vectors."""
-    import faiss
+class Exact:
+    """Exact inner-product search that answers like a FAISS index (`search(queries, k) -> (similarities,
+    rows)`, best first). In NumPy over the vectors where they lie (a memory-mapped shard is not copied
+    into an `IndexFlatIP`), so an exact search does not import FAISS: ~65 ms CPU of a cold `cbir search`
+    of 10,921 photos, whose whole search then takes ~5 ms."""
 
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    index.add(vectors)
-    return index
+    def __init__(self, vectors: np.ndarray):
+        self.vectors = vectors
+        self.ntotal = len(vectors)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        similarities = np.asarray(queries, dtype=np.float32) @ self.vectors.T
+        k = min(k, self.ntotal)
+        if k < self.ntotal:
+            best = np.argpartition(-similarities, k, axis=1)[:, :k]
+        else:
+            best = np.tile(np.arange(self.ntotal), (len(similarities), 1))
+        order = np.argsort(-np.take_along_axis(similarities, best, 1), axis=1, kind="stable")
+        rows = np.take_along_axis(best, order, 1).astype(np.int64)
+        return np.take_along_axis(similarities, rows, 1), rows
 
 
 def hnsw(vectors: np.ndarray):
@@ -242,7 +254,7 @@ class DeltaSearcher:
         # -1 appended: FAISS's "no result" (-1) maps to no row
         self._global = np.append(to_global, -1).astype(np.int64)
         self._delta_rows = np.append(uncovered, -1).astype(np.int64)
-        self._delta = flat(np.asarray(vectors[uncovered])) if len(uncovered) else None
+        self._delta = Exact(np.asarray(vectors[uncovered])) if len(uncovered) else None
         self._live = int((to_global >= 0).sum())
         self._per_result = int(searcher.config["refine"]) if isinstance(searcher, IVFPQIndex) else 1
 

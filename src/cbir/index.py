@@ -194,8 +194,8 @@ def _coverage(entries: Sequence[dict[str, Any]], covers: list[Any] | None) -> tu
 
 
 def vector_search(vectors: np.ndarray, exact: bool = True):
-    """A FAISS index over unit-scale vectors: exact inner product (`IndexFlatIP`) or HNSW."""
-    return ann.flat(vectors) if exact else ann.hnsw(vectors)
+    """A search over unit-scale vectors: exact inner products (`ann.Exact`, NumPy) or a FAISS HNSW."""
+    return ann.Exact(vectors) if exact else ann.hnsw(vectors)
 
 
 def _checksums_to_verify(index_dir: Path, manifest: dict[str, Any]) -> dict[str, str] | None:
@@ -266,11 +266,12 @@ class SearchIndex:
 
     def _index(self):
         if self._faiss is None:
-            import faiss
-
-            # One query at a time: OpenMP threads only add spin-wait overhead (badly so on a busy machine).
-            faiss.omp_set_num_threads(1)
             if self.approximate:
+                import faiss
+
+                # One query at a time: OpenMP threads only add spin-wait overhead (badly so on a busy
+                # machine).
+                faiss.omp_set_num_threads(1)
                 self._faiss = ann.DeltaSearcher.open(self._ann, self.vectors, *self._coverage)
             else:
                 self._faiss = vector_search(self.vectors, exact=True)
@@ -288,7 +289,6 @@ class SearchIndex:
         if end == query.shape[0]:
             return self._index()
         if end not in self._prefix_faiss:
-            self._index()  # sets the thread count
             self._prefix_faiss[end] = vector_search(self.vectors[:, :end], exact=True)
         return self._prefix_faiss[end]
 
