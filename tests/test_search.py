@@ -175,11 +175,11 @@ def test_cli_index_search_show(tmp_path, zero_shot_dir):
 
 def test_a_cold_text_search_imports_only_the_search_path(folder, tmp_path, zero_shot_dir):
     """`cbir search TEXT --index IX` in a new process prints its results without importing the write
-    path (cbir.indexing), FAISS (exact search below the ANN threshold is NumPy), the bulk text runtimes
-    (onnxruntime, torch), SciPy or rich's tables: each
+    path (cbir.indexing), FAISS (exact search below the ANN threshold is NumPy), the image encoder (PIL),
+    the bulk text runtimes (onnxruntime, torch), SciPy or rich's tables: each
     would add to the second that a cold search may take (BENCHMARKS.md, issue 16)."""
     build_index(folder, tmp_path / "ix", zero_shot_dir, progress=False)
-    heavy = ["cbir.indexing", "faiss", "onnxruntime", "torch", "scipy", "sklearn", "rich.table"]
+    heavy = ["cbir.indexing", "faiss", "PIL", "onnxruntime", "torch", "scipy", "sklearn", "rich.table"]
     code = (
         "import sys; from cbir.cli import main\n"
         "try:\n    main()\n"

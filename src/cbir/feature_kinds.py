@@ -42,6 +42,20 @@ PRECOMPUTED_KINDS = tuple(name for name, kind in FEATURE_KINDS.items() if not ki
 DEFAULT_COMPUTED = EFFNET_POOL  # what `auto` means on data without precomputed features
 ALL_COMPUTED = "+".join(COMPUTED_KINDS)
 AUTO_PRECOMPUTED = "resnet2048"  # what `auto` means on data that has it
+# Deterministic views: the plain one and fixed augmentations (flips, rotations, crops), each cached apart.
+VIEWS = (
+    "center",
+    "hflip",
+    "vflip",
+    "rot90",
+    "rot180",
+    "rot270",
+    "crop-tl",
+    "crop-tr",
+    "crop-bl",
+    "crop-br",
+    "crop-c",
+)
 CLIP_PREFIX = "clip:"  # `clip:PATH`: a CLIP checkpoint directory's image (or caption) embeddings
 CLIP_KIND = f"{CLIP_PREFIX}PATH"  # how CLIP kinds appear among the known kinds
 

@@ -36,6 +36,7 @@ from cbir.feature_kinds import (
     EFFNET_POOL,
     EFFNET_STAGES,
     FEATURE_KINDS,
+    VIEWS,
     check_backbone,
     computed_columns,
     computed_dim,
@@ -56,20 +57,6 @@ LOGITS_DIM = FEATURE_KINDS[EFFNET_LOGITS].dim
 STAGES_DIM = FEATURE_KINDS[EFFNET_STAGES].dim  # Lite0: 16 + 24 + 40 + 80 + 112 + 192 + 320 channels
 # What one cached row holds; part of the cache namespace, so a change of layout never reads stale rows.
 CACHE_LAYOUT = "pool-logits-stages"
-# Deterministic views: the plain one and fixed augmentations (flips, rotations, crops), each cached apart.
-VIEWS = (
-    "center",
-    "hflip",
-    "vflip",
-    "rot90",
-    "rot180",
-    "rot270",
-    "crop-tl",
-    "crop-tr",
-    "crop-bl",
-    "crop-br",
-    "crop-c",
-)
 CROP_SHARE = 0.8
 # From this many files in one `encode` call the network is traced and frozen before it runs: tracing
 # costs about as much CPU as ~50 photos through the untraced network, and saves a share of each photo.
