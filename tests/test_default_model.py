@@ -34,6 +34,25 @@ def test_shipped_model_loads_small_and_records_how_it_was_made():
     assert provenance["test_metrics"]["t2i_r10"] > 70
 
 
+def test_shipped_int8_weights_load_in_one_pass_bit_for_bit():
+    """Each int8 weight times its row scale, straight to float32 (no float32 copy of the int8 first),
+    equals the two-step dequantisation bit for bit; float32 arrays are kept as read, not copied."""
+    from safetensors.numpy import load_file
+
+    from cbir.models.contrastive import QUANT_SCALE, loaded_arrays
+
+    stored = load_file(str(SHIPPED_MODEL_DIR / "weights.safetensors"))
+    loaded = loaded_arrays(stored)
+    quantised = [name for name in loaded if name + QUANT_SCALE in stored]
+    assert "text.lsa" in quantised and not any(name.endswith(QUANT_SCALE) for name in loaded)
+    for name in quantised:
+        two_steps = stored[name].astype(np.float32) * stored[name + QUANT_SCALE]
+        assert loaded[name].dtype == np.float32
+        np.testing.assert_array_equal(loaded[name], two_steps)
+    float32 = np.ones((3, 4), dtype=np.float32)  # as a model saved with weights_dtype float32 holds
+    assert loaded_arrays({"w": float32})["w"] is float32
+
+
 def test_quality_floor_on_a_flickr8k_test_slice(flickr8k):
     """100 unseen test photos, 500 captions: the stored model, as loaded, must rank most of them well.
     Zero-shot gets about a third of this; a broken load (wrong weights, lost bank) falls well below."""
