@@ -343,7 +343,7 @@ class ContrastiveModel(RetrievalModel):
             return texts, images
 
         def offset(x: np.ndarray, bank: np.ndarray) -> np.ndarray:
-            z = x @ bank.astype(np.float32).T / temperature
+            z = x @ bank.astype(np.float32, copy=False).T / temperature  # a loaded bank is float32: no copy
             top = z.max(1, keepdims=True)
             return temperature * (top + np.log(np.exp(z - top).mean(1, keepdims=True)))
 
