@@ -88,7 +88,7 @@ def latency(queries: int) -> None:
         encode.append((t1 - t0) * 1000)
     p = np.percentile(times, [50, 99])
     print(
-        f"warm text->top-20 over {len(ix)} images ({ix.vectors.shape[1]}-d, exact FAISS), "
+        f"warm text->top-20 over {len(ix)} images ({ix.vectors.shape[1]}-d, exact), "
         f"{len(times)} queries: "
         f"p50 {p[0]:.1f} ms, p99 {p[1]:.1f} ms (text encoding p50 {np.percentile(encode, 50):.1f} ms)"
     )

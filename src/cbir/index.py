@@ -207,7 +207,8 @@ def _checksums_to_verify(index_dir: Path, manifest: dict[str, Any]) -> dict[str,
 
 
 class SearchIndex:
-    """An opened index: the model loads once here, then each query is one embedding + one FAISS search."""
+    """An opened index: the model loads once here, then each query is one embedding + one search (exact
+    in NumPy, or FAISS's approximate index above `ann.ANN_THRESHOLD`)."""
 
     def __init__(self, path: Path, manifest: dict[str, Any], model: RetrievalModel | None = None):
         from cbir.models import load_model
