@@ -3,6 +3,7 @@
     PYTHONPATH=src python -m benchmarks.search throughput   # indexing images/s, empty feature cache
     PYTHONPATH=src python -m benchmarks.search latency      # warm text->top-20 over RSICD (10,921 images)
     PYTHONPATH=src python -m benchmarks.search cold         # wall and CPU time of a `cbir search` process
+    PYTHONPATH=src python -m benchmarks.search cold --src ../old/src --src src   # two trees, run in turn
     PYTHONPATH=src python -m benchmarks.search ann --sizes 100000 1000000   # HNSW recall@20 vs exact
     PYTHONPATH=src python -m benchmarks.search verify --sizes 10921 80000   # shard checksum cost per open
 
@@ -94,30 +95,42 @@ def latency(queries: int) -> None:
     )
 
 
-def cold(runs: int, model: str) -> None:
-    """Wall and CPU (user + sys) time of `cbir search` in a new process. The source is compiled to
-    bytecode first, as an install is: a checkout run with PYTHONDONTWRITEBYTECODE set would otherwise
-    compile every module of cbir again in each run (~0.13 s on the 2-core machine)."""
+def cold(runs: int, model: str, sources: list[Path]) -> None:
+    """Wall and CPU (user + sys) time of `cbir search` in a new process, for each source tree (this
+    checkout's `src` unless named; several are run in turn, run by run, so a changing load on a shared
+    machine weighs on each alike). Sources are compiled to bytecode first, as an install is: a checkout
+    run with PYTHONDONTWRITEBYTECODE set would otherwise compile every module of cbir in each run
+    (~0.13 s on the 2-core machine)."""
     import compileall
-    import resource
 
     ix = rsicd_index(model)
-    compileall.compile_dir(REPO / "src", quiet=1)
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "CBIR_NO_PROGRESS": "1"}
     query = ["search", "many planes parked at an airport", "--index", str(ix.path)]
-    walls, cpus = [], []
+    times: dict[Path, list[tuple[float, float]]] = {src: [] for src in sources}
+    for src in sources:
+        compileall.compile_dir(src, quiet=1)
     for _ in range(runs):
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        t = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "cbir.cli", *query], env=env, check=True, capture_output=True)
-        walls.append(time.perf_counter() - t)
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
-    print(
-        f"cold `cbir search` over {len(ix)} images (model {model}), {runs} runs: "
-        f"median {statistics.median(walls):.2f}s (min {min(walls):.2f}s, max {max(walls):.2f}s); "
-        f"CPU user+sys median {statistics.median(cpus):.2f}s (min {min(cpus):.2f}s, max {max(cpus):.2f}s)"
-    )
+        for src, measured in times.items():
+            measured.append(search_process_seconds(query, src))
+    for src, measured in times.items():
+        walls, cpus = zip(*measured, strict=True)
+        print(
+            f"cold `cbir search` over {len(ix)} images (model {model}, {src}), {runs} runs: "
+            f"median {statistics.median(walls):.2f}s (min {min(walls):.2f}s, max {max(walls):.2f}s); "
+            f"CPU user+sys median {statistics.median(cpus):.2f}s (min {min(cpus):.2f}s, max {max(cpus):.2f}s)"
+        )
+
+
+def search_process_seconds(args: list[str], src: Path) -> tuple[float, float]:
+    """Wall and CPU (user + sys) seconds of one `cbir` process running from the source tree `src`."""
+    import resource
+
+    env = {**os.environ, "PYTHONPATH": str(src), "CBIR_NO_PROGRESS": "1"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "cbir.cli", *args], env=env, check=True, capture_output=True)
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
 
 
 def clustered_vectors(n: int, dim: int, rng: np.random.Generator, centres: np.ndarray) -> np.ndarray:
@@ -199,12 +212,18 @@ def main() -> None:
     )
     parser.add_argument("what", choices=["throughput", "latency", "cold", "ann", "verify"])
     parser.add_argument(
-        "--n", type=int, default=200, help="images (throughput), queries (latency), runs (cold)"
+        "--n", type=int, default=200, help="images (throughput), queries (latency), runs (cold, at most 30)"
     )
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--model", default="default", help="cold: the index's model (default, zero-shot)")
+    parser.add_argument(
+        "--src",
+        type=Path,
+        action="append",
+        help="cold: a source tree to time (repeatable, run in turn; default: this checkout's src)",
+    )
     args = parser.parse_args()
     RUNS.mkdir(parents=True, exist_ok=True)
     if args.what == "throughput":
@@ -212,7 +231,7 @@ def main() -> None:
     elif args.what == "latency":
         latency(args.n)
     elif args.what == "cold":
-        cold(min(args.n, 10), args.model)
+        cold(min(args.n, 30), args.model, [p.resolve() for p in args.src or [REPO / "src"]])
     elif args.what == "verify":
         verify(args.sizes, args.dim)
     else:
