@@ -10,6 +10,7 @@ Embeddings are mean-pooled and L2-normalised.
 
 from __future__ import annotations
 
+import copy
 import json
 import mmap
 from collections.abc import Sequence
@@ -102,6 +103,7 @@ class MiniLM:
             )
         self._torch = None  # the bulk runtimes, made on first use
         self._onnx = None
+        self.tuned = False  # some layers replaced (`with_layers`)
 
     def __call__(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         w = self.w
@@ -159,47 +161,137 @@ class MiniLM:
         dynamic = {"ids": {0: "batch", 1: "tokens"}, "mask": {0: "batch", 1: "tokens"}}
         torch_exporter(self.torch_module(), example, ["ids", "mask"], dynamic)(path)
 
-    def torch_module(self):
-        """`__call__` as a torch module over the same weights: (ids, mask) -> mean-pooled states."""
+    def torch_module(self, layers: int | None = None, pooled: bool = True):
+        """`__call__` as a torch module over the same weights: (ids, mask) -> mean-pooled states; or,
+        with `layers` and `pooled=False`, the token states after the first `layers` layers (what the
+        tuned top layers of a model start from, `tunable_top`)."""
         import torch
-        from torch.nn.functional import gelu, layer_norm, scaled_dot_product_attention
 
         w = {k: torch.from_numpy(np.array(v, order="C")) for k, v in self.w.items()}  # own, writable
-        heads, layers, eps = self.heads, self.layers, self.eps
+        heads, eps, depth = self.heads, self.eps, self.layers if layers is None else layers
         d = int(w["embeddings.LayerNorm.weight"].shape[0])  # a constant, not a traced size
-
-        def norm(x, prefix: str):
-            return layer_norm(x, (d,), w[prefix + ".weight"], w[prefix + ".bias"], eps)
-
-        def dense(x, prefix: str):
-            return x @ w[prefix + ".weight"] + w[prefix + ".bias"]
 
         class Bert(torch.nn.Module):
             def forward(self, ids, keep):
-                b, n = ids.shape
+                n = ids.shape[1]
                 x = (
                     w["embeddings.word_embeddings.weight"][ids]
                     + w["embeddings.position_embeddings.weight"][:n]
                 )
-                x = norm(x + w["embeddings.token_type_embeddings.weight"][0], "embeddings.LayerNorm")
-                attend = keep[:, None, None, :] > 0
-                for i in range(layers):
-                    p = f"encoder.layer.{i}."
-                    qkv = dense(x, p + "attention.self.qkv")
-                    q, k, v = qkv.reshape(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
-                    ctx = scaled_dot_product_attention(q, k, v, attn_mask=attend).transpose(1, 2)
-                    att = dense(ctx.reshape(b, n, d), p + "attention.output.dense")
-                    x = norm(x + att, p + "attention.output.LayerNorm")
-                    h = dense(gelu(dense(x, p + "intermediate.dense")), p + "output.dense")
-                    x = norm(x + h, p + "output.LayerNorm")
-                m = keep[..., None].float()
-                return (x * m).sum(1) / m.sum(1).clamp(min=1e-9)
+                x = torch_layer_norm(
+                    x + w["embeddings.token_type_embeddings.weight"][0], w, "embeddings", d, eps
+                )
+                for i in range(depth):
+                    x = torch_encoder_layer(x, keep, w, f"encoder.layer.{i}.", heads, eps, d)
+                return torch_mean_pool(x, keep) if pooled else x
 
         return Bert().eval()
 
+    def token_states(self, ids: np.ndarray, mask: np.ndarray, layers: int) -> np.ndarray:
+        """(batch, tokens, 384) states after the first `layers` layers, in torch."""
+        import torch
+
+        module = self.torch_module(layers, pooled=False)
+        with torch.inference_mode():
+            return module(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+
+    def tunable_top(self, top: int):
+        """The last `top` layers as a torch module whose weights train: (states entering them, mask) ->
+        mean-pooled states. Its `weights()` are named as in `self.w`, for `with_layers`."""
+        import torch
+
+        names = [
+            f"encoder.layer.{i}.{n}" for i in range(self.layers - top, self.layers) for n in LAYER_WEIGHTS
+        ]
+        heads, eps, first = self.heads, self.eps, self.layers - top
+        d = int(self.w["embeddings.LayerNorm.weight"].shape[0])
+        initial = {n: torch.tensor(np.array(self.w[n], dtype=np.float32)) for n in names}
+
+        class TopLayers(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.params = torch.nn.ParameterDict(
+                    {n.replace(".", "/"): torch.nn.Parameter(v) for n, v in initial.items()}
+                )
+
+            def forward(self, x, keep):
+                w = {n.replace("/", "."): v for n, v in self.params.items()}
+                for i in range(first, first + top):
+                    x = torch_encoder_layer(x, keep, w, f"encoder.layer.{i}.", heads, eps, d)
+                return torch_mean_pool(x, keep)
+
+            def weights(self) -> dict[str, np.ndarray]:
+                return {n.replace("/", "."): v.detach().numpy().copy() for n, v in self.params.items()}
+
+        return TopLayers()
+
+    def with_layers(self, weights: dict[str, np.ndarray]) -> MiniLM:
+        """This network with some layers' weights replaced (tuned ones, `tunable_top`). Its bulk path
+        is torch: an exported ONNX file holds the packaged weights."""
+        tuned = copy.copy(self)
+        tuned.w = {**self.w, **weights}
+        tuned._torch, tuned._onnx, tuned.tuned = None, None, True
+        return tuned
+
+
+# The weights of one layer as MiniLM keeps them (q, k and v fused): what tuning a layer changes.
+LAYER_WEIGHTS = tuple(
+    f"{block}.{kind}"
+    for block in (
+        "attention.self.qkv",
+        "attention.output.dense",
+        "attention.output.LayerNorm",
+        "intermediate.dense",
+        "output.dense",
+        "output.LayerNorm",
+    )
+    for kind in ("weight", "bias")
+)
+
+
+def torch_layer_norm(x, w: dict, prefix: str, d: int, eps: float):
+    from torch.nn.functional import layer_norm
+
+    return layer_norm(x, (d,), w[prefix + ".LayerNorm.weight"], w[prefix + ".LayerNorm.bias"], eps)
+
+
+def torch_encoder_layer(x, keep, w: dict, p: str, heads: int, eps: float, d: int):
+    """One BERT layer in torch over padded states; `keep` marks the real tokens. The NumPy
+    `MiniLM.__call__` is the same layer."""
+    from torch.nn.functional import gelu, scaled_dot_product_attention
+
+    def dense(x, prefix: str):
+        return x @ w[prefix + ".weight"] + w[prefix + ".bias"]
+
+    b, n = x.shape[0], x.shape[1]
+    q, k, v = dense(x, p + "attention.self.qkv").reshape(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+    ctx = scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :] > 0).transpose(1, 2)
+    x = torch_layer_norm(
+        x + dense(ctx.reshape(b, n, d), p + "attention.output.dense"), w, p + "attention.output", d, eps
+    )
+    h = dense(gelu(dense(x, p + "intermediate.dense")), p + "output.dense")
+    return torch_layer_norm(x + h, w, p + "output", d, eps)
+
+
+def torch_mean_pool(x, keep):
+    m = keep[..., None].float()
+    return (x * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+def padded(token_ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids padded to the longest, and the mask of the real ones."""
+    n = max(len(t) for t in token_ids)
+    ids = np.zeros((len(token_ids), n), dtype=np.int64)
+    mask = np.zeros((len(token_ids), n), dtype=np.int64)
+    for r, t in enumerate(token_ids):
+        ids[r, : len(t)] = t
+        mask[r, : len(t)] = 1
+    return ids, mask
+
 
 class TextEncoder:
-    """all-MiniLM-L6-v2 sentence embeddings (384-d, unit length), cached per sentence on disk."""
+    """all-MiniLM-L6-v2 sentence embeddings (384-d, unit length), cached per sentence on disk; with
+    `layers`, the network with those layers' weights replaced (tuned by a model, not cached)."""
 
     dim = DIM
 
@@ -209,9 +301,11 @@ class TextEncoder:
         cache: bool = True,
         cache_dir: Path | str | None = None,
         runtime: str = "auto",
+        layers: dict[str, np.ndarray] | None = None,
     ):
         self.batch_size = batch_size
-        self.use_cache = cache
+        self.layers = layers or {}
+        self.use_cache = cache and not self.layers
         self.cache_dir = cache_dir
         self.runtime = check_runtime(runtime)  # of the bulk path (from BULK sentences)
         self._model: MiniLM | None = None
@@ -225,7 +319,16 @@ class TextEncoder:
             self._tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
             self._tokenizer.no_padding()
             self._tokenizer.enable_truncation(MAX_TOKENS)
-            self._model = MiniLM(path)
+            self._model = MiniLM(path).with_layers(self.layers) if self.layers else MiniLM(path)
+
+    def network(self) -> MiniLM:
+        self._load()
+        return self._model
+
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's token ids, as the encoder sees them (truncated to MAX_TOKENS)."""
+        self._load()
+        return [e.ids for e in self._tokenizer.encode_batch(list(texts))]
 
     def encode(self, texts: Sequence[str], progress: bool = True) -> np.ndarray:
         """One row per text. A text repeated in `texts` is encoded once: its rows would otherwise differ
@@ -254,6 +357,7 @@ class TextEncoder:
             order = np.argsort([len(e.ids) for e in encodings], kind="stable")  # batch similar lengths
             done: list[int] = []
             bulk = resolve_runtime(self.runtime) if len(todo) >= BULK else "numpy"
+            bulk = "torch" if bulk == "onnx" and self._model.tuned else bulk
             with progress_bar("text embeddings", len(todo), enabled=progress and len(todo) > 256) as advance:
                 for start in range(0, len(order), self.batch_size):
                     chunk = order[start : start + self.batch_size]
@@ -271,12 +375,7 @@ class TextEncoder:
     def _embed(self, token_ids: list[list[int]], runtime: str = "numpy") -> np.ndarray:
         """Unit-length embeddings of one batch of tokenised sentences (padded to the longest), run in
         `numpy`, `onnx` or `torch`."""
-        n = max(len(t) for t in token_ids)
-        ids = np.zeros((len(token_ids), n), dtype=np.int64)
-        mask = np.zeros((len(token_ids), n), dtype=np.int64)
-        for r, t in enumerate(token_ids):
-            ids[r, : len(t)] = t
-            mask[r, : len(t)] = 1
+        ids, mask = padded(token_ids)
         forward = {"numpy": self._model, "onnx": self._model.forward_onnx, "torch": self._model.forward_torch}
         vec = forward[runtime](ids, mask)
         return vec / np.maximum(np.linalg.norm(vec, axis=1, keepdims=True), 1e-12)
