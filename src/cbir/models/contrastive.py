@@ -12,7 +12,9 @@ at embedding time), early stopping on the validation split, and averaging severa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Self
 
 import numpy as np
@@ -81,6 +83,19 @@ def loaded_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+@dataclass
+class TextStage:
+    """The heads as trained on frozen caption features, and what trained them: where tuning MiniLM's
+    last layers starts (`ContrastiveModel._tune_text`)."""
+
+    module: Any  # torch ModuleDict: image and text heads, log_scale
+    loss_fn: Callable
+    validate: Callable | None
+    sampler: Callable
+    images: Any  # (views, images, features) tensor
+    best_score: float
+
+
 class ContrastiveModel(RetrievalModel):
     """Dual encoder: MLP heads over frozen image and caption features (MiniLM + LSA), symmetric InfoNCE."""
 
@@ -106,6 +121,13 @@ class ContrastiveModel(RetrievalModel):
         "seed": SHARED_PARAMS["seed"],
         "weights_dtype": Param("how saved weights are stored (computed in float32)", choices=WEIGHT_DTYPES),
         "zero_shot_weight": Param(ZERO_SHOT_MEANING, float, 0, 1, open_high=True, optional=True),
+        "text_tune_layers": Param(
+            "MiniLM's last layers tuned with the heads once they converge (0: none)", int, 0, 6
+        ),
+        "text_tune_epochs": Param("epochs of that tuning (the best on val is kept)", int, 1),
+        "text_tune_lr": Param(
+            "learning rate of the tuned layers (the heads' is lr / 10 then)", float, 0, open_low=True
+        ),
     }
 
     def __init__(
@@ -131,6 +153,9 @@ class ContrastiveModel(RetrievalModel):
         bank_size: int = 2048,
         weights_dtype: str = "float32",
         zero_shot_weight: float | None = 0.0,
+        text_tune_layers: int = 0,
+        text_tune_epochs: int = 3,
+        text_tune_lr: float = 5e-5,
         seed: int = 0,
     ):
         unknown = sorted((set(views) | set(embed_views)) - set(VIEWS))
@@ -139,9 +164,11 @@ class ContrastiveModel(RetrievalModel):
         if not views or not embed_views:
             raise ModelError("'views' and 'embed_views' each need at least one view (e.g. center)")
         try:
-            parse_kinds(text_features, TEXT_KINDS, "text representation")
+            kinds = parse_kinds(text_features, TEXT_KINDS, "text representation")
         except ValueError as e:
             raise ModelError(str(e)) from None
+        if text_tune_layers and ("minilm" not in kinds or ensemble != 1):
+            raise ModelError("text_tune_layers needs minilm among the text_features and ensemble=1")
         super().__init__(
             image_features=image_features,
             image_backbone=image_backbone,
@@ -164,6 +191,9 @@ class ContrastiveModel(RetrievalModel):
             bank_size=bank_size,
             weights_dtype=weights_dtype,
             zero_shot_weight=zero_shot_weight,
+            text_tune_layers=text_tune_layers,
+            text_tune_epochs=text_tune_epochs,
+            text_tune_lr=text_tune_lr,
             seed=seed,
         )
 
@@ -217,7 +247,7 @@ class ContrastiveModel(RetrievalModel):
             module.register_parameter("log_scale", log_scale)
             sampler = CaptionSampler(caption_image, len(views), p["batch_size"], rng)
 
-            def batches(sampler=sampler):
+            def batches(sampler=sampler, texts=texts):
                 for img, cap, view in sampler():
                     yield images[view, img], texts[cap]
 
@@ -232,7 +262,7 @@ class ContrastiveModel(RetrievalModel):
             validate = None
             if has_val:
 
-                def validate(image_head=image_head, text_head=text_head):
+                def validate(image_head=image_head, text_head=text_head, val_texts=val_texts):
                     a = torch.nn.functional.normalize(image_head(val_images), dim=1)
                     b = torch.nn.functional.normalize(text_head(val_texts), dim=1)
                     return retrieval_metrics((b @ a.T).numpy(), val.caption_image)["mR"]
@@ -248,15 +278,17 @@ class ContrastiveModel(RetrievalModel):
                 weight_decay=p["weight_decay"],
                 description=f"contrastive {member + 1}/{p['ensemble']}",
             )
-            self.history_.append(
-                {
-                    "epochs_run": result.epochs_run,
-                    "best_epoch": result.best_epoch,
-                    "val_mR": result.best_score,
-                    "loss": result.final_loss,
-                    "temperature": float(torch.exp(-log_scale.detach())),
-                }
-            )
+            record = {
+                "epochs_run": result.epochs_run,
+                "best_epoch": result.best_epoch,
+                "val_mR": result.best_score,
+                "loss": result.final_loss,
+            }
+            if p["text_tune_layers"]:
+                stage = TextStage(module, loss_fn, validate, sampler, images, result.best_score)
+                tuned = self._tune_text(stage, train_captions, texts, val, val_texts if has_val else None)
+                texts, val_texts, record["text_tuning"] = tuned
+            self.history_.append({**record, "temperature": float(torch.exp(-log_scale.detach()))})
             self.arrays_.update(arrays_of(image_head, f"m{member}.image"))
             self.arrays_.update(arrays_of(text_head, f"m{member}.text"))
         self.bank_temperature_ = 0.0
@@ -272,6 +304,52 @@ class ContrastiveModel(RetrievalModel):
                 )
         self._fit_zero_shot(val if has_val else None)
         return self
+
+    def _tune_text(self, stage: TextStage, captions: list[str], texts, val: Dataset | None, val_texts):
+        """Tune MiniLM's last layers with the converged heads (`text_tuning`); keep them only where val
+        mR improves. Returns the train and val caption features as they now are, and a record."""
+        from cbir.models.text_tuning import CaptionTuner
+        from cbir.models.torch_training import train_epochs
+
+        p = self.params
+        columns = self.text_.block_columns("minilm")
+        tuner = CaptionTuner(self.text_.minilm_encoder(), p["text_tune_layers"], columns)
+        states = tuner.states(captions)
+        val_states = tuner.states(val.captions) if stage.validate is not None else None
+        before = copy.deepcopy(stage.module.state_dict())
+        stage.module["minilm"] = tuner.top
+
+        def batches():
+            for img, cap, view in stage.sampler():
+                yield stage.images[view, img], cap
+
+        def validate():
+            return stage.validate(val_texts=tuner.all_features(val_texts, val_states))
+
+        result = train_epochs(
+            stage.module,
+            batches,
+            lambda x_img, cap: stage.loss_fn(x_img, tuner.features(texts, states, cap)),
+            epochs=p["text_tune_epochs"],
+            validate=validate if stage.validate is not None else None,
+            patience=p["text_tune_epochs"],
+            lr=p["lr"] / 10,
+            weight_decay=p["weight_decay"],
+            description=f"tuning MiniLM's last {p['text_tune_layers']} layer(s)",
+            group_lr={"minilm": p["text_tune_lr"]},
+        )
+        del stage.module["minilm"]
+        record = {
+            "epochs_run": result.epochs_run,
+            "best_epoch": result.best_epoch,
+            "val_mR": result.best_score,
+        }
+        if stage.validate is not None and result.best_score <= stage.best_score:
+            stage.module.load_state_dict(before)  # tuning did not pay on val: the frozen model stays
+            return texts, val_texts, {**record, "kept": False}
+        self.text_.tune_minilm(tuner.weights())
+        tuned_val = tuner.all_features(val_texts, val_states) if val_texts is not None else None
+        return tuner.all_features(texts, states), tuned_val, {**record, "kept": True}
 
     def fit_image_views(self, train: Dataset, val: Dataset | None = None) -> list[tuple[Dataset, list[str]]]:
         """`views` of the training images; of val, the centre view (early stopping, the bank and the

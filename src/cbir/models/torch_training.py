@@ -120,23 +120,30 @@ def train_epochs(
     lr: float = 1e-3,
     weight_decay: float = 0.0,
     description: str = "training",
+    group_lr: dict[str, float] | None = None,
 ) -> TrainingResult:
-    """AdamW over `module` for up to `epochs`; after each epoch `validate()` (higher is better) picks
-    the weights to keep, and `patience` epochs without improvement stop early."""
+    """AdamW over `module` for up to `epochs` (at `lr`; the children named in `group_lr` at theirs);
+    after each epoch `validate()` (higher is better) picks the weights to keep, and `patience` epochs
+    without improvement stop early."""
     threads = torch.get_num_threads()
     # The heads are small: one thread beats several, which mostly wait on each other (and on the
     # other processes sharing the cores). CBIR_TORCH_THREADS overrides.
     torch.set_num_threads(int(os.environ.get("CBIR_TORCH_THREADS", 1)))
     try:
-        return _train_epochs(
-            module, batches, loss_fn, epochs, validate, patience, lr, weight_decay, description
-        )
+        optimiser = torch.optim.AdamW(_param_groups(module, group_lr or {}), lr=lr, weight_decay=weight_decay)
+        return _train_epochs(module, batches, loss_fn, epochs, validate, patience, optimiser, description)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train_epochs(module, batches, loss_fn, epochs, validate, patience, lr, weight_decay, description):
-    optimiser = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
+def _param_groups(module: nn.Module, group_lr: dict[str, float]) -> list[dict]:
+    children = dict(module.named_children())
+    special = {id(q) for name in group_lr for q in children[name].parameters()}
+    groups = [{"params": [q for q in module.parameters() if id(q) not in special]}]
+    return groups + [{"params": list(children[name].parameters()), "lr": lr} for name, lr in group_lr.items()]
+
+
+def _train_epochs(module, batches, loss_fn, epochs, validate, patience, optimiser, description):
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(epochs, 1))
     best_state, best_score, best_epoch, stale, loss_value = None, -np.inf, 0, 0, float("nan")
     epoch = 0

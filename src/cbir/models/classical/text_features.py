@@ -23,6 +23,7 @@ import numpy as np
 from cbir.feature_kinds import CLIP_KIND, absolute_clip_kind, clip_checkpoint
 from cbir.models.base import unit_rows
 
+MINILM_PREFIX = "text.minilm."  # stored arrays of tuned MiniLM layers
 TEXT_KINDS = ("minilm", "tfidf", "bow", "lsa", "word2vec", "glove", CLIP_KIND)
 TOKEN = re.compile(r"[a-z0-9]+")
 
@@ -120,6 +121,8 @@ class TextFeaturizer:
         self.lsa_components = np.zeros((0, 0), dtype=np.float32)
         self.w2v_words: dict[str, int] = {}
         self.w2v_vectors = np.zeros((0, word2vec_dim), dtype=np.float32)
+        self.minilm_layers: dict[str, np.ndarray] = {}  # MiniLM layers a model tuned (text_tuning)
+        self._tuned_encoder = None
 
     def fit(self, captions: Sequence[str]) -> TextFeaturizer:
         if {"tfidf", "bow", "lsa"} & set(self.kinds):
@@ -192,9 +195,7 @@ class TextFeaturizer:
 
             return shared_clip_encoder(clip_checkpoint(kind)).encode_texts(texts, progress=len(texts) > 256)
         if kind == "minilm":
-            from cbir.encoders import shared_text_encoder
-
-            return shared_text_encoder().encode(texts, progress=len(texts) > 256)
+            return self.minilm_encoder().encode(texts, progress=len(texts) > 256)
         if kind in ("tfidf", "bow"):
             return self._counts(texts, idf=kind == "tfidf")
         if kind == "lsa":
@@ -203,6 +204,26 @@ class TextFeaturizer:
             return average_vectors(texts, self.w2v_words, self.w2v_vectors)
         return average_vectors(texts, *glove_vectors())
 
+    def minilm_encoder(self):
+        """The packaged MiniLM, or its copy with the layers this featurizer's model tuned."""
+        from cbir.encoders import shared_text_encoder
+        from cbir.encoders.text import TextEncoder
+
+        if not self.minilm_layers:
+            return shared_text_encoder()
+        if self._tuned_encoder is None:
+            self._tuned_encoder = TextEncoder(layers=self.minilm_layers)
+        return self._tuned_encoder
+
+    def tune_minilm(self, layers: dict[str, np.ndarray]) -> None:
+        self.minilm_layers, self._tuned_encoder = layers, None
+
+    def block_columns(self, kind: str) -> slice:
+        """Where the block `kind` lies in `transform`'s rows."""
+        widths = [self.block(k, ["a"]).shape[1] for k in self.kinds]
+        start = sum(widths[: self.kinds.index(kind)])
+        return slice(start, start + widths[self.kinds.index(kind)])
+
     def transform(self, texts: Sequence[str]) -> np.ndarray:
         """(n, d) float32: the unit-length blocks side by side."""
         texts = list(texts)
@@ -210,7 +231,13 @@ class TextFeaturizer:
 
     # Persistence: the fitted vocabularies are small enough for JSON; vectors go to safetensors.
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"text.idf": self.idf, "text.lsa": self.lsa_components, "text.word2vec": self.w2v_vectors}
+        tuned = {MINILM_PREFIX + name: w for name, w in self.minilm_layers.items()}
+        return {
+            "text.idf": self.idf,
+            "text.lsa": self.lsa_components,
+            "text.word2vec": self.w2v_vectors,
+            **tuned,
+        }
 
     def state(self) -> dict[str, Any]:
         return {"kinds": self.kinds, "vocabulary": self.vocabulary, "word2vec_words": list(self.w2v_words)}
@@ -221,6 +248,8 @@ class TextFeaturizer:
         self.vocabulary = state["vocabulary"]
         self.kinds = state.get("kinds", self.kinds)  # CLIP paths as resolved when fitted
         self.w2v_words = {w: i for i, w in enumerate(state["word2vec_words"])}
+        n = len(MINILM_PREFIX)
+        self.tune_minilm({k[n:]: v for k, v in arrays.items() if k.startswith(MINILM_PREFIX)})
 
 
 def _row_sums(rows: Sequence[np.ndarray]) -> np.ndarray:
