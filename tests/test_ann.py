@@ -63,6 +63,22 @@ def test_exact_search_answers_as_faiss_flat_index_did():
     assert rows.shape == (7, 500) and (np.diff(similarities, axis=1) <= 0).all()
 
 
+def test_exact_search_ranks_equal_similarities_alike_for_every_k():
+    """Duplicate vectors (copies of a photo) score alike: the k best are the first k of one ranking,
+    equal ones in row order, whatever k, so pages of a search continue one another."""
+    rng = np.random.default_rng(5)
+    vectors = clustered(300, 16, rng, rng.standard_normal((8, 16), dtype=np.float32))
+    copies = rng.choice(300, 40, replace=False)
+    vectors[copies[20:]] = vectors[copies[:20]]  # 20 photos saved twice
+    queries = np.concatenate([vectors[copies[:3]], clustered(3, 16, rng, vectors[:3])])
+    exact = ann.Exact(vectors)
+    similarities = queries @ vectors.T
+    ranking = np.argsort(-similarities, axis=1, kind="stable")
+    for k in range(1, 301):
+        rows = exact.search(queries, k)[1]
+        np.testing.assert_array_equal(rows, ranking[:, :k], err_msg=f"k={k}")
+
+
 def test_ivfpq_recall_at_20_against_exact_search_and_its_file(data, tmp_path):
     base, queries = data
     truth = np.argsort(-(queries @ base.T), axis=1, kind="stable")[:, :20]

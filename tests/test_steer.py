@@ -170,6 +170,27 @@ def test_offset_pages_continue_the_ranking(steer_index):
     assert ix.find("a dog", k=3, offset=3, filters=trip) == ix.find("a dog", k=6, filters=trip)[3:]
 
 
+def test_pages_continue_the_ranking_through_duplicate_photos(tmp_path, zero_shot_dir):  # noqa: F811
+    """Copies of one photo have equal similarities to every query: each page (`offset + k` results less
+    the first `offset`) must still continue the one before it, with no copy shown twice and none lost,
+    with and without a filter (argpartition ordered ties differently for each k)."""
+    root = tmp_path / "photos"
+    (root / "trip").mkdir(parents=True)
+    originals = photos(24)
+    for i, p in enumerate(originals):
+        shutil.copy(p, (root / "trip" if i % 2 else root) / p.name)
+    for i in range(4):  # a library with the same photo saved again, here and there
+        shutil.copy(originals[5], (root / "trip" if i % 2 else root) / f"copy-{i}.jpg")
+    ix, _ = update_index(root, tmp_path / "ix", zero_shot_dir, progress=False)
+    assert np.array_equal(ix.vector(f"trip/{originals[5].name}"), ix.vector("copy-0.jpg"))
+    trip = Filters.parse(folder="trip")
+    for query, filters in (("id:" + ix.ids[0], None), ("a dog", None), ("a dog", trip)):
+        whole = [r.id for r in ix.find(query, filters=filters, k=len(ix))]
+        for size in (1, 2, 3, 5):
+            pages = [ix.find(query, filters=filters, k=size, offset=at) for at in range(0, len(whole), size)]
+            assert [r.id for page in pages for r in page] == whole, (query, size)
+
+
 def test_an_index_without_metadata_says_so_and_a_rerun_records_it(steer_index, tmp_path, zero_shot_dir):  # noqa: F811
     ix_dir = tmp_path / "ix"
     shutil.copytree(steer_index.path, ix_dir)

@@ -89,14 +89,23 @@ class Exact:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         similarities = np.asarray(queries, dtype=np.float32) @ self.vectors.T
-        k = min(k, self.ntotal)
-        if k < self.ntotal:
-            best = np.argpartition(-similarities, k, axis=1)[:, :k]
-        else:
-            best = np.tile(np.arange(self.ntotal), (len(similarities), 1))
-        order = np.argsort(-np.take_along_axis(similarities, best, 1), axis=1, kind="stable")
-        rows = np.take_along_axis(best, order, 1).astype(np.int64)
+        rows = np.empty((len(similarities), min(k, self.ntotal)), dtype=np.int64)
+        for i, row in enumerate(similarities):
+            rows[i] = best_first(row, k)
         return np.take_along_axis(similarities, rows, 1), rows
+
+
+def best_first(similarities: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the k largest similarities, best first, equal ones in position order: the first k
+    of one ranking whatever k, so a page (`offset + k` results less the first `offset`) continues the
+    one before it even through duplicate photos (equal similarities), which `argpartition` orders
+    differently for each k."""
+    key = -similarities
+    candidates = np.arange(len(key))
+    if 0 < k < len(key):
+        kth = np.partition(key, k - 1)[k - 1]
+        candidates = np.flatnonzero(~(key > kth))  # every tie of the k-th (and NaN, sorted last)
+    return candidates[np.argsort(key[candidates], kind="stable")][:k]
 
 
 def hnsw(vectors: np.ndarray):

@@ -384,8 +384,9 @@ class SearchIndex:
         min_score: float | None = None,
         photo_shares: Sequence[float] | None = None,
     ) -> list[list[SearchResult]]:
-        """`search_vector` for a batch of query rows at once: one FAISS call per group of queries that
-        share a scored prefix (the server batches concurrent requests through this)."""
+        """`search_vector` for a batch of query rows at once: one search (one matrix product, or one FAISS
+        call above the ANN threshold) per group of queries that share a scored prefix (the server
+        batches concurrent requests through this)."""
         from cbir.calibration import match_scores
 
         shares = list(photo_shares) if photo_shares is not None else [0.0] * len(queries)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cbir.ann import best_first
 from cbir.feedback import DEFAULT_FEEDBACK, Rocchio
 from cbir.filters import Filters
 from cbir.query import QueryError, Term, combine, image_term, parse_query, photo_share, unit
@@ -104,9 +105,7 @@ def rank_rows(
     from cbir.calibration import match_scores
 
     similarities = np.asarray(index.vectors[rows], dtype=np.float32) @ unit(vector)
-    n = min(n, len(rows))
-    best = np.argpartition(-similarities, n - 1)[:n] if 0 < n < len(rows) else np.arange(len(rows))
-    best = best[np.argsort(-similarities[best], kind="stable")][:n]
+    best = best_first(similarities, n)
     chosen = similarities[best]
     return index._results(match_scores(index.model, chosen, photo_share), chosen, rows[best], min_score)
 

@@ -2,10 +2,10 @@
 
 Each request hands its query (a sentence, or a vector it already has) to one worker thread and waits.
 The worker takes everything that is waiting, embeds the sentences in one batch and searches all the
-vectors in one FAISS call, then answers each request. Under load a batch holds as many queries as
-arrived during the previous one, so the per-query cost of the encoder and the search falls as
-concurrency rises; alone, a query waits for nothing. The encoders run on this one thread only, so
-their lazily filled state needs no lock.
+vectors in one search (NumPy, or FAISS for a large index), then answers each request. Under load a
+batch holds as many queries as arrived during the previous one, so the per-query cost of the encoder
+and the search falls as concurrency rises; alone, a query waits for nothing. The encoders run on this
+one thread only, so their lazily filled state needs no lock.
 """
 
 from __future__ import annotations
