@@ -66,6 +66,17 @@ def test_minilm_weights_are_mapped_not_copied(rsicd_slice):
     np.testing.assert_allclose(views, copies, rtol=0, atol=1e-6)
 
 
+def test_weights_in_a_type_the_mapped_reader_cannot_take_are_a_clear_error(tmp_path):
+    from safetensors.numpy import save_file
+
+    from cbir.encoders.text import mapped_safetensors
+
+    file = tmp_path / "w.safetensors"
+    save_file({"ok": np.zeros(3, np.float32), "bytes": np.zeros(3, np.uint8)}, str(file))
+    with pytest.raises(ValueError, match=r"w\.safetensors: tensor bytes is U8"):
+        mapped_safetensors(file)
+
+
 def test_repeated_text_is_encoded_once_whatever_batch_it_lands_in():
     """Without the padding of a longer neighbour, a repeat in another batch would differ in the last
     bits, and a rerun from the cache (which keeps one row per text) would train on other numbers."""

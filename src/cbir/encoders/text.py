@@ -69,6 +69,9 @@ def mapped_safetensors(file: Path) -> dict[str, np.ndarray]:
     header.pop("__metadata__", None)
     arrays = {}
     for name, info in header.items():
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            known = ", ".join(SAFETENSORS_DTYPES)
+            raise ValueError(f"{file}: tensor {name} is {info['dtype']}; this reader takes {known}")
         dtype = np.dtype(SAFETENSORS_DTYPES[info["dtype"]])
         start, end = info["data_offsets"]
         count = (end - start) // dtype.itemsize
