@@ -13,6 +13,7 @@ at embedding time), early stopping on the validation split, and averaging severa
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Self
@@ -337,6 +338,7 @@ class ContrastiveModel(RetrievalModel):
             weight_decay=p["weight_decay"],
             description=f"tuning MiniLM's last {p['text_tune_layers']} layer(s)",
             group_lr={"minilm": p["text_tune_lr"]},
+            threads=os.cpu_count(),  # a transformer layer keeps every core busy, unlike the heads
         )
         del stage.module["minilm"]
         record = {

@@ -121,19 +121,20 @@ def train_epochs(
     weight_decay: float = 0.0,
     description: str = "training",
     group_lr: dict[str, float] | None = None,
+    threads: int | None = None,
 ) -> TrainingResult:
     """AdamW over `module` for up to `epochs` (at `lr`; the children named in `group_lr` at theirs);
     after each epoch `validate()` (higher is better) picks the weights to keep, and `patience` epochs
-    without improvement stop early."""
-    threads = torch.get_num_threads()
+    without improvement stop early. `threads`: torch's threads meanwhile (default: one)."""
+    before = torch.get_num_threads()
     # The heads are small: one thread beats several, which mostly wait on each other (and on the
     # other processes sharing the cores). CBIR_TORCH_THREADS overrides.
-    torch.set_num_threads(int(os.environ.get("CBIR_TORCH_THREADS", 1)))
+    torch.set_num_threads(threads or int(os.environ.get("CBIR_TORCH_THREADS", 1)))
     try:
         optimiser = torch.optim.AdamW(_param_groups(module, group_lr or {}), lr=lr, weight_decay=weight_decay)
         return _train_epochs(module, batches, loss_fn, epochs, validate, patience, optimiser, description)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
 def _param_groups(module: nn.Module, group_lr: dict[str, float]) -> list[dict]:
