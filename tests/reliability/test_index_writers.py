@@ -87,7 +87,7 @@ def test_reader_whose_shards_were_swept_rereads_the_manifest(folder, tmp_path, z
     assert not (index_dir / "shards" / stale["entries"][0]["shard"]).exists()
     reads = iter([stale])
     real = cbir.index.read_manifest
-    monkeypatch.setattr(cbir.index, "read_manifest", lambda path: next(reads, None) or real(path))
+    monkeypatch.setattr(cbir.index, "read_manifest", lambda path, **kw: next(reads, None) or real(path, **kw))
     assert len(SearchIndex.open(index_dir)) == 13
 
 
