@@ -75,8 +75,11 @@ def encode(out: Path) -> None:
         np.save(out / f"act{CUT}_{split}.npy", acts)
         np.save(out / f"means{CUT}_{split}.npy", means)
         mb = (acts.nbytes + means.nbytes) / 2**20
-        print(f"{split}: {len(acts)} photos, {acts.shape[1:]} + {means.shape[1]} means, {mb:.0f} MiB, "
-              f"{time.time() - t:.0f} s", flush=True)
+        print(
+            f"{split}: {len(acts)} photos, {acts.shape[1:]} + {means.shape[1]} means, {mb:.0f} MiB, "
+            f"{time.time() - t:.0f} s",
+            flush=True,
+        )
 
 
 class Tail(nn.Module):
@@ -119,8 +122,9 @@ def tail_features(tail: Tail, acts: torch.Tensor, means: torch.Tensor, rows=None
 
 def text_inputs(tr, va) -> tuple[torch.Tensor, torch.Tensor]:
     """MiniLM + LSA caption features (frozen), as the shipped recipe and the text-side probe use them."""
-    feat = TextFeaturizer("lsa", ngrams=2, stem=False, stop_words=False, max_features=8192, seed=0,
-                          lsa_dim=256).fit(tr.captions)
+    feat = TextFeaturizer(
+        "lsa", ngrams=2, stem=False, stop_words=False, max_features=8192, seed=0, lsa_dim=256
+    ).fit(tr.captions)
     enc = shared_text_encoder()
     return tuple(
         torch.from_numpy(
@@ -184,8 +188,11 @@ class Probe:
                 opt.step()
             sched.step()
             r = self.val_mr(val_images())
-            print(f"  ep {epoch} loss {loss.item():.3f} val mR {r['mR']:.2f} t2i R1 {r['t2i_r1']:.1f} "
-                  f"R10 {r['t2i_r10']:.1f} i2t R1 {r['i2t_r1']:.1f} ({time.time() - t:.0f} s)", flush=True)
+            print(
+                f"  ep {epoch} loss {loss.item():.3f} val mR {r['mR']:.2f} t2i R1 {r['t2i_r1']:.1f} "
+                f"R10 {r['t2i_r10']:.1f} i2t R1 {r['i2t_r1']:.1f} ({time.time() - t:.0f} s)",
+                flush=True,
+            )
             if r["mR"] > best:
                 best, best_epoch, state, stale = r["mR"], epoch, self.state(), 0
             else:
@@ -224,14 +231,20 @@ def tune(args, cache: Path) -> None:
     t = time.time()
     if args.lr:
         best2, epoch2, _ = probe.run(
-            args.epochs, args.head_lr, 99,
+            args.epochs,
+            args.head_lr,
+            99,
             lambda rows, grad: tail_features(tail, acts, means, rows, grad),
-            lambda: tail_features(tail, vacts, vmeans), tail, args.lr,
+            lambda: tail_features(tail, vacts, vmeans),
+            tail,
+            args.lr,
         )
     else:  # the control: the heads alone go on at the stage-2 learning rate, on frozen features
         best2, epoch2, _ = probe.run(args.epochs, args.head_lr, 99, lambda rows, _: img[rows], lambda: vimg)
-    print(f"STAGE2 blocks {args.blocks} fc {'tuned' if args.tune_fc else 'frozen'} lr {args.lr:g} "
-          f"head lr {args.head_lr:g}: best val mR {best2:.2f} (epoch {epoch2}), {time.time() - t:.0f} s")
+    print(
+        f"STAGE2 blocks {args.blocks} fc {'tuned' if args.tune_fc else 'frozen'} lr {args.lr:g} "
+        f"head lr {args.head_lr:g}: best val mR {best2:.2f} (epoch {epoch2}), {time.time() - t:.0f} s"
+    )
 
 
 def main() -> None:
