@@ -71,3 +71,46 @@ def test_text_tuning_needs_minilm_and_one_head():
         create_model("contrastive", text_tune_layers=1, ensemble=2)
     with pytest.raises(ModelError, match="text_tune_layers"):
         create_model("contrastive", text_tune_layers=1, ensemble=1, text_features="lsa")
+
+
+class Stop(Exception):
+    pass
+
+
+def test_tuning_takes_torch_thread_count_and_the_environment_overrides_it(monkeypatch):
+    """Tuning runs on torch's own thread count (the cores this process may use, OMP_NUM_THREADS), not
+    every core of the host; CBIR_TORCH_THREADS overrides any count a caller asks for."""
+    from cbir.models import torch_training
+    from cbir.models.contrastive import TextStage
+
+    asked = {}
+
+    def spy(*args, **kwargs):
+        asked.update(kwargs)
+        raise Stop
+
+    model = create_model("contrastive", ensemble=1, text_tune_layers=1, text_features="minilm")
+    model.text_ = model._text_featurizer().fit(CAPTIONS)
+    texts = torch.from_numpy(model.text_.transform(CAPTIONS))
+    stage = TextStage(torch.nn.ModuleDict(), None, None, None, None, 0.0)
+    before = torch.get_num_threads()
+    monkeypatch.setattr(torch_training, "train_epochs", spy)
+    try:
+        torch.set_num_threads(1)
+        with pytest.raises(Stop):
+            model._tune_text(stage, CAPTIONS, texts, None, None)
+    finally:
+        torch.set_num_threads(before)
+    assert asked["threads"] == 1
+
+    seen = []
+    monkeypatch.undo()
+    monkeypatch.setenv("CBIR_TORCH_THREADS", "1")
+    layer = torch.nn.Linear(2, 1)
+
+    def loss(x):
+        seen.append(torch.get_num_threads())
+        return layer(x).sum()
+
+    torch_training.train_epochs(layer, lambda: [(torch.ones(1, 2),)], loss, epochs=1, threads=2)
+    assert seen == [1] and torch.get_num_threads() == before

@@ -13,7 +13,6 @@ at embedding time), early stopping on the validation split, and averaging severa
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Self
@@ -309,6 +308,8 @@ class ContrastiveModel(RetrievalModel):
     def _tune_text(self, stage: TextStage, captions: list[str], texts, val: Dataset | None, val_texts):
         """Tune MiniLM's last layers with the converged heads (`text_tuning`); keep them only where val
         mR improves. Returns the train and val caption features as they now are, and a record."""
+        import torch
+
         from cbir.models.text_tuning import CaptionTuner
         from cbir.models.torch_training import train_epochs
 
@@ -338,7 +339,9 @@ class ContrastiveModel(RetrievalModel):
             weight_decay=p["weight_decay"],
             description=f"tuning MiniLM's last {p['text_tune_layers']} layer(s)",
             group_lr={"minilm": p["text_tune_lr"]},
-            threads=os.cpu_count(),  # a transformer layer keeps every core busy, unlike the heads
+            # A transformer layer keeps every core busy, unlike the heads: torch's own count (the cores
+            # this process may use, OMP_NUM_THREADS), not os.cpu_count() (every core of the host).
+            threads=torch.get_num_threads(),
         )
         del stage.module["minilm"]
         record = {

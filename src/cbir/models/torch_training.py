@@ -128,8 +128,8 @@ def train_epochs(
     without improvement stop early. `threads`: torch's threads meanwhile (default: one)."""
     before = torch.get_num_threads()
     # The heads are small: one thread beats several, which mostly wait on each other (and on the
-    # other processes sharing the cores). CBIR_TORCH_THREADS overrides.
-    torch.set_num_threads(threads or int(os.environ.get("CBIR_TORCH_THREADS", 1)))
+    # other processes sharing the cores). CBIR_TORCH_THREADS overrides, `threads` included.
+    torch.set_num_threads(int(os.environ.get("CBIR_TORCH_THREADS", threads or 1)))
     try:
         optimiser = torch.optim.AdamW(_param_groups(module, group_lr or {}), lr=lr, weight_decay=weight_decay)
         return _train_epochs(module, batches, loss_fn, epochs, validate, patience, optimiser, description)
