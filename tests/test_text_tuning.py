@@ -23,7 +23,7 @@ def test_tunable_top_layers_start_as_the_packaged_network():
     network = encoder.network()
     ids, mask = padded(encoder.token_ids(CAPTIONS))
     for top in (1, 2):
-        states = network.token_states(ids, mask, network.layers - top)
+        (states,) = network.token_states([(ids, mask)], network.layers - top)
         with torch.no_grad():
             pooled = network.tunable_top(top)(torch.from_numpy(states), torch.from_numpy(mask)).numpy()
         np.testing.assert_allclose(pooled, network(ids, mask), atol=1e-5)
@@ -40,6 +40,8 @@ def test_tuned_layers_replace_the_packaged_ones_on_both_paths():
     assert np.abs(one - plain).max() > 1e-2
     np.testing.assert_allclose(bulk, one, atol=1e-5)
     assert not network.tuned and tuned.network().tuned  # the shared network keeps its weights
+    with pytest.raises(RuntimeError, match="packaged weights"):
+        tuned.network().forward_onnx(*padded(tuned.token_ids(CAPTIONS)))
 
 
 @pytest.fixture(scope="module")

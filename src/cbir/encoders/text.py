@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import mmap
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -151,6 +151,8 @@ class MiniLM:
     def forward_onnx(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """`__call__` in ONNX Runtime, the bulk path: fused attention and the cores in parallel make
         it faster on many sentences (benchmarks/text_encoding.py)."""
+        if self.tuned:
+            raise RuntimeError("the exported ONNX network holds MiniLM's packaged weights, not tuned ones")
         if self._onnx is None:
             self._onnx = exported(
                 onnx_path(f"{MODEL_ID}-pooled", self.path / "model.safetensors"), self._export
@@ -190,13 +192,17 @@ class MiniLM:
 
         return Bert().eval()
 
-    def token_states(self, ids: np.ndarray, mask: np.ndarray, layers: int) -> np.ndarray:
-        """(batch, tokens, 384) states after the first `layers` layers, in torch."""
+    def token_states(
+        self, batches: Iterable[tuple[np.ndarray, np.ndarray]], layers: int
+    ) -> Iterator[np.ndarray]:
+        """For each (ids, mask) batch, its (batch, tokens, 384) states after the first `layers` layers,
+        in torch (the module made once: it copies the weights)."""
         import torch
 
         module = self.torch_module(layers, pooled=False)
-        with torch.inference_mode():
-            return module(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+        for ids, mask in batches:
+            with torch.inference_mode():
+                yield module(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
 
     def tunable_top(self, top: int):
         """The last `top` layers as a torch module whose weights train: (states entering them, mask) ->

@@ -28,11 +28,10 @@ class CaptionStates:
         self.lengths = np.array([len(t) for t in ids])
         self.states = torch.zeros((len(ids), int(self.lengths.max()), encoder.dim), dtype=torch.float16)
         order = np.argsort(self.lengths, kind="stable")  # batches of similar lengths pad little
-        network = encoder.network()
+        chunks = [order[start : start + CHUNK] for start in range(0, len(order), CHUNK)]
+        batches = (padded([ids[r] for r in rows]) for rows in chunks)
         with progress_bar("caption token states", len(ids), enabled=len(ids) > CHUNK) as advance:
-            for start in range(0, len(order), CHUNK):
-                rows = order[start : start + CHUNK]
-                states = network.token_states(*padded([ids[r] for r in rows]), below)
+            for rows, states in zip(chunks, encoder.network().token_states(batches, below), strict=True):
                 self.states[rows, : states.shape[1]] = torch.from_numpy(states).half()
                 advance(len(rows))
 
