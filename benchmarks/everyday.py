@@ -95,6 +95,11 @@ CONFIGS: dict[str, dict] = {
         }
         for layers, lr in TEXT_TUNING_RUNS
     },
+    "text tuning + lite2: shipped recipe on Lite2 + MiniLM's last 2 layers, lr 5e-05": {
+        **SHIPPED,
+        "image_backbone": "lite2",
+        "text_tune_layers": 2,
+    },
 }
 
 
