@@ -68,11 +68,26 @@ def test_tuned_model_saves_loads_and_embeds_identically(tuned, tmp_path):
     assert np.abs(loaded.text_.block("minilm", CAPTIONS) - packaged).max() > 1e-4  # the tuned layer runs
 
 
-def test_text_tuning_needs_minilm_and_one_head():
-    with pytest.raises(ModelError, match="text_tune_layers"):
-        create_model("contrastive", text_tune_layers=1, ensemble=2)
+def test_text_tuning_needs_minilm():
     with pytest.raises(ModelError, match="text_tune_layers"):
         create_model("contrastive", text_tune_layers=1, ensemble=1, text_features="lsa")
+
+
+def test_later_ensemble_members_train_on_the_tuned_captions(flickr8k_slice_dir, tmp_path):
+    """The first member tunes MiniLM; the second member's heads are fitted to the tuned caption
+    features (its input standardisation is their mean), not to the packaged network's."""
+    data = load_dataset(flickr8k_slice_dir)
+    params = {**QUICK, "ensemble": 2}
+    model = create_model("contrastive", **params, text_tune_layers=1, text_tune_lr=1e-4)
+    model.fit(data.split("train"), data.split("val"))
+    first, second = model.history_
+    assert first["text_tuning"]["kept"] and "text_tuning" not in second
+    train = data.split("train")
+    tuned = model.text_.transform(train.captions).mean(0)
+    np.testing.assert_allclose(model.arrays_["m1.text.mean"], tuned, atol=1e-5)
+    assert np.abs(model.arrays_["m0.text.mean"] - tuned).max() > 1e-3  # member 0 began on frozen ones
+    loaded = load_model(model.save(tmp_path / "tuned-pair"))
+    np.testing.assert_allclose(loaded.embed_texts(CAPTIONS), model.embed_texts(CAPTIONS), atol=1e-5)
 
 
 class Stop(Exception):

@@ -122,7 +122,11 @@ class ContrastiveModel(RetrievalModel):
         "weights_dtype": Param("how saved weights are stored (computed in float32)", choices=WEIGHT_DTYPES),
         "zero_shot_weight": Param(ZERO_SHOT_MEANING, float, 0, 1, open_high=True, optional=True),
         "text_tune_layers": Param(
-            "MiniLM's last layers tuned with the heads once they converge (0: none)", int, 0, 6
+            "MiniLM's last layers tuned with the first heads once they converge (0: none); the other "
+            "ensemble members train on the tuned features",
+            int,
+            0,
+            6,
         ),
         "text_tune_epochs": Param("epochs of that tuning (the best on val is kept)", int, 1),
         "text_tune_lr": Param(
@@ -167,8 +171,8 @@ class ContrastiveModel(RetrievalModel):
             kinds = parse_kinds(text_features, TEXT_KINDS, "text representation")
         except ValueError as e:
             raise ModelError(str(e)) from None
-        if text_tune_layers and ("minilm" not in kinds or ensemble != 1):
-            raise ModelError("text_tune_layers needs minilm among the text_features and ensemble=1")
+        if text_tune_layers and "minilm" not in kinds:
+            raise ModelError("text_tune_layers needs minilm among the text_features")
         super().__init__(
             image_features=image_features,
             image_backbone=image_backbone,
@@ -284,7 +288,7 @@ class ContrastiveModel(RetrievalModel):
                 "val_mR": result.best_score,
                 "loss": result.final_loss,
             }
-            if p["text_tune_layers"]:
+            if p["text_tune_layers"] and member == 0:  # later members train on the tuned features
                 stage = TextStage(module, loss_fn, validate, sampler, images, result.best_score)
                 tuned = self._tune_text(stage, train_captions, texts, val, val_texts if has_val else None)
                 texts, val_texts, record["text_tuning"] = tuned
