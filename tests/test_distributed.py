@@ -146,6 +146,7 @@ def test_without_ray_the_cli_says_how_to_install_it(photos, tmp_path, monkeypatc
     [
         (["index", "P", "--ray", "10.0.0.5:6379"], ["index", "P", "--ray-address", "10.0.0.5:6379"]),
         (["index", "P", "--ray=auto"], ["index", "P", "--ray-address", "auto"]),
+        (["index", "--ray", "[2001:db8::5]:6379"], ["index", "--ray-address", "[2001:db8::5]:6379"]),
         (
             ["index", "P", "--ray", "ray://head:10001", "-o", "X"],
             ["index", "P", "--ray-address", "ray://head:10001", "-o", "X"],

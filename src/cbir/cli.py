@@ -727,13 +727,13 @@ def serve(
     uvicorn.run(web, host=host, port=port, log_level="warning")
 
 
-RAY_ADDRESS = re.compile(r"auto|ray://\S+|[\w.-]+:\d+")
+RAY_ADDRESS = re.compile(r"auto|ray://\S+|[\w.-]+:\d+|\[[0-9A-Fa-f:.]+\]:\d+")  # IPv6 in brackets
 
 
 def ray_address_spelling(argv: list[str]) -> list[str]:
     """`--ray ADDRESS` and `--ray=ADDRESS` (issue 16's spelling) as `--ray-address ADDRESS`: a
     flag cannot take an optional value in Typer. The word after `--ray` counts as an address only when
-    it looks like one (`auto`, `ray://…`, `host:port`) and is not an existing path, so
+    it looks like one (`auto`, `ray://…`, `host:port`, `[v6 address]:port`) and is not an existing path, so
     `--ray FOLDER` keeps meaning a local Ray."""
     spelled: list[str] = []
     rest = iter(argv)
