@@ -282,6 +282,9 @@ class RetrievalModel:
             staging.mkdir(parents=True)
             save_file(arrays, str(staging / WEIGHTS_FILE))
             (staging / CONFIG_FILE).write_text(text)
+            # safetensors writes 0600 whatever the umask: readable like config.json, for a server or
+            # a colleague that loads the model as another user.
+            shutil.copymode(staging / CONFIG_FILE, staging / WEIGHTS_FILE)
             for file in (WEIGHTS_FILE, CONFIG_FILE):
                 _fsync(staging / file)
             _move_into_place(staging, out)
