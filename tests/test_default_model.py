@@ -25,8 +25,11 @@ def test_shipped_model_loads_small_and_records_how_it_was_made():
     model = load_model("default")
     assert model.method == "contrastive"
     assert 0 < model.zero_shot_weight_ <= 0.5  # the zero-shot part, at the weight chosen on val, loads
+    assert len(model.text_.minilm_layers) > 0  # MiniLM's tuned top layers ship with it
+    # 10 MB was the aim; the tuned layers take it to 12 MB for +1.15 val mR (BENCHMARKS.md, "Tuning
+    # MiniLM's last layers"), within the 25 MB allowed where quality needs it.
     size = sum(f.stat().st_size for f in SHIPPED_MODEL_DIR.iterdir())
-    assert size <= 10 * 2**20, f"shipped model is {size / 2**20:.1f} MB"
+    assert size <= 25 * 2**20, f"shipped model is {size / 2**20:.1f} MB"
     provenance = json.loads((SHIPPED_MODEL_DIR / "config.json").read_text())["provenance"]
     assert provenance["command"] == "make default-model"
     assert provenance["data"]["name"] == "flickr8k"
