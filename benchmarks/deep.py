@@ -82,6 +82,13 @@ CONFIGS: dict[str, tuple[str, dict]] = {
         "contrastive",
         {"ensemble": 4, "views": ROTATIONS, "embed_views": ROTATIONS},
     ),
+    # Issue 15: the levers that paid on everyday photos (Flickr8k), here on aerial ones.
+    "contrastive, default on Lite2": ("contrastive", {"image_backbone": "lite2"}),
+    "contrastive, default but 1 head": ("contrastive", {"ensemble": 1}),
+    "contrastive, default but 1 head + MiniLM's last 2 layers tuned": (
+        "contrastive",
+        {"ensemble": 1, "text_tune_layers": 2},
+    ),
 }
 
 

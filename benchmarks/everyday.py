@@ -100,6 +100,32 @@ CONFIGS: dict[str, dict] = {
         "image_backbone": "lite2",
         "text_tune_layers": 2,
     },
+    # Issue 11: more of what already pays on Lite2, one lever per row.
+    "lite2 + 2 heads: shipped recipe on Lite2, ensemble of 2": {
+        **SHIPPED,
+        "image_backbone": "lite2",
+        "ensemble": 2,
+    },
+    "text tuning: shipped recipe + MiniLM's last 2 layer(s), lr 5e-05, seed 1": {
+        **SHIPPED,
+        "text_tune_layers": 2,
+        "seed": 1,
+    },
+    "flip embedding: shipped recipe, photos embedded as the mean of center and hflip": {
+        **SHIPPED,
+        "embed_views": ["center", "hflip"],
+    },
+    "lite2 + flip embedding + text tuning: shipped recipe on Lite2, center+hflip, MiniLM's last 2 layers": {
+        **SHIPPED,
+        "image_backbone": "lite2",
+        "embed_views": ["center", "hflip"],
+        "text_tune_layers": 2,
+    },
+    "lite2 + flip embedding: shipped recipe on Lite2, photos embedded as the mean of center and hflip": {
+        **SHIPPED,
+        "image_backbone": "lite2",
+        "embed_views": ["center", "hflip"],
+    },
 }
 
 
