@@ -44,6 +44,25 @@ def test_tuned_layers_replace_the_packaged_ones_on_both_paths():
         tuned.network().forward_onnx(*padded(tuned.token_ids(CAPTIONS)))
 
 
+def test_tuned_embeddings_are_cached_apart_from_the_packaged_ones(tmp_path, monkeypatch):
+    """A tuned network's embeddings are cached (a model's evaluation reruns would otherwise re-encode
+    every caption), under a namespace of their own: never read back as the packaged network's, or as
+    another tuning's."""
+    texts = [f"{caption} number {i}" for i, caption in enumerate(CAPTIONS * 40)]
+    weights = {
+        name: w + 0.01 for name, w in TextEncoder(cache=False).network().tunable_top(1).weights().items()
+    }
+    tuned = TextEncoder(layers=weights, cache_dir=tmp_path)
+    first = tuned.encode(texts, progress=False)
+    other = {name: w - 0.01 for name, w in weights.items()}
+    assert TextEncoder(layers=other, cache_dir=tmp_path).cache_namespace != tuned.cache_namespace
+    packaged = TextEncoder(cache_dir=tmp_path).encode(texts, progress=False)
+    assert np.abs(first - packaged).max() > 1e-2  # not read from the tuned namespace
+    again = TextEncoder(layers=weights, cache_dir=tmp_path)
+    monkeypatch.setattr(again, "_embed", lambda *a: pytest.fail("a cached embedding was recomputed"))
+    np.testing.assert_array_equal(again.encode(texts, progress=False), first)
+
+
 @pytest.fixture(scope="module")
 def tuned(flickr8k_slice_dir):
     data = load_dataset(flickr8k_slice_dir)

@@ -11,6 +11,8 @@ Embeddings are mean-pooled and L2-normalised.
 from __future__ import annotations
 
 import copy
+import functools
+import hashlib
 import json
 import mmap
 from collections.abc import Iterable, Iterator, Sequence
@@ -300,7 +302,8 @@ def padded(token_ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
 
 class TextEncoder:
     """all-MiniLM-L6-v2 sentence embeddings (384-d, unit length), cached per sentence on disk; with
-    `layers`, the network with those layers' weights replaced (tuned by a model, not cached)."""
+    `layers`, the network with those layers' weights replaced (tuned by a model), cached apart under a
+    digest of those weights."""
 
     dim = DIM
 
@@ -314,7 +317,7 @@ class TextEncoder:
     ):
         self.batch_size = batch_size
         self.layers = layers or {}
-        self.use_cache = cache and not self.layers
+        self.use_cache = cache
         self.cache_dir = cache_dir
         self.runtime = check_runtime(runtime)  # of the bulk path (from BULK sentences)
         self._model: MiniLM | None = None
@@ -329,6 +332,19 @@ class TextEncoder:
             self._tokenizer.no_padding()
             self._tokenizer.enable_truncation(MAX_TOKENS)
             self._model = MiniLM(path).with_layers(self.layers) if self.layers else MiniLM(path)
+
+    @functools.cached_property
+    def cache_namespace(self) -> str:
+        """The packaged network's namespace, or one per set of tuned weights: embeddings from other
+        weights must never be read back as these."""
+        if not self.layers:
+            return MODEL_ID
+        digest = hashlib.sha1()
+        for name in sorted(self.layers):
+            array = np.ascontiguousarray(self.layers[name])
+            digest.update(f"{name}:{array.dtype}:{array.shape}".encode())
+            digest.update(array.tobytes())
+        return f"{MODEL_ID}-tuned-{digest.hexdigest()[:16]}"
 
     def network(self) -> MiniLM:
         self._load()
@@ -353,7 +369,8 @@ class TextEncoder:
 
     def _encode_distinct(self, texts: list[str], progress: bool) -> np.ndarray:
         out = np.zeros((len(texts), DIM), dtype=np.float32)
-        cache = FeatureCache.open(MODEL_ID, self.cache_dir) if self.use_cache and len(texts) > 64 else None
+        use_cache = self.use_cache and len(texts) > 64
+        cache = FeatureCache.open(self.cache_namespace, self.cache_dir) if use_cache else None
         keys = [text_key(t) for t in texts] if cache is not None else []
         hits = cache.get_many(keys) if cache is not None else {}
         todo = [i for i in range(len(texts)) if not keys or keys[i] not in hits]
