@@ -58,7 +58,8 @@ def test_tuned_embeddings_are_cached_apart_from_the_packaged_ones(tmp_path, monk
     assert TextEncoder(layers=other, cache_dir=tmp_path).cache_namespace != tuned.cache_namespace
     packaged = TextEncoder(cache_dir=tmp_path).encode(texts, progress=False)
     assert np.abs(first - packaged).max() > 1e-2  # not read from the tuned namespace
-    again = TextEncoder(layers=weights, cache_dir=tmp_path)
+    again = TextEncoder(layers={name: w.copy() for name, w in weights.items()}, cache_dir=tmp_path)
+    assert again.cache_namespace == tuned.cache_namespace  # from the values, not the objects
     monkeypatch.setattr(again, "_embed", lambda *a: pytest.fail("a cached embedding was recomputed"))
     np.testing.assert_array_equal(again.encode(texts, progress=False), first)
 

@@ -30,10 +30,10 @@ from cbir.models import SHIPPED_MODEL_DIR, create_model, load_model
 REPO = Path(__file__).resolve().parents[1]
 FLICKR8K = Path(os.path.relpath(REPO.parent / "shared" / "datasets" / "flickr8k"))
 METHOD = "contrastive"
-# Chosen on Flickr8k val among configurations that fit 10 MB (BENCHMARKS.md, "Everyday photos"): the
-# default heads, one of them, stored as row-quantised int8, trained up to 30 epochs, with the zero-shot
-# score mixed in at the weight val chooses. Embedding uses the center view only, so indexing costs one
-# network pass per photo, as with zero-shot.
+# Chosen on Flickr8k val among configurations that fit 10 MB, before the tuned layers below (BENCHMARKS.md,
+# "Everyday photos"): the default heads, one of them, stored as row-quantised int8, trained up to 30
+# epochs, with the zero-shot score mixed in at the weight val chooses. Embedding uses the center view
+# only, so indexing costs one network pass per photo, as with zero-shot.
 # Patience 8: ONNX Runtime's features (4e-5 from torch's) stopped the recipe at epoch 16 with patience
 # 4 (val mR 63.10); waiting 8 epochs reached 64.86 on val (BENCHMARKS.md, "The shipped model").
 # MiniLM's last 2 layers tuned with the head once it converges: +1.15 val mR (+1.07 test) at 12.2 MB
