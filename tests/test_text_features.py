@@ -47,3 +47,21 @@ def test_a_text_query_does_not_import_scipy():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_block_columns_locate_a_block_without_computing_the_blocks_after_it(monkeypatch):
+    """What text tuning replaces: the MiniLM columns of `transform`'s rows. Blocks after it are never
+    computed for this (a CLIP kind there would load its checkpoint)."""
+    from cbir.models.classical.text_features import TextFeaturizer
+
+    captions = load_dataset(FLICKR8K).split("val").captions[:200]
+    featurizer = TextFeaturizer("bow+minilm+lsa", lsa_dim=16).fit(captions)
+    columns = featurizer.block_columns("minilm")
+    assert (columns.start, columns.stop) == (len(featurizer.vocabulary), len(featurizer.vocabulary) + 384)
+    rows = featurizer.transform(captions[:5])
+    np.testing.assert_allclose(rows[:, columns], featurizer.block("minilm", captions[:5]), atol=1e-6)
+    computed = []
+    block = featurizer.block
+    monkeypatch.setattr(featurizer, "block", lambda kind, texts: computed.append(kind) or block(kind, texts))
+    featurizer.block_columns("minilm")
+    assert computed == ["bow", "minilm"]

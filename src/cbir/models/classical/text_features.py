@@ -219,10 +219,10 @@ class TextFeaturizer:
         self.minilm_layers, self._tuned_encoder = layers, None
 
     def block_columns(self, kind: str) -> slice:
-        """Where the block `kind` lies in `transform`'s rows."""
-        widths = [self.block(k, ["a"]).shape[1] for k in self.kinds]
-        start = sum(widths[: self.kinds.index(kind)])
-        return slice(start, start + widths[self.kinds.index(kind)])
+        """Where the block `kind` lies in `transform`'s rows: only the blocks up to it are measured, so
+        a CLIP kind after it is never loaded for this."""
+        *before, width = [self.block(k, ["a"]).shape[1] for k in self.kinds[: self.kinds.index(kind) + 1]]
+        return slice(sum(before), sum(before) + width)
 
     def transform(self, texts: Sequence[str]) -> np.ndarray:
         """(n, d) float32: the unit-length blocks side by side."""
