@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from cbir.datasets import load_dataset
-from cbir.encoders.text import BULK, TextEncoder, padded
+from cbir.encoders import text
+from cbir.encoders.text import MiniLM, TextEncoder, padded
 from cbir.models import ModelError, create_model, load_model
 
 CAPTIONS = [
@@ -29,14 +30,19 @@ def test_tunable_top_layers_start_as_the_packaged_network():
         np.testing.assert_allclose(pooled, network(ids, mask), atol=1e-5)
 
 
-def test_tuned_layers_replace_the_packaged_ones_on_both_paths():
+def test_tuned_layers_replace_the_packaged_ones_on_both_paths(monkeypatch):
     network = TextEncoder(cache=False).network()
     top = network.tunable_top(1)
     weights = {name: w + 0.01 for name, w in top.weights().items()}
     tuned = TextEncoder(layers=weights, cache=False)
     plain = TextEncoder(cache=False).encode(CAPTIONS, progress=False)
     one = tuned.encode(CAPTIONS, progress=False)  # NumPy, the query path
-    bulk = tuned.encode(CAPTIONS * (BULK // 3 + 1), progress=False)[: len(CAPTIONS)]  # torch, not ONNX
+    monkeypatch.setattr(text, "BULK", len(CAPTIONS))
+    bulk_calls = []
+    forward = MiniLM.forward_torch
+    monkeypatch.setattr(MiniLM, "forward_torch", lambda m, *a: bulk_calls.append(m.tuned) or forward(m, *a))
+    bulk = tuned.encode(CAPTIONS, progress=False)  # torch, not ONNX
+    assert bulk_calls and all(bulk_calls)
     assert np.abs(one - plain).max() > 1e-2
     np.testing.assert_allclose(bulk, one, atol=1e-5)
     assert not network.tuned and tuned.network().tuned  # the shared network keeps its weights

@@ -29,6 +29,8 @@ DIM = 384
 MAX_TOKENS = 256
 CACHE_EVERY = 4096  # sentences between cache writes
 BULK = 256  # sentences from which encoding runs in ONNX Runtime or torch (MiniLM.forward_onnx)
+BULK_ROWS = 16  # sentences in every bulk batch, all of one token length (`same_shape_batches`)
+CACHE_LAYOUT = "same-shape"  # how cached rows were computed: in the bulk runtime, `same_shape_batches`
 
 
 def model_dir() -> Path:
@@ -227,9 +229,10 @@ class MiniLM:
 
             def forward(self, x, keep):
                 w = {n.replace("/", "."): v for n, v in self.params.items()}
+                x, real = packed_states(x, keep)
                 for i in range(first, first + top):
-                    x = torch_encoder_layer(x, keep, w, f"encoder.layer.{i}.", heads, eps, d)
-                return torch_mean_pool(x, keep)
+                    x = torch_encoder_layer(x, keep, w, f"encoder.layer.{i}.", heads, eps, d, real)
+                return torch_mean_pool(x, keep, real)
 
             def weights(self) -> dict[str, np.ndarray]:
                 return {n.replace("/", "."): v.detach().numpy().copy() for n, v in self.params.items()}
@@ -266,27 +269,67 @@ def torch_layer_norm(x, w: dict, prefix: str, d: int, eps: float):
     return layer_norm(x, (d,), w[prefix + ".LayerNorm.weight"], w[prefix + ".LayerNorm.bias"], eps)
 
 
-def torch_encoder_layer(x, keep, w: dict, p: str, heads: int, eps: float, d: int):
-    """One BERT layer in torch over padded states; `keep` marks the real tokens. The NumPy
-    `MiniLM.__call__` is the same layer."""
+def torch_encoder_layer(x, keep, w: dict, p: str, heads: int, eps: float, d: int, real=None):
+    """One BERT layer in torch over padded states; `keep` marks the real tokens. With `real`, the flat
+    positions of the real tokens in the (batch, tokens) grid, `x` holds only those tokens' states
+    (packed, `packed_states`): every step but attention then skips the padding, half the work of a
+    random training batch. The NumPy `MiniLM.__call__` is the same layer."""
+    import torch
     from torch.nn.functional import gelu, scaled_dot_product_attention
 
     def dense(x, prefix: str):
         return x @ w[prefix + ".weight"] + w[prefix + ".bias"]
 
-    b, n = x.shape[0], x.shape[1]
-    q, k, v = dense(x, p + "attention.self.qkv").reshape(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+    b, n = keep.shape[0], keep.shape[1]
+    qkv = dense(x, p + "attention.self.qkv")
+    if real is not None:  # attention runs on the padded grid
+        qkv = torch.zeros(b * n, 3 * d, dtype=qkv.dtype).index_copy(0, real, qkv)
+    q, k, v = qkv.reshape(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
     ctx = scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :] > 0).transpose(1, 2)
-    x = torch_layer_norm(
-        x + dense(ctx.reshape(b, n, d), p + "attention.output.dense"), w, p + "attention.output", d, eps
-    )
+    ctx = ctx.reshape(b, n, d) if real is None else ctx.reshape(b * n, d).index_select(0, real)
+    x = torch_layer_norm(x + dense(ctx, p + "attention.output.dense"), w, p + "attention.output", d, eps)
     h = dense(gelu(dense(x, p + "intermediate.dense")), p + "output.dense")
     return torch_layer_norm(x + h, w, p + "output", d, eps)
 
 
-def torch_mean_pool(x, keep):
+def packed_states(x, keep):
+    """The real tokens' rows of padded states (batch, tokens, d), and their flat positions."""
+    real = keep.reshape(-1).nonzero().squeeze(1)
+    return x.reshape(-1, x.shape[-1]).index_select(0, real), real
+
+
+def torch_mean_pool(x, keep, real=None):
+    """Mean of the real tokens' states: `x` padded, or packed with their positions `real`."""
+    import torch
+
     m = keep[..., None].float()
-    return (x * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    if real is None:
+        return (x * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    sums = torch.zeros(keep.shape[0], x.shape[1], dtype=x.dtype).index_add(0, real // keep.shape[1], x)
+    return sums / m.sum(1).clamp(min=1e-9)
+
+
+def padded_batches(lengths: Sequence[int], size: int) -> Iterator[tuple[np.ndarray, int]]:
+    """Positions in batches of `size`, sorted by length so that padding is short; each with its count
+    of rows (all of them real)."""
+    order = np.argsort(lengths, kind="stable")
+    for start in range(0, len(order), size):
+        chunk = order[start : start + size]
+        yield chunk, len(chunk)
+
+
+def same_shape_batches(lengths: Sequence[int], rows: int) -> Iterator[tuple[np.ndarray, int]]:
+    """Positions in batches of exactly `rows` sentences of one token length (no padding), each with its
+    count of real rows: the last batch of a length is filled with copies of its final sentence. Every
+    sentence then runs through the same shapes whatever else is encoded with it, and ONNX Runtime and
+    torch give it the same embedding to the bit (padding, or a batch of another size, moves the last
+    bits: tests/test_encoders.py)."""
+    lengths = np.asarray(lengths)
+    for n in np.unique(lengths):
+        same = np.flatnonzero(lengths == n)
+        for start in range(0, len(same), rows):
+            chunk = same[start : start + rows]
+            yield np.concatenate([chunk, np.repeat(chunk[-1], rows - len(chunk))]), len(chunk)
 
 
 def padded(token_ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -338,13 +381,13 @@ class TextEncoder:
         """The packaged network's namespace, or one per set of tuned weights: embeddings from other
         weights must never be read back as these."""
         if not self.layers:
-            return MODEL_ID
+            return f"{MODEL_ID}/{CACHE_LAYOUT}"
         digest = hashlib.sha1()
         for name in sorted(self.layers):
             array = np.ascontiguousarray(self.layers[name])
             digest.update(f"{name}:{array.dtype}:{array.shape}".encode())
             digest.update(array.tobytes())
-        return f"{MODEL_ID}-tuned-{digest.hexdigest()[:16]}"
+        return f"{MODEL_ID}/{CACHE_LAYOUT}/tuned-{digest.hexdigest()[:16]}"
 
     def network(self) -> MiniLM:
         self._load()
@@ -380,20 +423,27 @@ class TextEncoder:
         if todo:
             self._load()
             encodings = self._tokenizer.encode_batch([texts[i] for i in todo])
-            order = np.argsort([len(e.ids) for e in encodings], kind="stable")  # batch similar lengths
-            done: list[int] = []
-            bulk = resolve_runtime(self.runtime) if len(todo) >= BULK else "numpy"
+            lengths = [len(e.ids) for e in encodings]
+            # Rows that are cached come from the bulk runtime in same-shape batches, so a text's row is
+            # the same to the bit whichever run computed it (a retrain gives the same weights from an
+            # empty cache or one filled by other runs).
+            bulk = resolve_runtime(self.runtime) if len(todo) >= BULK or cache is not None else "numpy"
             bulk = "torch" if bulk == "onnx" and self._model.tuned else bulk
+            batches = (
+                padded_batches(lengths, self.batch_size)
+                if bulk == "numpy"
+                else same_shape_batches(lengths, BULK_ROWS)
+            )
+            done: list[int] = []
             with progress_bar("text embeddings", len(todo), enabled=progress and len(todo) > 256) as advance:
-                for start in range(0, len(order), self.batch_size):
-                    chunk = order[start : start + self.batch_size]
-                    rows = [todo[j] for j in chunk]
-                    out[rows] = self._embed([encodings[j].ids for j in chunk], bulk)
+                for chunk, real in batches:
+                    rows = [todo[j] for j in chunk[:real]]
+                    out[rows] = self._embed([encodings[j].ids for j in chunk], bulk)[:real]
                     done.extend(rows)
                     if cache is not None and len(done) >= CACHE_EVERY:  # long runs keep what they finished
                         cache.put_many([keys[i] for i in done], out[done])
                         done.clear()
-                    advance(len(chunk))
+                    advance(real)
             if cache is not None:
                 cache.put_many([keys[i] for i in done], out[done])
         return out
