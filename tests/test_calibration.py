@@ -228,3 +228,20 @@ def test_a_zero_shot_index_scores_through_the_packaged_calibration_and_follows_i
     again = ix.search_text("a dog runs on the grass", k=3)
     assert [r.id for r in again] == [r.id for r in first]
     assert all(b.score > a.score for a, b in zip(first, again, strict=True))  # the new curve is in use
+
+
+def test_training_calibrates_the_model_as_it_is_saved(flickr8k_slice_dir, tmp_path):
+    """int8 weights score a little differently from the float32 ones just fitted: the stored curve
+    must be the one `cbir calibrate` fits on the saved model, not one of a model nobody loads."""
+    from cbir.calibration import calibrate, calibrate_if_possible
+    from cbir.models import create_model
+
+    data = load_dataset(flickr8k_slice_dir)
+    quick = {"ensemble": 1, "epochs": 2, "batch_size": 64, "bank_size": 0, "zero_shot_weight": 0.0}
+    model = create_model("contrastive", **quick, weights_dtype="int8")
+    model.fit(data.split("train"), data.split("val"))
+    calibrate_if_possible(model, data.split("val"))
+    saved = load_model(model.save(tmp_path / "model"))
+    refitted = calibrate(saved, data.split("val"), "val")
+    assert (saved.calibration.slope, saved.calibration.intercept) == (refitted.slope, refitted.intercept)
+    assert calibrate(model, data.split("val"), "val").slope != refitted.slope  # the float32 model differs
