@@ -2,10 +2,11 @@
 
     PYTHONPATH=src python -m benchmarks.caption_batches [--dataset ../shared/datasets/flickr8k] [--n 5000]
 
-Part 1, bulk encoding (`TextEncoder._encode_distinct`): the same `n` Flickr8k test captions, cache
-off, in padded batches of 64 sorted by length (how cached rows were computed before) and in
-`same_shape_batches` (now), in ONNX Runtime and torch; sentences/s for each, and how many rows change
-in their last bits when a random 900 of the first 1,200 captions are encoded again without the others.
+Part 1, bulk encoding (the forward passes of `TextEncoder._encode_distinct`'s batches): the same `n`
+Flickr8k test captions, cache off, in padded batches of 64 sorted by length (how cached rows were
+computed before) and in `same_shape_batches` (now), in ONNX Runtime and torch; sentences/s for each,
+and how many rows change in their last bits when a random 900 of the first 1,200 captions are
+encoded again without the others.
 Part 2, tuning steps: forward and backward of MiniLM's last 2 layers over random batches of 256
 Flickr8k train captions, padded (`torch_encoder_layer` without positions) against packed (the real
 tokens only, `tunable_top`), seconds per step; and the largest difference of the pooled outputs.

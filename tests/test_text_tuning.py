@@ -8,7 +8,7 @@ import torch
 
 from cbir.datasets import load_dataset
 from cbir.encoders import text
-from cbir.encoders.text import MiniLM, TextEncoder, padded
+from cbir.encoders.text import MiniLM, TextEncoder, padded, torch_encoder_layer, torch_mean_pool
 from cbir.models import ModelError, create_model, load_model
 
 CAPTIONS = [
@@ -28,6 +28,30 @@ def test_tunable_top_layers_start_as_the_packaged_network():
         with torch.no_grad():
             pooled = network.tunable_top(top)(torch.from_numpy(states), torch.from_numpy(mask)).numpy()
         np.testing.assert_allclose(pooled, network(ids, mask), atol=1e-5)
+
+
+def test_packed_top_layers_train_as_the_padded_ones():
+    """Packed tokens (padding skipped outside attention) give the padded layers' outputs and gradients."""
+    encoder = TextEncoder(cache=False)
+    network = encoder.network()
+    ids, mask = padded(encoder.token_ids(CAPTIONS))  # three lengths: padding in two rows
+    (states,) = network.token_states([(ids, mask)], network.layers - 2)
+    x, keep = torch.from_numpy(states), torch.from_numpy(mask)
+    top = network.tunable_top(2)
+    w = {name.replace("/", "."): v for name, v in top.params.items()}
+
+    def padded_top():
+        h, d = x, x.shape[-1]
+        for i in range(network.layers - 2, network.layers):
+            h = torch_encoder_layer(h, keep, w, f"encoder.layer.{i}.", network.heads, network.eps, d)
+        return torch_mean_pool(h, keep)
+
+    packed, reference = top(x, keep), padded_top()
+    torch.testing.assert_close(packed, reference, rtol=0, atol=1e-5)
+    weights = list(top.params.values())
+    for got, want in zip(torch.autograd.grad(packed.square().sum(), weights),
+                         torch.autograd.grad(reference.square().sum(), weights), strict=True):  # fmt: skip
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_tuned_layers_replace_the_packaged_ones_on_both_paths(monkeypatch):

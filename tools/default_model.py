@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from typing import Any
 from cbir.calibration import calibrate_if_possible
 from cbir.datasets import Dataset, load_dataset
 from cbir.evaluation import evaluate
-from cbir.models import SHIPPED_MODEL_DIR, create_model, load_model
+from cbir.models import SHIPPED_MODEL_DIR, create_model
 
 REPO = Path(__file__).resolve().parents[1]
 FLICKR8K = Path(os.path.relpath(REPO.parent / "shared" / "datasets" / "flickr8k"))
@@ -76,8 +75,7 @@ def build(dataset_path: Path, out: Path, seed: int, params: dict[str, Any] = PAR
     model.fit(dataset.split("train"), dataset.split("val"))
     seconds = time.perf_counter() - start
     calibrate_if_possible(model, dataset.split("val"))  # scores as P(match), as `cbir train` does
-    with tempfile.TemporaryDirectory() as tmp:  # the metrics of the model as it loads (int8 weights)
-        metrics = evaluate(load_model(model.save(Path(tmp) / "model")), dataset, "test")
+    metrics = evaluate(model.as_saved(), dataset, "test")  # the metrics of the model as it loads (int8)
     provenance = {
         "data": data_record(dataset),
         "command": "make default-model",

@@ -30,9 +30,7 @@ query's weight (`photo_share`).
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -237,12 +235,9 @@ def match_scores(model: RetrievalModel, similarities: np.ndarray, photo_share: f
 def calibrate_if_possible(model: RetrievalModel, val: Dataset | None) -> None:
     """After fitting: calibrate on the val split when it has captions paired with photos (what
     `cbir train` and `make default-model` do); a model without one keeps raw similarity scores.
-    The curve is fitted on the model as it is saved and loaded: weights stored as int8 or float16
-    score a little differently from the float32 ones just fitted, and `cbir calibrate` on the saved
-    model must give the same curve."""
-    from cbir.models import load_model
+    The curve is fitted on the model as saved and loaded (`as_saved`), so `cbir calibrate` on the
+    saved model gives the same curve."""
     from cbir.models.base import has_scored_val
 
     if val is not None and has_scored_val(val) and len(val.images) >= 2:
-        with tempfile.TemporaryDirectory() as tmp:
-            model.calibration = calibrate(load_model(model.save(Path(tmp) / "model")), val, "val")
+        model.calibration = calibrate(model.as_saved(), val, "val")

@@ -2,9 +2,10 @@
 
 The six-layer BERT is small enough that NumPy matches the reference (sentence-transformers) to
 float precision while starting in a fraction of a second: no torch, onnxruntime or transformers import
-on the query path, and no exported file needed, which keeps a cold `cbir search` fast. From `BULK`
-sentences the same network runs in ONNX Runtime, exported once from its torch form (`MiniLM.
-torch_module`, `cbir.encoders.runtime`), or in torch where onnxruntime is not installed.
+on the query path, and no exported file needed, which keeps a cold `cbir search` fast. Rows that go to
+the feature cache (calls of more than 64 sentences), and uncached calls from `BULK` sentences, run the
+same network in ONNX Runtime, exported once from its torch form (`MiniLM.torch_module`,
+`cbir.encoders.runtime`), or in torch where onnxruntime is not installed, in `same_shape_batches`.
 Embeddings are mean-pooled and L2-normalised.
 """
 
@@ -28,9 +29,12 @@ MODEL_ID = "all-MiniLM-L6-v2"
 DIM = 384
 MAX_TOKENS = 256
 CACHE_EVERY = 4096  # sentences between cache writes
-BULK = 256  # sentences from which encoding runs in ONNX Runtime or torch (MiniLM.forward_onnx)
+BULK = 256  # sentences from which an uncached call runs in ONNX Runtime or torch (cached calls always do)
 BULK_ROWS = 16  # sentences in every bulk batch, all of one token length (`same_shape_batches`)
-CACHE_LAYOUT = "same-shape"  # how cached rows were computed: in the bulk runtime, `same_shape_batches`
+# How cached rows are computed: in the bulk runtime, `same_shape_batches`. They are equal to the bit for
+# one runtime on one machine; a cache shared by installs with and without onnxruntime mixes the two
+# runtimes' rows (about 1e-7 apart).
+CACHE_LAYOUT = "same-shape"
 
 
 def model_dir() -> Path:
@@ -283,7 +287,7 @@ def torch_encoder_layer(x, keep, w: dict, p: str, heads: int, eps: float, d: int
     b, n = keep.shape[0], keep.shape[1]
     qkv = dense(x, p + "attention.self.qkv")
     if real is not None:  # attention runs on the padded grid
-        qkv = torch.zeros(b * n, 3 * d, dtype=qkv.dtype).index_copy(0, real, qkv)
+        qkv = torch.zeros(b * n, 3 * d, dtype=qkv.dtype, device=qkv.device).index_copy(0, real, qkv)
     q, k, v = qkv.reshape(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
     ctx = scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :] > 0).transpose(1, 2)
     ctx = ctx.reshape(b, n, d) if real is None else ctx.reshape(b * n, d).index_select(0, real)
@@ -305,7 +309,8 @@ def torch_mean_pool(x, keep, real=None):
     m = keep[..., None].float()
     if real is None:
         return (x * m).sum(1) / m.sum(1).clamp(min=1e-9)
-    sums = torch.zeros(keep.shape[0], x.shape[1], dtype=x.dtype).index_add(0, real // keep.shape[1], x)
+    sums = torch.zeros(keep.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
+    sums = sums.index_add(0, real // keep.shape[1], x)
     return sums / m.sum(1).clamp(min=1e-9)
 
 
@@ -321,9 +326,9 @@ def padded_batches(lengths: Sequence[int], size: int) -> Iterator[tuple[np.ndarr
 def same_shape_batches(lengths: Sequence[int], rows: int) -> Iterator[tuple[np.ndarray, int]]:
     """Positions in batches of exactly `rows` sentences of one token length (no padding), each with its
     count of real rows: the last batch of a length is filled with copies of its final sentence. Every
-    sentence then runs through the same shapes whatever else is encoded with it, and ONNX Runtime and
-    torch give it the same embedding to the bit (padding, or a batch of another size, moves the last
-    bits: tests/test_encoders.py)."""
+    sentence then runs through the same shapes whatever else is encoded with it, so each runtime gives
+    it the same embedding to the bit in any call (padding, or a batch of another size, moves the last
+    bits: tests/test_encoders.py). The filling costs up to `rows` - 1 extra rows per length."""
     lengths = np.asarray(lengths)
     for n in np.unique(lengths):
         same = np.flatnonzero(lengths == n)
@@ -362,7 +367,7 @@ class TextEncoder:
         self.layers = layers or {}
         self.use_cache = cache
         self.cache_dir = cache_dir
-        self.runtime = check_runtime(runtime)  # of the bulk path (from BULK sentences)
+        self.runtime = check_runtime(runtime)  # of the bulk path (cached rows, and from BULK sentences)
         self._model: MiniLM | None = None
         self._tokenizer = None
 
@@ -436,14 +441,14 @@ class TextEncoder:
             )
             done: list[int] = []
             with progress_bar("text embeddings", len(todo), enabled=progress and len(todo) > 256) as advance:
-                for chunk, real in batches:
-                    rows = [todo[j] for j in chunk[:real]]
-                    out[rows] = self._embed([encodings[j].ids for j in chunk], bulk)[:real]
+                for chunk, count in batches:
+                    rows = [todo[j] for j in chunk[:count]]
+                    out[rows] = self._embed([encodings[j].ids for j in chunk], bulk)[:count]
                     done.extend(rows)
                     if cache is not None and len(done) >= CACHE_EVERY:  # long runs keep what they finished
                         cache.put_many([keys[i] for i in done], out[done])
                         done.clear()
-                    advance(real)
+                    advance(count)
             if cache is not None:
                 cache.put_many([keys[i] for i in done], out[done])
         return out

@@ -250,21 +250,11 @@ class RetrievalModel:
     def _restore(self, arrays: dict[str, np.ndarray], state: dict[str, Any]) -> None:
         pass
 
-    def save(self, path: Path | str, provenance: dict[str, Any] | None = None) -> Path:
-        """Write the model directory atomically: a complete sibling directory is renamed into place,
-        so a crash leaves the previous model (or none), never a half-written one. `provenance` (how
-        the model was made: data, command, metrics) is stored as is in config.json."""
-        from safetensors.numpy import save_file
-
+    def _stored(self, provenance: dict[str, Any] | None = None) -> tuple[dict[str, np.ndarray], str]:
+        """The arrays and the config.json text that `save` writes."""
         from cbir import __version__
 
         arrays = {k: np.ascontiguousarray(v) for k, v in self._arrays().items()}
-        diverged = sorted(k for k, a in arrays.items() if a.dtype.kind == "f" and not np.isfinite(a).all())
-        if diverged:  # evaluation would score such a model as perfect (every score NaN)
-            raise ModelError(
-                f"training {self.method} diverged (NaN/inf in {', '.join(diverged[:3])}"
-                f"{', …' if len(diverged) > 3 else ''}); nothing was saved to {path}"
-            )
         config = {
             "format_version": FORMAT_VERSION,
             "method": self.method,
@@ -275,7 +265,30 @@ class RetrievalModel:
             **({"calibration": self.calibration.to_json()} if self.calibration else {}),
             **({"provenance": provenance} if provenance else {}),
         }
-        text = json.dumps(config, indent=2, default=_jsonable) + "\n"  # fails before touching the disk
+        return arrays, json.dumps(config, indent=2, default=_jsonable) + "\n"
+
+    def as_saved(self) -> Self:
+        """This model as saving and loading it would give it back, made in memory. Weights stored as
+        int8 or float16 score a little differently from the float32 ones just fitted, and what is
+        chosen after fitting (the calibration, the recorded test metrics) must be the shipped model's."""
+        from safetensors.numpy import load, save
+
+        arrays, text = self._stored()
+        return type(self).from_config(json.loads(text), load(save(arrays)))
+
+    def save(self, path: Path | str, provenance: dict[str, Any] | None = None) -> Path:
+        """Write the model directory atomically: a complete sibling directory is renamed into place,
+        so a crash leaves the previous model (or none), never a half-written one. `provenance` (how
+        the model was made: data, command, metrics) is stored as is in config.json."""
+        from safetensors.numpy import save_file
+
+        arrays, text = self._stored(provenance)  # fails before touching the disk
+        diverged = sorted(k for k, a in arrays.items() if a.dtype.kind == "f" and not np.isfinite(a).all())
+        if diverged:  # evaluation would score such a model as perfect (every score NaN)
+            raise ModelError(
+                f"training {self.method} diverged (NaN/inf in {', '.join(diverged[:3])}"
+                f"{', …' if len(diverged) > 3 else ''}); nothing was saved to {path}"
+            )
         out = Path(path)
         staging = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
         try:
