@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from cbir.encoders.text import TextEncoder, padded
+from cbir.encoders.text import TextEncoder, padded, padded_batches
 from cbir.progress import progress_bar
 
 CHUNK = 256  # captions per pass when states or features are computed without gradients
@@ -27,8 +27,7 @@ class CaptionStates:
         ids = encoder.token_ids(texts)
         self.lengths = np.array([len(t) for t in ids])
         self.states = torch.zeros((len(ids), int(self.lengths.max()), encoder.dim), dtype=torch.float16)
-        order = np.argsort(self.lengths, kind="stable")  # batches of similar lengths pad little
-        chunks = [order[start : start + CHUNK] for start in range(0, len(order), CHUNK)]
+        chunks = [chunk for chunk, _ in padded_batches(self.lengths, CHUNK)]  # similar lengths pad little
         batches = (padded([ids[r] for r in rows]) for rows in chunks)
         with progress_bar("caption token states", len(ids), enabled=len(ids) > CHUNK) as advance:
             for rows, states in zip(chunks, encoder.network().token_states(batches, below), strict=True):
